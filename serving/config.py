@@ -1,0 +1,259 @@
+"""The one configuration model for ditserve, and how it is loaded.
+
+Every setting the service has lives in `ServiceConfig`. It is read from an optional YAML
+file (`--config PATH`) and then overridden by environment variables named
+`DITSERVE_<SECTION>__<FIELD>` (e.g. `DITSERVE_MODEL__PRESET=tiny`). Every mistake becomes a
+`ConfigError` that names the file and line (or the environment variable), the field path,
+what was found and what was expected, so the CLI can print it and exit 2.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+ENV_PREFIX = "DITSERVE_"
+ENV_NESTING = "__"
+
+
+class _Section(BaseModel):
+    # Unknown keys are mistakes (a typo silently ignored is the worst kind of config bug).
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+PresetName = Literal["tiny", "wan2.1-t2v-1.3b", "wan2.1-t2v-14b"]
+
+
+class ModelConfig(_Section):
+    """Which model to serve and where it runs."""
+
+    preset: PresetName = "tiny"
+    path: Path | None = Field(
+        default=None,
+        description="Local diffusers-format folder (model_index.json, transformer/, vae/, "
+        "text_encoder/, tokenizer/, scheduler/). Required by the wan2.1 presets; nothing is "
+        "ever downloaded.",
+    )
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        default="auto", description="'auto' takes the preset's dtype (tiny: float32, wan2.1: bfloat16)."
+    )
+    seed: int = Field(default=0, description="Seed the tiny preset's weights are built from.")
+
+
+class GenerationConfig(_Section):
+    """Per-request defaults and limits. A `None` default means: take the preset's."""
+
+    size: str | None = Field(default=None, description="Default WIDTHxHEIGHT, e.g. 832x480.")
+    seconds: float | None = Field(default=None, gt=0)
+    fps: int | None = Field(default=None, gt=0, le=120)
+    num_inference_steps: int | None = Field(default=None, ge=1)
+    guidance_scale: float | None = Field(default=None, ge=0)
+    shift: float | None = Field(default=None, gt=0)
+    negative_prompt: str | None = None
+    max_sequence_length: int | None = Field(default=None, ge=1, description="Text tokens per prompt.")
+
+    max_seconds: float = Field(default=10.0, gt=0)
+    max_pixels: int = Field(default=1280 * 720, gt=0, description="Largest width*height a request may ask for.")
+    max_steps: int = Field(default=100, ge=1)
+    max_prompt_chars: int = Field(default=2000, ge=1)
+
+    @field_validator("size")
+    @classmethod
+    def _size_shape(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_size(value)
+        return value
+
+
+class ServiceConfig(_Section):
+    """The whole service. Sections grow with the service; this is the only source of truth."""
+
+    model: ModelConfig = ModelConfig()
+    generation: GenerationConfig = GenerationConfig()
+
+
+def parse_size(size: str) -> tuple[int, int]:
+    """'832x480' -> (832, 480); raises ValueError with a message fit for a person."""
+    parts = size.lower().split("x")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise ValueError(f"expected WIDTHxHEIGHT such as 832x480, found {size!r}")
+    width, height = (int(p) for p in parts)
+    if width <= 0 or height <= 0:
+        raise ValueError(f"width and height must be positive, found {size!r}")
+    return width, height
+
+
+# --------------------------------------------------------------------------------------
+# Loading and error reporting
+# --------------------------------------------------------------------------------------
+
+
+class ConfigError(Exception):
+    """A configuration mistake, already phrased for a person (one line per problem)."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+Location = tuple[str | int, ...]
+
+
+def load_config(path: str | Path | None = None, environ: Mapping[str, str] | None = None) -> ServiceConfig:
+    """Read the YAML file (if any), apply `DITSERVE_*` environment overrides, validate."""
+    environ = os.environ if environ is None else environ
+    data: dict[str, Any] = {}
+    lines: dict[Location, int] = {}
+    source = "<defaults>"
+    if path is not None:
+        source = str(path)
+        data, lines = _read_yaml(Path(path))
+    env_sources = _apply_env(data, environ)
+    try:
+        return ServiceConfig.model_validate(data)
+    except ValidationError as exc:
+        problems = [_describe(err, source, lines, env_sources) for err in exc.errors()]
+        raise ConfigError(problems) from None
+
+
+def _read_yaml(path: Path) -> tuple[dict[str, Any], dict[Location, int]]:
+    if not path.exists():
+        raise ConfigError([f"{path}: config file not found (check the --config path)"])
+    if path.is_dir():
+        raise ConfigError([f"{path}: is a directory, expected a YAML file"])
+    text = path.read_text(encoding="utf-8")
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        raise ConfigError([f"{where}: not valid YAML ({exc.problem}); check the indentation of this line "
+                           "and the block above it"]) from None
+    if root is None:
+        return {}, {}
+    if not isinstance(root, yaml.MappingNode):
+        raise ConfigError([f"{path}:{root.start_mark.line + 1}: expected a mapping of sections (model:, generation:, ...)"])
+    lines: dict[Location, int] = {}
+    _collect_lines(root, (), lines, path)
+    data = yaml.safe_load(text)
+    return data, lines
+
+
+def _collect_lines(node: yaml.Node, loc: Location, lines: dict[Location, int], path: Path) -> None:
+    """Map every key path to its 1-based line, and refuse duplicate keys (YAML keeps the last silently)."""
+    lines[loc] = node.start_mark.line + 1
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[str, int] = {}
+        for key_node, value_node in node.value:
+            key = key_node.value
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise ConfigError([f"{path}:{line}: {_dotted(loc + (key,))}: duplicate key (first set on line {seen[key]})"])
+            seen[key] = line
+            _collect_lines(value_node, loc + (key,), lines, path)
+            lines[loc + (key,)] = line
+    elif isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            _collect_lines(item, loc + (index,), lines, path)
+
+
+def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> dict[Location, str]:
+    """Overlay DITSERVE_SECTION__FIELD variables onto the parsed YAML; return where each came from."""
+    sources: dict[Location, str] = {}
+    for name, raw in sorted(environ.items()):
+        if not name.startswith(ENV_PREFIX) or ENV_NESTING not in name:
+            continue
+        loc = tuple(part.lower() for part in name[len(ENV_PREFIX):].split(ENV_NESTING))
+        # Values are YAML scalars, so `8` is a number and `null` clears a field, as in the file.
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        target = data
+        for part in loc[:-1]:
+            if not isinstance(target.get(part), dict):
+                target[part] = {}
+            target = target[part]
+        target[loc[-1]] = value
+        sources[loc] = name
+    return sources
+
+
+_EXPECTED = {
+    "int_parsing": "an integer",
+    "int_type": "an integer",
+    "int_from_float": "a whole number",
+    "float_parsing": "a number",
+    "float_type": "a number",
+    "bool_parsing": "true or false",
+    "bool_type": "true or false",
+    "string_type": "a string",
+    "model_type": "a mapping (an indented block of key: value lines)",
+    "model_attributes_type": "a mapping (an indented block of key: value lines)",
+    "dict_type": "a mapping (an indented block of key: value lines)",
+    "path_type": "a file system path",
+}
+
+
+def _describe(err: dict[str, Any], source: str, lines: dict[Location, int], env: dict[Location, str]) -> str:
+    loc: Location = tuple(err["loc"])
+    kind = err["type"]
+    field = _dotted(loc)
+    where = _where(loc, source, lines, env)
+    found = err.get("input")
+    if kind == "extra_forbidden":
+        return f"{where}: {field}: unknown key{_suggest(loc)}"
+    if kind == "missing":
+        return f"{where}: {field}: required, but not set"
+    if kind == "literal_error":
+        return f"{where}: {field}: expected one of {err['ctx']['expected']}, found {_show(found)}"
+    if kind in _EXPECTED:
+        return f"{where}: {field}: expected {_EXPECTED[kind]}, found {_show(found)}"
+    message = str(err["msg"]).removeprefix("Value error, ")
+    if kind == "value_error":  # our own validators already say what they found
+        return f"{where}: {field}: {message}"
+    return f"{where}: {field}: {message}, found {_show(found)}"
+
+
+def _show(value: Any) -> str:
+    return "nothing (an empty value)" if value is None else repr(value)
+
+
+def _where(loc: Location, source: str, lines: dict[Location, int], env: dict[Location, str]) -> str:
+    for depth in range(len(loc), 0, -1):
+        if loc[:depth] in env:
+            return f"environment {env[loc[:depth]]}"
+    for depth in range(len(loc), -1, -1):
+        if loc[:depth] in lines:
+            return f"{source}:{lines[loc[:depth]]}"
+    return source
+
+
+def _suggest(loc: Location) -> str:
+    """'did you mean' from the sibling fields; and, for a key at the wrong depth, where it belongs."""
+    model: type[BaseModel] = ServiceConfig
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        annotation = getattr(field, "annotation", None) if field else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return ""
+        model = annotation
+    key = str(loc[-1])
+    close = difflib.get_close_matches(key, list(model.model_fields), n=1, cutoff=0.6)
+    if close:
+        return f" (did you mean {close[0]!r}?)"
+    homes = [f"{section}.{key}" for section, f in ServiceConfig.model_fields.items()
+             if isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel) and key in f.annotation.model_fields]
+    if homes and len(loc) == 1:
+        return f" (it belongs under {homes[0].split('.')[0]}: — is the block mis-indented? expected {homes[0]})"
+    return f" (known keys: {', '.join(model.model_fields)})"
+
+
+def _dotted(loc: Location) -> str:
+    return ".".join(str(part) for part in loc) or "<root>"

@@ -1,0 +1,147 @@
+"""Load each model stage for a `ModelConfig`: built in code (tiny) or from a local folder.
+
+Stages load separately (the text encoder, DiT and VAE run on different replicas), so each
+loader takes only the config and returns only its part. A local folder is checked as a
+whole first, and a missing or incomplete one is one error that lists everything missing.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from serving.config import ModelConfig
+from serving.models import tiny
+from serving.models.presets import PRESETS, Preset
+
+
+class ModelFolderError(Exception):
+    """The configured model folder is missing or does not have the diffusers layout."""
+
+
+# What a diffusers-format Wan2.1 folder holds; each entry is (what, acceptable alternatives).
+EXPECTED_LAYOUT: list[tuple[str, tuple[str, ...]]] = [
+    ("model_index.json", ("model_index.json",)),
+    ("scheduler config", ("scheduler/scheduler_config.json",)),
+    ("tokenizer", ("tokenizer/tokenizer_config.json", "tokenizer/tokenizer.json", "tokenizer/spiece.model")),
+    ("text encoder config", ("text_encoder/config.json",)),
+    ("text encoder weights", ("text_encoder/model.safetensors", "text_encoder/model.safetensors.index.json")),
+    ("transformer config", ("transformer/config.json",)),
+    ("transformer weights", ("transformer/diffusion_pytorch_model.safetensors",
+                             "transformer/diffusion_pytorch_model.safetensors.index.json")),
+    ("VAE config", ("vae/config.json",)),
+    ("VAE weights", ("vae/diffusion_pytorch_model.safetensors",)),
+]
+
+
+def preset_of(cfg: ModelConfig) -> Preset:
+    return PRESETS[cfg.preset]
+
+
+def check_model_folder(cfg: ModelConfig) -> Path | None:
+    """Return the folder to load from (None for presets built in code), or raise ModelFolderError."""
+    preset = preset_of(cfg)
+    if cfg.path is None:
+        if preset.needs_folder:
+            raise ModelFolderError(
+                f"model.preset {preset.name!r} loads from a local folder, but model.path is not set; "
+                "point it at a diffusers-format Wan2.1 folder (nothing is downloaded)"
+            )
+        return None
+    folder = Path(cfg.path).expanduser()
+    if not folder.is_dir():
+        raise ModelFolderError(f"model.path {str(folder)!r} does not exist or is not a folder")
+    missing = [
+        f"{what} ({' or '.join(options)})"
+        for what, options in EXPECTED_LAYOUT
+        if not any((folder / option).is_file() for option in options)
+    ]
+    if missing:
+        raise ModelFolderError(
+            f"model folder {str(folder)!r} is incomplete (expected the diffusers layout); missing: " + "; ".join(missing)
+        )
+    return folder
+
+
+def resolve_device(cfg: ModelConfig) -> torch.device:
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ModelFolderError("model.device is 'cuda' but no CUDA device is available; use 'auto' or 'cpu'")
+    return torch.device(cfg.device)
+
+
+def resolve_dtype(cfg: ModelConfig) -> torch.dtype:
+    name = preset_of(cfg).dtype if cfg.dtype == "auto" else cfg.dtype
+    return getattr(torch, name)
+
+
+@dataclass
+class TextEncoderParts:
+    tokenizer: Any
+    model: torch.nn.Module
+
+
+def load_text_encoder(cfg: ModelConfig) -> TextEncoderParts:
+    from transformers import AutoTokenizer, UMT5EncoderModel
+
+    folder = check_model_folder(cfg)
+    device, dtype = resolve_device(cfg), resolve_dtype(cfg)
+    if folder is None:
+        tokenizer, model = tiny.build_tokenizer(), tiny.build_text_encoder(cfg.seed)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer", local_files_only=True)
+        model = UMT5EncoderModel.from_pretrained(folder / "text_encoder", torch_dtype=dtype, local_files_only=True)
+    return TextEncoderParts(tokenizer=tokenizer, model=_place(model, device, dtype))
+
+
+def load_transformer(cfg: ModelConfig) -> torch.nn.Module:
+    from diffusers import WanTransformer3DModel
+
+    folder = check_model_folder(cfg)
+    device, dtype = resolve_device(cfg), resolve_dtype(cfg)
+    if folder is None:
+        model = tiny.build_transformer(cfg.seed)
+    else:
+        model = WanTransformer3DModel.from_pretrained(folder / "transformer", torch_dtype=dtype, local_files_only=True)
+    patch = tuple(model.config.patch_size)
+    geometry = preset_of(cfg).geometry
+    if patch[1] * geometry.vae_spatial_factor != geometry.spatial_multiple:
+        raise ModelFolderError(f"transformer patch_size {patch} does not fit preset {cfg.preset!r}")
+    return _place(model, device, dtype)
+
+
+def load_vae(cfg: ModelConfig) -> torch.nn.Module:
+    from diffusers import AutoencoderKLWan
+
+    folder = check_model_folder(cfg)
+    device = resolve_device(cfg)
+    if folder is None:
+        model = tiny.build_vae(cfg.seed)
+    else:
+        # Wan decodes in float32: bf16 VAE output shows banding for little speed gained.
+        model = AutoencoderKLWan.from_pretrained(folder / "vae", torch_dtype=torch.float32, local_files_only=True)
+    geometry = preset_of(cfg).geometry
+    if (model.config.scale_factor_spatial, model.config.scale_factor_temporal) != (
+        geometry.vae_spatial_factor, geometry.temporal_factor
+    ):
+        raise ModelFolderError(f"VAE scale factors do not fit preset {cfg.preset!r}")
+    return _place(model, device, torch.float32)
+
+
+def _place(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    # Cast only when needed: from_pretrained already set the dtype (keeping norms in fp32).
+    if next(model.parameters()).dtype != dtype:
+        model = model.to(dtype=dtype)
+    return model.to(device=device).eval()
+
+
+def load_scheduler_config(cfg: ModelConfig) -> dict:
+    folder = check_model_folder(cfg)
+    if folder is None:
+        return tiny.scheduler_config()
+    return json.loads((folder / "scheduler" / "scheduler_config.json").read_text())

@@ -1,0 +1,83 @@
+"""Model presets: what each named model is, its request defaults, and its geometry.
+
+A preset says what to serve; the weights come either from code (`tiny`, built locally from
+a seed) or from a local diffusers-format folder (`wan2.1-*`). Geometry lives here, not in
+the loaded modules, so the API can validate a request without holding a model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# Wan's own default negative prompt (from the Wan2.1 release), used by the wan2.1 presets.
+WAN_NEGATIVE_PROMPT = (
+    "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，"
+    "JPEG压缩残留，丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，"
+    "手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走"
+)
+
+
+@dataclass(frozen=True)
+class GenerationDefaults:
+    size: str
+    seconds: float
+    fps: int
+    num_inference_steps: int
+    guidance_scale: float
+    shift: float
+    negative_prompt: str
+    max_sequence_length: int
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """How pixels map to latents: sizes must be multiples of `spatial_multiple`,
+    frame counts of the form `temporal_factor * k + 1`."""
+
+    spatial_multiple: int = 16  # VAE 8x downsampling times the DiT's 2x2 patch
+    temporal_factor: int = 4  # the Wan VAE packs 4 frames per latent frame (after the first)
+    vae_spatial_factor: int = 8
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    description: str
+    dtype: str
+    needs_folder: bool
+    defaults: GenerationDefaults
+    geometry: Geometry = Geometry()
+
+
+PRESETS: dict[str, Preset] = {
+    "tiny": Preset(
+        name="tiny",
+        description="Wan2.1 architecture at toy size, built locally from a seed; runs on a laptop CPU in seconds",
+        dtype="float32",
+        needs_folder=False,
+        defaults=GenerationDefaults(
+            size="64x64", seconds=1.0, fps=16, num_inference_steps=8, guidance_scale=5.0,
+            shift=3.0, negative_prompt="", max_sequence_length=128,
+        ),
+    ),
+    "wan2.1-t2v-1.3b": Preset(
+        name="wan2.1-t2v-1.3b",
+        description="Wan2.1 T2V 1.3B from a local diffusers folder (480p)",
+        dtype="bfloat16",
+        needs_folder=True,
+        defaults=GenerationDefaults(
+            size="832x480", seconds=5.0, fps=16, num_inference_steps=50, guidance_scale=5.0,
+            shift=3.0, negative_prompt=WAN_NEGATIVE_PROMPT, max_sequence_length=512,
+        ),
+    ),
+    "wan2.1-t2v-14b": Preset(
+        name="wan2.1-t2v-14b",
+        description="Wan2.1 T2V 14B from a local diffusers folder (720p)",
+        dtype="bfloat16",
+        needs_folder=True,
+        defaults=GenerationDefaults(
+            size="1280x720", seconds=5.0, fps=16, num_inference_steps=50, guidance_scale=5.0,
+            shift=5.0, negative_prompt=WAN_NEGATIVE_PROMPT, max_sequence_length=512,
+        ),
+    ),
+}

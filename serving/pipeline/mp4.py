@@ -1,0 +1,29 @@
+"""MP4 muxing: uint8 frames -> H.264 MP4 bytes through PyAV, at the request's real fps."""
+
+from __future__ import annotations
+
+import io
+from fractions import Fraction
+
+import av
+import numpy as np
+import torch
+
+
+def encode_mp4(frames: torch.Tensor | np.ndarray, fps: int, crf: int = 18) -> bytes:
+    """Encode frames (T, H, W, 3) uint8 RGB as H.264 (yuv420p, playable everywhere)."""
+    array = frames.numpy() if isinstance(frames, torch.Tensor) else np.asarray(frames)
+    if array.ndim != 4 or array.shape[-1] != 3 or array.dtype != np.uint8:
+        raise ValueError(f"expected uint8 frames of shape (T, H, W, 3), got {array.dtype} {array.shape}")
+    buffer = io.BytesIO()
+    with av.open(buffer, mode="w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=Fraction(fps))
+        stream.width, stream.height = array.shape[2], array.shape[1]
+        stream.pix_fmt = "yuv420p"
+        stream.options = {"crf": str(crf)}
+        for image in array:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return buffer.getvalue()

@@ -1,0 +1,138 @@
+"""`VideoSpec`: one validated generation request, in the units the model works in.
+
+Users speak seconds and "WIDTHxHEIGHT"; the model needs frames and latent-aligned sizes.
+`build_spec` converts and checks, and never rounds silently: a size or duration the model
+cannot produce is a `SpecError` naming the field, what was asked and what would work.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from dataclasses import asdict, dataclass
+
+from serving.config import GenerationConfig, parse_size
+from serving.models.presets import Preset
+
+
+class SpecError(ValueError):
+    """A request parameter the model cannot honour; `field` names it for the API's `param`."""
+
+    def __init__(self, field: str, message: str):
+        self.field = field
+        self.message = message
+        super().__init__(f"{field}: {message}")
+
+
+@dataclass(frozen=True)
+class VideoSpec:
+    prompt: str
+    negative_prompt: str
+    width: int
+    height: int
+    num_frames: int
+    fps: int
+    num_inference_steps: int
+    guidance_scale: float
+    shift: float
+    seed: int
+    max_sequence_length: int
+
+    @property
+    def seconds(self) -> float:
+        return (self.num_frames - 1) / self.fps
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def build_spec(
+    preset: Preset,
+    generation: GenerationConfig,
+    prompt: str,
+    *,
+    size: str | None = None,
+    seconds: float | None = None,
+    fps: int | None = None,
+    num_inference_steps: int | None = None,
+    guidance_scale: float | None = None,
+    shift: float | None = None,
+    negative_prompt: str | None = None,
+    seed: int | None = None,
+) -> VideoSpec:
+    """Fill unset fields from config, then preset defaults; validate everything."""
+    d = preset.defaults
+    g = generation
+
+    def pick(value, configured, default):
+        return value if value is not None else configured if configured is not None else default
+
+    size = pick(size, g.size, d.size)
+    seconds = pick(seconds, g.seconds, d.seconds)
+    fps = pick(fps, g.fps, d.fps)
+    steps = pick(num_inference_steps, g.num_inference_steps, d.num_inference_steps)
+    guidance = pick(guidance_scale, g.guidance_scale, d.guidance_scale)
+    shift = pick(shift, g.shift, d.shift)
+    negative = pick(negative_prompt, g.negative_prompt, d.negative_prompt)
+    max_len = pick(None, g.max_sequence_length, d.max_sequence_length)
+
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise SpecError("prompt", "must not be empty")
+    if len(prompt) > g.max_prompt_chars:
+        raise SpecError("prompt", f"is {len(prompt)} characters; the limit is {g.max_prompt_chars}")
+    if len(negative) > g.max_prompt_chars:
+        raise SpecError("negative_prompt", f"is {len(negative)} characters; the limit is {g.max_prompt_chars}")
+
+    try:
+        width, height = parse_size(size)
+    except ValueError as exc:
+        raise SpecError("size", str(exc)) from None
+    m = preset.geometry.spatial_multiple
+    if width % m or height % m:
+        raise SpecError("size", f"{width}x{height} is not a multiple of {m} in both sides; "
+                                f"try {_nearest(width, m)}x{_nearest(height, m)}")
+    if width * height > g.max_pixels:
+        raise SpecError("size", f"{width}x{height} has {width * height} pixels; the limit is {g.max_pixels}")
+
+    if not _finite(fps) or fps != int(fps) or fps <= 0 or fps > 120:
+        raise SpecError("fps", f"must be a whole number from 1 to 120, found {fps!r}")
+    fps = int(fps)
+    if not _finite(seconds) or seconds <= 0:
+        raise SpecError("seconds", f"must be a positive number, found {seconds!r}")
+    if seconds > g.max_seconds:
+        raise SpecError("seconds", f"{seconds:g} is over the limit of {g.max_seconds:g}")
+    intervals = seconds * fps
+    k = preset.geometry.temporal_factor
+    if abs(intervals - round(intervals)) > 1e-6 or round(intervals) % k:
+        raise SpecError(
+            "seconds",
+            f"{seconds:g} s at {fps} fps is {intervals:g} frame intervals; the model makes clips of "
+            f"{k}·n intervals ({k}·n+1 frames), so seconds × fps must be a multiple of {k}",
+        )
+    num_frames = int(round(intervals)) + 1
+
+    if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= g.max_steps:
+        raise SpecError("num_inference_steps", f"must be a whole number from 1 to {g.max_steps}, found {steps!r}")
+    if not _finite(guidance) or not 0 <= guidance <= 50:
+        raise SpecError("guidance_scale", f"must be a number from 0 to 50, found {guidance!r}")
+    if not _finite(shift) or shift <= 0:
+        raise SpecError("shift", f"must be a positive number, found {shift!r}")
+    if seed is None:
+        # Unseeded requests still get a recorded seed, so any video can be made again.
+        seed = secrets.randbelow(2**31)
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63:
+        raise SpecError("seed", f"must be a whole number from 0 to 2**63-1, found {seed!r}")
+
+    return VideoSpec(
+        prompt=prompt, negative_prompt=negative, width=width, height=height, num_frames=num_frames,
+        fps=fps, num_inference_steps=steps, guidance_scale=float(guidance), shift=float(shift),
+        seed=seed, max_sequence_length=max_len,
+    )
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _nearest(value: int, multiple: int) -> int:
+    return max(multiple, round(value / multiple) * multiple)
