@@ -1,0 +1,137 @@
+"""The one config model: YAML + env loading, and errors a person can act on."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from serving.config import ConfigError, ServiceConfig, load_config
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "ditserve.yaml"
+    path.write_text(textwrap.dedent(text).lstrip())
+    return path
+
+
+def problems(path, environ=None) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        load_config(path, environ={} if environ is None else environ)
+    return info.value.problems
+
+
+def test_defaults_without_a_file():
+    config = load_config(None, environ={})
+    assert config == ServiceConfig()
+    assert config.model.preset == "tiny"
+
+
+def test_yaml_values_are_loaded(tmp_path):
+    path = write(tmp_path, """
+        model:
+          preset: tiny
+          seed: 3
+        generation:
+          fps: 24
+          size: 128x64
+    """)
+    config = load_config(path, environ={})
+    assert (config.model.seed, config.generation.fps, config.generation.size) == (3, 24, "128x64")
+
+
+def test_environment_overrides_the_file(tmp_path):
+    path = write(tmp_path, "generation:\n  fps: 24\n")
+    config = load_config(path, environ={"DITSERVE_GENERATION__FPS": "8", "DITSERVE_MODEL__SEED": "5", "OTHER": "x"})
+    assert config.generation.fps == 8
+    assert config.model.seed == 5
+
+
+def test_unknown_key_names_line_and_suggests(tmp_path):
+    path = write(tmp_path, """
+        model:
+          preset: tiny
+        generation:
+          num_inference_stesp: 4
+    """)
+    [problem] = problems(path)
+    assert problem == f"{path}:4: generation.num_inference_stesp: unknown key (did you mean 'num_inference_steps'?)"
+
+
+def test_string_where_a_number_belongs(tmp_path):
+    path = write(tmp_path, """
+        generation:
+          guidance_scale: strong
+    """)
+    [problem] = problems(path)
+    assert problem == f"{path}:2: generation.guidance_scale: expected a number, found 'strong'"
+
+
+def test_mis_indented_block_that_does_not_parse(tmp_path):
+    path = write(tmp_path, """
+        model:
+          preset: tiny
+         seed: 3
+    """)
+    [problem] = problems(path)
+    assert problem.startswith(f"{path}:3:")
+    assert "not valid YAML" in problem and "indentation" in problem
+
+
+def test_mis_indented_block_that_parses_says_where_the_key_belongs(tmp_path):
+    path = write(tmp_path, """
+        model:
+        preset: tiny
+    """)
+    found = problems(path)
+    assert f"{path}:1: model: expected a mapping (an indented block of key: value lines), found nothing (an empty value)" in found
+    assert any(p.startswith(f"{path}:2: preset: unknown key") and "model.preset" in p for p in found)
+
+
+def test_wrong_choice_lists_the_choices(tmp_path):
+    path = write(tmp_path, "model:\n  preset: wan3\n")
+    [problem] = problems(path)
+    assert problem.startswith(f"{path}:2: model.preset: expected one of 'tiny', 'wan2.1-t2v-1.3b' or 'wan2.1-t2v-14b'")
+    assert "found 'wan3'" in problem
+
+
+def test_duplicate_key_is_refused(tmp_path):
+    path = write(tmp_path, "model:\n  seed: 1\n  seed: 2\n")
+    assert problems(path) == [f"{path}:3: model.seed: duplicate key (first set on line 2)"]
+
+
+def test_missing_file(tmp_path):
+    path = tmp_path / "nope.yaml"
+    assert problems(path) == [f"{path}: config file not found (check the --config path)"]
+
+
+def test_bad_environment_value_names_the_variable():
+    [problem] = problems(None, {"DITSERVE_GENERATION__SECONDS": "long"})
+    assert problem == "environment DITSERVE_GENERATION__SECONDS: generation.seconds: expected a number, found 'long'"
+
+
+def test_bad_size_in_config(tmp_path):
+    path = write(tmp_path, "generation:\n  size: 64by64\n")
+    assert problems(path) == [f"{path}:2: generation.size: expected WIDTHxHEIGHT such as 832x480, found '64by64'"]
+
+
+def test_cli_config_error_is_one_line_exit_2_no_traceback(tmp_path):
+    path = write(tmp_path, "generation:\n  fps: fast\n")
+    result = subprocess.run([sys.executable, "-m", "serving.cli", "config", "--config", str(path)],
+                            capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"ditserve: config error: {path}:2: generation.fps: expected an integer, found 'fast'"
+    ]
+
+
+def test_cli_config_prints_resolved_settings(tmp_path):
+    path = write(tmp_path, "generation:\n  fps: 24\n")
+    result = subprocess.run([sys.executable, "-m", "serving.cli", "config", "--config", str(path)],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "fps: 24" in result.stdout and "preset: tiny" in result.stdout
