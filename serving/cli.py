@@ -39,6 +39,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, help="random seed (a random one is chosen and printed if unset)")
     _add_config(gen)
 
+    srv = sub.add_parser("serve", help="start a local Ray cluster and the video service on it")
+    srv.add_argument("--host", help="address to listen on (default from config: 127.0.0.1)")
+    srv.add_argument("--port", type=int, help="HTTP port (default from config: 8000)")
+    srv.add_argument("--address", help="join this Ray cluster instead of starting a local one (e.g. auto)")
+    _add_config(srv)
+
     cfg = sub.add_parser("config", help="validate a config file and print the resolved settings")
     _add_config(cfg)
     return parser
@@ -60,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     if args.command == "config":
         return _config(config)
+    if args.command == "serve":
+        return _serve(args, config)
     return _generate(args, config)
 
 
@@ -119,6 +127,73 @@ def _generate(args, config) -> int:
     print(f"wrote {args.output}: {spec.width}x{spec.height}, {spec.num_frames} frames at {spec.fps} fps "
           f"({spec.seconds:g} s), seed {spec.seed}; load {loaded - started:.1f} s, generate {done - loaded:.1f} s")
     return 0
+
+
+def _serve(args, config) -> int:
+    import signal
+
+    from serving.models.loading import ModelFolderError, check_model_folder
+
+    server = config.server.model_copy(update={k: v for k, v in (("host", args.host), ("port", args.port)) if v})
+    config = config.model_copy(update={"server": server})
+    try:
+        check_model_folder(config.model)
+    except ModelFolderError as exc:
+        print(f"ditserve serve: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    _quiet_libraries()
+    import ray
+    from ray import serve
+
+    from serving.app import run
+
+    url = f"http://{server.host}:{server.port}"
+    try:
+        ray.init(address=args.address, include_dashboard=False, configure_logging=True, logging_level="WARNING")
+        # After ray.init, which installs its own handler: SIGTERM (docker stop, kill, systemd)
+        # takes the same clean path as Ctrl-C.
+        signal.signal(signal.SIGTERM, _raise_interrupt)
+        run(config)
+        print(_banner(url, config), flush=True)
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        # A second Ctrl-C or SIGTERM must not interrupt the shutdown itself.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        print("\nditserve: shutting down", file=sys.stderr, flush=True)
+    finally:
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+    return 0
+
+
+def _raise_interrupt(*_):
+    raise KeyboardInterrupt
+
+
+def _banner(url: str, config) -> str:
+    return f"""
+ditserve is serving {config.model.preset!r} at {url}
+  jobs: {config.storage.job_store_url}
+  videos: {config.storage.artifacts_url}
+
+Try it:
+  curl -s {url}/v1/videos -H 'Content-Type: application/json' \\
+       -d '{{"prompt": "a red fox running through snow", "seconds": "1", "size": "64x64", "seed": 7}}'
+  curl -s {url}/v1/videos/VIDEO_ID                      # poll until "status": "completed"
+  curl -s {url}/v1/videos/VIDEO_ID/content -o fox.mp4
+
+or with the openai SDK:
+  from openai import OpenAI
+  client = OpenAI(base_url="{url}/v1", api_key="unused")
+  video = client.videos.create_and_poll(prompt="a red fox running through snow", seconds="1", size="64x64")
+  client.videos.download_content(video.id).write_to_file("fox.mp4")
+
+Ctrl-C stops the service.
+"""
 
 
 def _quiet_libraries() -> None:

@@ -71,11 +71,67 @@ class GenerationConfig(_Section):
         return value
 
 
+class StageConfig(_Section):
+    """Replicas and resources of one model stage (a Ray Serve deployment)."""
+
+    num_replicas: int = Field(default=1, ge=1)
+    num_cpus: float = Field(default=0.25, ge=0, description="Ray CPU share per replica (fractional is fine).")
+    num_gpus: float = Field(default=0.0, ge=0, description="GPU share per replica; 0.5 packs two on one GPU.")
+    max_ongoing_requests: int = Field(default=8, ge=1)
+    torch_threads: int = Field(default=1, ge=1, description="torch intra-op threads per replica.")
+
+
+class StagesConfig(_Section):
+    text_encoder: StageConfig = StageConfig()
+    denoiser: StageConfig = StageConfig()
+    vae_decoder: StageConfig = StageConfig()
+
+
+class ServerConfig(_Section):
+    """The HTTP front door (the Gateway) and the job driver (the Director)."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=1, le=65535)
+    model_name: str = Field(default="", description="Name reported in video objects; '' uses the preset name.")
+    poll_after_ms: int = Field(default=500, ge=50, description="openai-poll-after-ms sent to polling clients.")
+    max_body_bytes: int = Field(default=1 << 20, ge=1024)
+    gateway_num_cpus: float = Field(default=0.1, ge=0)
+    director_num_cpus: float = Field(default=0.1, ge=0)
+    max_running_jobs: int = Field(default=16, ge=1, description="Jobs one Director drives at once.")
+    lease_seconds: float = Field(default=30.0, gt=0, description="A job whose driver is silent this long is taken over.")
+    director_poll_seconds: float = Field(default=1.0, gt=0)
+
+
+class StorageConfig(_Section):
+    """Where jobs and videos live. Relative local paths are made absolute at load time,
+    since Ray workers need not share the launching shell's working directory."""
+
+    job_store_url: str = Field(default="sqlite:///ditserve-data/jobs.db", description="SQLAlchemy URL.")
+    artifacts_url: str = Field(default="ditserve-data/artifacts", description="Local folder or fsspec URL.")
+    retention_hours: float | None = Field(default=None, gt=0, description="Delete videos after this long; none by default.")
+
+    @field_validator("job_store_url")
+    @classmethod
+    def _absolute_sqlite(cls, value: str) -> str:
+        prefix = "sqlite:///"
+        if value.startswith(prefix) and not value.startswith(prefix + "/") and value != prefix + ":memory:":
+            return prefix + str(Path(value[len(prefix):]).expanduser().resolve())
+        return value
+
+    @field_validator("artifacts_url")
+    @classmethod
+    def _absolute_folder(cls, value: str) -> str:
+        return value if "://" in value else str(Path(value).expanduser().resolve())
+
+
 class ServiceConfig(_Section):
     """The whole service. Sections grow with the service; this is the only source of truth."""
 
     model: ModelConfig = ModelConfig()
     generation: GenerationConfig = GenerationConfig()
+    server: ServerConfig = ServerConfig()
+    stages: StagesConfig = StagesConfig()
+    storage: StorageConfig = StorageConfig()
 
 
 def parse_size(size: str) -> tuple[int, int]:

@@ -1,0 +1,1 @@
+"""The HTTP API: OpenAI-compatible Videos API routes over `serving.jobs.videos.VideoJobs`."""

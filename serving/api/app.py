@@ -1,0 +1,306 @@
+"""FastAPI routes of the Videos API. Thin: parse, call `VideoJobs`, shape the answer.
+
+Every error leaves in OpenAI's envelope `{"error": {"message", "type", "param", "code"}}`
+with the offending field in `param`, so a client (or a person) knows what to fix.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from typing import Any, Awaitable, Callable, Literal
+
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import ValidationError
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from serving.api.schemas import CreateVideoBody, ErrorEnvelope, Video, VideoDeleted, VideoList, video_from_job
+from serving.config import ServiceConfig
+from serving.jobs.records import JobRecord
+from serving.jobs.store import IdempotencyConflict
+from serving.jobs.videos import NotReady, VideoJobs
+from serving.pipeline.spec import SpecError
+
+logger = logging.getLogger("ray.serve")
+
+POLL_HEADER = "openai-poll-after-ms"
+SSE_POLL_SECONDS = 0.25
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
+                 type: str = "invalid_request_error", headers: dict[str, str] | None = None):
+        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
+        self.headers = headers or {}
+
+
+def error_response(status: int, message: str, param: str | None = None, code: str | None = None,
+                   type: str = "invalid_request_error", headers: dict[str, str] | None = None) -> JSONResponse:
+    body = {"error": {"message": message, "type": type, "param": param, "code": code}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def create_api(config: ServiceConfig, jobs: VideoJobs,
+               on_submitted: Callable[[str], Awaitable[Any]] | None = None,
+               stages_ready: Callable[[], Awaitable[dict[str, bool]]] | None = None) -> FastAPI:
+    app = FastAPI(title="ditserve", version="0.1.0",
+                  description="OpenAI-compatible Videos API for self-hosted text-to-video models.",
+                  responses={400: {"model": ErrorEnvelope}, 404: {"model": ErrorEnvelope}})
+    poll_ms = str(config.server.poll_after_ms)
+
+    def not_found(video_id: str) -> APIError:
+        return APIError(404, f"no video with id {video_id!r}", param="video_id", code="video_not_found")
+
+    def shaped(job: JobRecord) -> Video:
+        return video_from_job(job, queue_position=jobs.position(job))
+
+    # ---- errors -------------------------------------------------------------------------
+
+    @app.exception_handler(APIError)
+    async def _api_error(_: Request, exc: APIError):
+        return error_response(exc.status, exc.message, exc.param, exc.code, exc.type, exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, exc: RequestValidationError):
+        first = exc.errors()[0]
+        param = ".".join(str(p) for p in first["loc"] if p not in ("query", "path", "body"))
+        return error_response(400, f"{param}: {_describe(first)}", param=param or None, code="invalid_value")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        return error_response(exc.status_code, str(exc.detail), code=code)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception):
+        logger.exception("unhandled error in the API")
+        return error_response(500, "internal error; the server log has the details", type="server_error",
+                              code="internal_error")
+
+    # ---- videos ---------------------------------------------------------------------------
+
+    @app.post("/v1/videos", response_model=Video)
+    async def create_video(request: Request):
+        data = await _read_body(request, config.server.max_body_bytes)
+        try:
+            body = CreateVideoBody.model_validate(data)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            param = ".".join(str(p) for p in first["loc"])
+            raise APIError(400, f"{param}: {_describe(first)}", param=param, code=_code(first)) from None
+        if body.input_reference is not None:
+            raise APIError(400, "input_reference is not supported: this server generates video from text only",
+                           param="input_reference", code="unsupported_parameter")
+        key = request.headers.get("idempotency-key")
+        if key is not None and not 1 <= len(key) <= 255:
+            raise APIError(400, "Idempotency-Key must be 1 to 255 characters", param="Idempotency-Key")
+        try:
+            job, created = await asyncio.to_thread(jobs.submit, body.model_dump(exclude={"input_reference"}), key)
+        except SpecError as exc:
+            raise APIError(400, f"{exc.field}: {exc.message}", param=exc.field, code="invalid_value") from None
+        except IdempotencyConflict:
+            raise APIError(409, "this Idempotency-Key was already used with a different request body",
+                           param="Idempotency-Key", code="idempotency_key_reused") from None
+        if created and on_submitted is not None:
+            await on_submitted(job.id)
+        headers = {POLL_HEADER: poll_ms}
+        if not created:
+            headers["Idempotent-Replayed"] = "true"
+        return JSONResponse(shaped(job).model_dump(mode="json"), headers=headers)
+
+    @app.get("/v1/videos", response_model=VideoList)
+    async def list_videos(after: str | None = Query(default=None, max_length=64),
+                          limit: int = Query(default=20, ge=1, le=100),
+                          order: Literal["asc", "desc"] = "desc"):
+        if after is not None and await asyncio.to_thread(jobs.get, after) is None:
+            raise APIError(400, f"after: no video with id {after!r}", param="after", code="invalid_value")
+        records, has_more = await asyncio.to_thread(jobs.list, after, limit, order)
+        data = [video_from_job(job) for job in records]
+        return VideoList(data=data, first_id=data[0].id if data else None, last_id=data[-1].id if data else None,
+                         has_more=has_more)
+
+    @app.get("/v1/videos/{video_id}", response_model=Video)
+    async def retrieve_video(video_id: str):
+        job = await asyncio.to_thread(jobs.get, video_id)
+        if job is None:
+            raise not_found(video_id)
+        headers = {} if job.status.terminal else {POLL_HEADER: poll_ms}
+        video = await asyncio.to_thread(shaped, job)
+        return JSONResponse(video.model_dump(mode="json"), headers=headers)
+
+    @app.delete("/v1/videos/{video_id}", response_model=VideoDeleted)
+    async def delete_video(video_id: str):
+        if await asyncio.to_thread(jobs.delete, video_id) is None:
+            raise not_found(video_id)
+        return VideoDeleted(id=video_id)
+
+    @app.post("/v1/videos/{video_id}/cancel", response_model=Video)
+    async def cancel_video(video_id: str):
+        job = await asyncio.to_thread(jobs.cancel, video_id)
+        if job is None:
+            raise not_found(video_id)
+        return await asyncio.to_thread(shaped, job)
+
+    @app.get("/v1/videos/{video_id}/content")
+    async def download_content(request: Request, video_id: str,
+                               variant: Literal["video", "thumbnail", "spritesheet"] = "video"):
+        if variant == "spritesheet":
+            raise APIError(400, "variant 'spritesheet' is not available here; use 'video' or 'thumbnail'",
+                           param="variant", code="unsupported_value")
+        try:
+            found = await asyncio.to_thread(jobs.content_key, video_id, variant)
+        except NotReady as exc:
+            raise APIError(409, str(exc), param="video_id", code="video_not_ready") from None
+        if found is None:
+            raise not_found(video_id)
+        key, media_type = found
+        size = await asyncio.to_thread(jobs.artifacts.size, key)
+        span = _parse_range(request.headers.get("range"), size)
+        headers = {"Accept-Ranges": "bytes", "Content-Disposition": f'inline; filename="{video_id}.{key.rsplit(".", 1)[-1]}"'}
+        if span is None:
+            data = await asyncio.to_thread(jobs.artifacts.read, key)
+            return Response(data, media_type=media_type, headers=headers)
+        start, end = span
+        data = await asyncio.to_thread(jobs.artifacts.read, key, start, end + 1)
+        headers["Content-Range"] = f"bytes {start}-{end}/{size}"
+        return Response(data, status_code=206, media_type=media_type, headers=headers)
+
+    @app.get("/v1/videos/{video_id}/events")
+    async def stream_events(video_id: str):
+        """Server-sent events: the video object on every change, until it is finished."""
+        job = await asyncio.to_thread(jobs.get, video_id)
+        if job is None:
+            raise not_found(video_id)
+
+        async def events():
+            last = None
+            current = job
+            while True:
+                state = (current.status, current.stage, current.progress)
+                if state != last:
+                    last = state
+                    video = await asyncio.to_thread(shaped, current)
+                    name = f"video.{video.status}" if current.status.terminal else "video.progress"
+                    yield f"event: {name}\ndata: {video.model_dump_json()}\n\n"
+                    if current.status.terminal:
+                        return
+                await asyncio.sleep(SSE_POLL_SECONDS)
+                current = await asyncio.to_thread(jobs.get, video_id)
+                if current is None:
+                    yield f"event: video.deleted\ndata: {json.dumps({'id': video_id})}\n\n"
+                    return
+
+        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    # ---- health -------------------------------------------------------------------------
+
+    @app.get("/healthz")
+    async def healthz():
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz():
+        checks: dict[str, bool] = {}
+        try:
+            await asyncio.to_thread(jobs.ping)
+            checks["storage"] = True
+        except Exception:
+            checks["storage"] = False
+        if stages_ready is not None:
+            try:
+                checks.update(await asyncio.wait_for(stages_ready(), timeout=10))
+            except Exception:
+                checks["stages"] = False
+        ready = all(checks.values())
+        return JSONResponse({"status": "ready" if ready else "not_ready", "checks": checks},
+                            status_code=200 if ready else 503)
+
+    return app
+
+
+async def _read_body(request: Request, max_bytes: int) -> dict[str, Any]:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+        raise APIError(413, f"request body is {declared} bytes; the limit is {max_bytes}", code="body_too_large")
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type == "application/json":
+        raw = await request.body()
+        if len(raw) > max_bytes:
+            raise APIError(413, f"request body is {len(raw)} bytes; the limit is {max_bytes}", code="body_too_large")
+        try:
+            data = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            raise APIError(400, f"request body is not valid UTF-8 (byte {exc.start})", code="invalid_encoding") from None
+        except json.JSONDecodeError as exc:
+            raise APIError(400, f"request body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}",
+                           code="invalid_json") from None
+        if not isinstance(data, dict):
+            raise APIError(400, f"request body must be a JSON object, found {type(data).__name__}", code="invalid_json")
+        return data
+    if content_type in ("multipart/form-data", "application/x-www-form-urlencoded"):
+        try:
+            form = await request.form(max_part_size=max_bytes)
+        except Exception as exc:
+            raise APIError(400, f"could not read the form body: {exc}", code="invalid_form") from None
+        data: dict[str, Any] = {}
+        for name, value in form.multi_items():
+            if isinstance(value, UploadFile):
+                if name == "input_reference":
+                    data[name] = value.filename or "upload"
+                    continue
+                raise APIError(400, f"{name}: file uploads are not accepted here", param=name, code="invalid_value")
+            data[name] = value
+        return data
+    found = content_type or "none"
+    raise APIError(415, f"Content-Type must be application/json or multipart/form-data, found {found}",
+                   code="unsupported_media_type")
+
+
+def _parse_range(header: str | None, size: int) -> tuple[int, int] | None:
+    """An inclusive byte span from a single-range `Range` header, or None for the whole file."""
+    if not header:
+        return None
+    unit, _, spec = header.partition("=")
+    if unit.strip() != "bytes" or "," in spec or "-" not in spec:
+        raise _unsatisfiable(size)
+    first, _, last = spec.strip().partition("-")
+    try:
+        if first == "":  # the last N bytes
+            start, end = max(0, size - int(last)), size - 1
+        else:
+            start, end = int(first), (int(last) if last else size - 1)
+    except ValueError:
+        raise _unsatisfiable(size) from None
+    end = min(end, size - 1)
+    if start > end or start >= size:
+        raise _unsatisfiable(size)
+    return start, end
+
+
+def _unsatisfiable(size: int) -> APIError:
+    return APIError(416, f"Range not satisfiable; the file has {size} bytes", param="Range",
+                    code="range_not_satisfiable", headers={"Content-Range": f"bytes */{size}"})
+
+
+_KIND = {"int_parsing": "an integer", "int_type": "an integer", "int_from_float": "a whole number",
+         "float_parsing": "a number", "float_type": "a number", "string_type": "a string"}
+
+
+def _describe(error: dict[str, Any]) -> str:
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        return "unknown parameter"
+    if kind == "missing":
+        return "is required"
+    if kind in _KIND:
+        return f"expected {_KIND[kind]}, found {error.get('input')!r}"
+    return str(error["msg"])
+
+
+def _code(error: dict[str, Any]) -> str:
+    return {"extra_forbidden": "unknown_parameter", "missing": "missing_required_parameter"}.get(error["type"],
+                                                                                                 "invalid_value")

@@ -1,0 +1,107 @@
+"""Wire shapes of the OpenAI Videos API, plus our extension fields.
+
+Plain pydantic models mirroring the public spec, so the official `openai` SDK parses every
+response. Our extensions ride in extra fields the SDK keeps but does not require.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from serving.jobs.records import JobRecord, JobStatus
+
+
+class CreateVideoBody(BaseModel):
+    """POST /v1/videos, as JSON or form fields. Unknown fields are refused, by name."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str
+    model: Optional[str] = None
+    seconds: Optional[Union[int, float, str]] = None
+    size: Optional[str] = None
+    input_reference: Optional[Any] = None
+    # ditserve extensions (the SDK sends them through `extra_body`)
+    seed: Optional[int] = None
+    negative_prompt: Optional[str] = None
+    num_inference_steps: Optional[int] = None
+    guidance_scale: Optional[float] = None
+    fps: Optional[int] = None
+
+
+class VideoError(BaseModel):
+    code: str
+    message: str
+
+
+class Video(BaseModel):
+    id: str
+    object: Literal["video"] = "video"
+    created_at: int
+    completed_at: Optional[int] = None
+    expires_at: Optional[int] = None
+    model: str
+    progress: int
+    prompt: Optional[str] = None
+    remixed_from_video_id: Optional[str] = None
+    seconds: str
+    size: str
+    status: Literal["queued", "in_progress", "completed", "failed"]
+    error: Optional[VideoError] = None
+    # ditserve extensions
+    stage: Optional[str] = Field(default=None, description="Model stage of an in-progress job.")
+    queue_position: Optional[int] = None
+    seed: int
+    negative_prompt: str
+    num_inference_steps: int
+    guidance_scale: float
+    fps: int
+    num_frames: int
+    timestamps: dict[str, float] = Field(description="Unix times: submitted_at, <stage>_started_at/_finished_at, ...")
+
+
+class VideoList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Video]
+    first_id: Optional[str] = None
+    last_id: Optional[str] = None
+    has_more: bool
+
+
+class VideoDeleted(BaseModel):
+    id: str
+    object: Literal["video.deleted"] = "video.deleted"
+    deleted: bool = True
+
+
+class ErrorBody(BaseModel):
+    message: str
+    type: str
+    param: Optional[str] = None
+    code: Optional[str] = None
+
+
+class ErrorEnvelope(BaseModel):
+    error: ErrorBody
+
+
+# Our states map onto OpenAI's four; a cancelled job is `failed` with error code "cancelled".
+_WIRE_STATUS = {JobStatus.QUEUED: "queued", JobStatus.IN_PROGRESS: "in_progress", JobStatus.COMPLETED: "completed",
+                JobStatus.FAILED: "failed", JobStatus.CANCELLED: "failed"}
+
+
+def video_from_job(job: JobRecord, queue_position: int | None = None) -> Video:
+    spec = job.spec
+    seconds = (spec["num_frames"] - 1) / spec["fps"]
+    error = VideoError(code=job.error_code or "failed", message=job.error_message or "") if job.error_code else None
+    return Video(
+        id=job.id, created_at=int(job.created_at), completed_at=int(job.completed_at) if job.completed_at else None,
+        expires_at=int(job.expires_at) if job.expires_at else None, model=job.model, progress=job.progress,
+        prompt=spec["prompt"], seconds=f"{seconds:g}", size=f"{spec['width']}x{spec['height']}",
+        status=_WIRE_STATUS[job.status], error=error, stage=job.stage.value if job.stage else None,
+        queue_position=queue_position, seed=spec["seed"], negative_prompt=spec["negative_prompt"],
+        num_inference_steps=spec["num_inference_steps"], guidance_scale=spec["guidance_scale"], fps=spec["fps"],
+        num_frames=spec["num_frames"], timestamps=job.timestamps,
+    )

@@ -1,0 +1,57 @@
+"""`build_app(config)`: the whole service as one Ray Serve application graph.
+
+    Gateway (HTTP) -> Director -> TextEncoder -> Denoiser -> VAEDecoder
+
+Each model stage is its own deployment with its own replicas and resources from the config,
+so each scales on its own. `app_builder` is the import path for `serve run` / KubeRay.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray import serve
+from ray.serve import Application
+
+from serving.config import ServiceConfig, StageConfig
+from serving.deployments.denoiser import Denoiser
+from serving.deployments.director import Director
+from serving.deployments.gateway import Gateway
+from serving.deployments.text_encoder import TextEncoder
+from serving.deployments.vae_decoder import VAEDecoder
+
+APP_NAME = "ditserve"
+
+
+def _stage_options(stage: StageConfig) -> dict[str, Any]:
+    return {
+        "num_replicas": stage.num_replicas,
+        "max_ongoing_requests": stage.max_ongoing_requests,
+        "ray_actor_options": {"num_cpus": stage.num_cpus, "num_gpus": stage.num_gpus},
+    }
+
+
+def build_app(config: ServiceConfig) -> Application:
+    stages = config.stages
+    text_encoder = TextEncoder.options(**_stage_options(stages.text_encoder)).bind(config)
+    denoiser = Denoiser.options(**_stage_options(stages.denoiser)).bind(config)
+    vae_decoder = VAEDecoder.options(**_stage_options(stages.vae_decoder)).bind(config)
+    director = Director.options(
+        num_replicas=1, max_ongoing_requests=1000, ray_actor_options={"num_cpus": config.server.director_num_cpus},
+    ).bind(config, text_encoder, denoiser, vae_decoder)
+    return Gateway.options(
+        max_ongoing_requests=1000, ray_actor_options={"num_cpus": config.server.gateway_num_cpus},
+    ).bind(config, director)
+
+
+def app_builder(args: dict[str, Any]) -> Application:
+    """For `serve run serving.app:app_builder config_path=...` and a RayService's serveConfigV2."""
+    from serving.config import load_config
+
+    return build_app(load_config(args.get("config_path")))
+
+
+def run(config: ServiceConfig, blocking: bool = False) -> None:
+    """Deploy onto the running Ray cluster, HTTP on config.server.host:port."""
+    serve.start(http_options={"host": config.server.host, "port": config.server.port})
+    serve.run(build_app(config), name=APP_NAME, route_prefix="/", blocking=blocking)

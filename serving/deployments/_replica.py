@@ -1,0 +1,18 @@
+"""Set-up every model-stage replica shares."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from serving.config import StageConfig
+
+
+def prepare_replica(stage: StageConfig) -> None:
+    # One Ray CPU share means one torch thread: oversubscribed cores slow every replica.
+    import torch
+
+    torch.set_num_threads(stage.torch_threads)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # we never download at run time
+    for name in ("diffusers", "transformers"):
+        logging.getLogger(name).setLevel(logging.ERROR)

@@ -1,0 +1,201 @@
+"""Director deployment: drives every job through TextEncoder -> Denoiser -> VAEDecoder.
+
+It takes jobs from the job store under a lease (renewed while it works), writes each state
+change to the store before moving on, and stores the finished MP4 in the artifact store.
+If a Director dies, its leases run out and any Director takes the jobs over; a write from
+a Director that lost its lease is refused, so no job is finished twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+import uuid
+
+from ray import serve
+from ray.exceptions import ActorUnavailableError, RayActorError
+
+from serving.config import ServiceConfig
+from serving.jobs.records import PROGRESS_SPAN, JobRecord, JobStatus, Stage
+from serving.jobs.store import JobStore, LeaseLost
+from serving.storage import ArtifactStore, ArtifactStoreError
+
+logger = logging.getLogger("ray.serve")
+
+MAX_ATTEMPTS = 3  # claims of one job before it is failed rather than retried again
+
+
+class JobCancelled(Exception):
+    pass
+
+
+@serve.deployment(name="Director")
+class Director:
+    async def __init__(self, config: ServiceConfig, text_encoder, denoiser, vae_decoder):
+        self.config = config
+        self.text_encoder, self.denoiser, self.vae_decoder = text_encoder, denoiser, vae_decoder
+        self.store = JobStore(config.storage.job_store_url)
+        self.artifacts = ArtifactStore(config.storage.artifacts_url)
+        self.owner = f"director-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.lease = config.server.lease_seconds
+        self.running: dict[str, asyncio.Task] = {}
+        self.wakeup = asyncio.Event()
+        self.claim_loop = asyncio.create_task(self._claim_forever())
+        self.heartbeat_loop = asyncio.create_task(self._heartbeat_forever())
+
+    # ---- called by the Gateway ----------------------------------------------------
+
+    async def wake(self) -> None:
+        """A job was queued: look now instead of at the next poll."""
+        self.wakeup.set()
+
+    async def ready(self) -> dict[str, bool]:
+        """Whether every stage answers (the Gateway's /readyz)."""
+        names = {"text_encoder": self.text_encoder, "denoiser": self.denoiser, "vae_decoder": self.vae_decoder}
+
+        async def ping(handle) -> bool:
+            try:
+                return bool(await asyncio.wait_for(handle.ping.remote(), timeout=5))
+            except Exception:
+                return False
+
+        results = await asyncio.gather(*(ping(h) for h in names.values()))
+        return dict(zip(names, results))
+
+    def check_health(self) -> None:
+        # Serve restarts a replica whose loops died; leases make the restart safe.
+        for loop in (self.claim_loop, self.heartbeat_loop):
+            if loop.done():
+                raise RuntimeError(f"director loop stopped: {loop.exception() if not loop.cancelled() else 'cancelled'}")
+
+    # ---- the loops --------------------------------------------------------------------
+
+    async def _claim_forever(self) -> None:
+        while True:
+            try:
+                free = self.config.server.max_running_jobs - len(self.running)
+                if free > 0:
+                    for job in await asyncio.to_thread(self.store.claim, self.owner, self.lease, free):
+                        task = asyncio.create_task(self._drive(job))
+                        self.running[job.id] = task
+                        task.add_done_callback(lambda _t, job_id=job.id: self.running.pop(job_id, None))
+            except Exception:
+                logger.exception("claiming jobs failed; retrying")
+            try:
+                await asyncio.wait_for(self.wakeup.wait(), timeout=self.config.server.director_poll_seconds)
+            except asyncio.TimeoutError:
+                pass
+            self.wakeup.clear()
+
+    async def _heartbeat_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.lease / 3)
+            for job_id, task in list(self.running.items()):
+                try:
+                    await asyncio.to_thread(self.store.renew, job_id, self.owner, self.lease)
+                except LeaseLost:
+                    logger.warning("lost the lease on %s (deleted or taken over); stopping it", job_id)
+                    task.cancel()
+                except Exception:
+                    logger.exception("renewing the lease on %s failed", job_id)
+
+    # ---- one job ------------------------------------------------------------------------
+
+    async def _write(self, job_id: str, names: list[str] = (), **changes) -> JobRecord:
+        return await asyncio.to_thread(self.store.stamp, job_id, self.owner, names, **changes)
+
+    async def _drive(self, job: JobRecord) -> None:
+        try:
+            if job.attempts > MAX_ATTEMPTS:
+                await self._fail(job, "too_many_attempts",
+                                 f"the job was started {job.attempts - 1} times and never finished", retryable=True)
+                return
+            await self._run_stages(job)
+        except LeaseLost:
+            logger.info("job %s is no longer ours; leaving it", job.id)
+        except JobCancelled:
+            await self._end(job, JobStatus.CANCELLED, "cancelled", "cancelled at the client's request")
+        except ArtifactStoreError as exc:
+            await self._fail(job, "artifact_store_error", str(exc), retryable=True)
+        except (RayActorError, ActorUnavailableError) as exc:
+            # A stage replica died under us: hand the job back for another try, on a live replica.
+            logger.warning("job %s lost a stage replica (%s); requeueing", job.id, type(exc).__name__)
+            await self._release(job)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            logger.exception("job %s failed", job.id)
+            await self._fail(job, "generation_failed", f"{type(exc).__name__}: {exc}", retryable=False)
+
+    async def _run_stages(self, job: JobRecord) -> None:
+        spec = job.spec
+        with_negative = spec["guidance_scale"] > 1.0
+        job = await self._write(job.id, [f"{Stage.TEXT_ENCODER.value}_started_at"], status=JobStatus.IN_PROGRESS,
+                                stage=Stage.TEXT_ENCODER, progress=PROGRESS_SPAN[Stage.TEXT_ENCODER][0], step=0)
+        self._check_cancel(job)
+        prompts = [spec["prompt"], spec["negative_prompt"]] if with_negative else [spec["prompt"]]
+        embeddings = await self.text_encoder.encode.remote(prompts, spec["max_sequence_length"])
+        job = await self._write(job.id, [f"{Stage.TEXT_ENCODER.value}_finished_at"])
+        self._check_cancel(job)
+
+        latents = None
+        start, end = PROGRESS_SPAN[Stage.DENOISER]
+        stream = self.denoiser.options(stream=True).denoise.remote(spec, embeddings)
+        try:
+            async for event in stream:
+                if "started" in event:  # the replica took the job: the end of its queue wait
+                    job = await self._write(job.id, [f"{Stage.DENOISER.value}_started_at"], stage=Stage.DENOISER,
+                                            progress=start)
+                elif "latents" in event:
+                    latents = event["latents"]
+                else:
+                    step, total = event["step"], event["total_steps"]
+                    job = await self._write(job.id, step=step, total_steps=total,
+                                            progress=start + (end - start) * step // total)
+                self._check_cancel(job)
+        finally:
+            if latents is None:
+                stream.cancel()
+        if latents is None:
+            raise RuntimeError("the Denoiser finished without returning latents")
+
+        job = await self._write(job.id, [f"{Stage.DENOISER.value}_finished_at", f"{Stage.VAE_DECODER.value}_started_at"],
+                                stage=Stage.VAE_DECODER, progress=PROGRESS_SPAN[Stage.VAE_DECODER][0])
+        self._check_cancel(job)
+        result = await self.vae_decoder.decode.remote(latents, spec["fps"])
+
+        video_key, thumbnail_key = f"{job.id}/video.mp4", f"{job.id}/thumbnail.webp"
+        await asyncio.to_thread(self.artifacts.put, video_key, result["mp4"])
+        await asyncio.to_thread(self.artifacts.put, thumbnail_key, result["thumbnail"])
+        now = time.time()
+        retention = self.config.storage.retention_hours
+        await self._write(job.id, [f"{Stage.VAE_DECODER.value}_finished_at", "completed_at"],
+                          status=JobStatus.COMPLETED, stage=None, progress=100, completed_at=now,
+                          video_key=video_key, thumbnail_key=thumbnail_key,
+                          expires_at=now + retention * 3600 if retention else None, lease_owner=None)
+
+    @staticmethod
+    def _check_cancel(job: JobRecord) -> None:
+        if job.cancel_requested:
+            raise JobCancelled(job.id)
+
+    async def _fail(self, job: JobRecord, code: str, message: str, retryable: bool) -> None:
+        suffix = " (retryable: submit the request again)" if retryable else ""
+        await self._end(job, JobStatus.FAILED, code, message + suffix)
+
+    async def _end(self, job: JobRecord, status: JobStatus, code: str, message: str) -> None:
+        try:
+            await self._write(job.id, [f"{status.value}_at"], status=status, stage=None,
+                              error_code=code, error_message=message, lease_owner=None)
+        except LeaseLost:
+            pass
+
+    async def _release(self, job: JobRecord) -> None:
+        try:
+            await asyncio.to_thread(self.store.update, job.id, self.owner, lease_owner=None, lease_expires_at=None)
+        except LeaseLost:
+            return
+        self.wakeup.set()

@@ -1,0 +1,63 @@
+"""TextEncoder deployment: prompts -> embeddings, batched across requests and cached."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import OrderedDict
+
+from ray import serve
+
+from serving.config import ServiceConfig
+from serving.deployments._replica import prepare_replica
+
+
+@serve.deployment(name="TextEncoder")
+class TextEncoder:
+    CACHE_SIZE = 256  # prompts; the default negative prompt stays hot
+
+    def __init__(self, config: ServiceConfig):
+        prepare_replica(config.stages.text_encoder)
+        from serving.models.loading import load_text_encoder
+
+        self.parts = load_text_encoder(config.model)
+        self.cache: OrderedDict[tuple[str, int], object] = OrderedDict()
+
+    async def encode(self, prompts: list[str], max_sequence_length: int):
+        """Return a (len(prompts), max_sequence_length, dim) CPU tensor."""
+        import torch
+
+        rows = []
+        for prompt in prompts:
+            key = (prompt, max_sequence_length)
+            if key in self.cache:
+                self.cache.move_to_end(key)
+                rows.append(self.cache[key])
+            else:
+                rows.append(None)
+        missing = [p for p, row in zip(prompts, rows) if row is None]
+        if missing:
+            encoded = await asyncio.gather(*(self._encode_one((p, max_sequence_length)) for p in missing))
+            fresh = dict(zip(missing, encoded))
+            rows = [row if row is not None else fresh[p] for p, row in zip(prompts, rows)]
+            for prompt, row in fresh.items():
+                self.cache[(prompt, max_sequence_length)] = row
+                while len(self.cache) > self.CACHE_SIZE:
+                    self.cache.popitem(last=False)
+        return torch.stack(rows)
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    async def _encode_one(self, items: list[tuple[str, int]]):
+        """Prompts from concurrent requests share one encoder forward (grouped by length)."""
+        from serving.pipeline.encode import encode_text
+
+        out = [None] * len(items)
+        for length in {length for _, length in items}:
+            index = [i for i, (_, n) in enumerate(items) if n == length]
+            embeds = await asyncio.to_thread(
+                encode_text, self.parts.tokenizer, self.parts.model, [items[i][0] for i in index], length)
+            for i, row in zip(index, embeds.float().cpu()):
+                out[i] = row
+        return out
+
+    def ping(self) -> bool:
+        return True

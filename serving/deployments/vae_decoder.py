@@ -1,0 +1,37 @@
+"""VAEDecoder deployment: latents -> MP4 bytes and a thumbnail (frames never leave the replica)."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+
+from ray import serve
+
+from serving.config import ServiceConfig
+from serving.deployments._replica import prepare_replica
+
+
+@serve.deployment(name="VAEDecoder")
+class VAEDecoder:
+    def __init__(self, config: ServiceConfig):
+        prepare_replica(config.stages.vae_decoder)
+        from serving.models.loading import load_vae
+
+        self.vae = load_vae(config.model)
+
+    async def decode(self, latents, fps: int) -> dict:
+        return await asyncio.to_thread(self._decode, latents, fps)
+
+    def _decode(self, latents, fps: int) -> dict:
+        from PIL import Image
+
+        from serving.pipeline.decode import decode
+        from serving.pipeline.mp4 import encode_mp4
+
+        frames = decode(self.vae, latents)
+        thumbnail = io.BytesIO()
+        Image.fromarray(frames[len(frames) // 2].numpy()).save(thumbnail, format="WEBP", quality=90)
+        return {"mp4": encode_mp4(frames, fps), "thumbnail": thumbnail.getvalue(), "frames": int(frames.shape[0])}
+
+    def ping(self) -> bool:
+        return True

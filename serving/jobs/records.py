@@ -1,0 +1,73 @@
+"""A video job as the store keeps it, and the states it moves through.
+
+queued -> in_progress (stage: encoding -> denoising -> decoding) -> completed | failed | cancelled
+"""
+
+from __future__ import annotations
+
+import enum
+import secrets
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class JobStatus(str, enum.Enum):
+    QUEUED = "queued"
+    IN_PROGRESS = "in_progress"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED)
+
+
+class Stage(str, enum.Enum):
+    """Stages of an in-progress job; each also names the timestamps kept for it."""
+
+    TEXT_ENCODER = "text_encoder"
+    DENOISER = "denoiser"
+    VAE_DECODER = "vae_decoder"
+
+
+# Share of the 0-100 progress each stage covers (denoising dominates the wall time).
+PROGRESS_SPAN = {Stage.TEXT_ENCODER: (0, 5), Stage.DENOISER: (5, 90), Stage.VAE_DECODER: (90, 99)}
+
+JOB_ID_PREFIX = "video_"
+
+
+def new_job_id() -> str:
+    return JOB_ID_PREFIX + secrets.token_hex(16)
+
+
+def is_job_id(value: str) -> bool:
+    """Ids are checked before they reach SQL or a storage path."""
+    body = value[len(JOB_ID_PREFIX):]
+    return value.startswith(JOB_ID_PREFIX) and len(body) == 32 and all(c in "0123456789abcdef" for c in body)
+
+
+@dataclass
+class JobRecord:
+    id: str
+    created_at: float
+    status: JobStatus
+    model: str
+    spec: dict[str, Any]  # a VideoSpec as a dict
+    stage: Stage | None = None
+    progress: int = 0
+    step: int = 0
+    total_steps: int = 0
+    timestamps: dict[str, float] = field(default_factory=dict)  # submitted_at, <stage>_started_at / _finished_at
+    error_code: str | None = None
+    error_message: str | None = None
+    completed_at: float | None = None
+    expires_at: float | None = None
+    video_key: str | None = None
+    thumbnail_key: str | None = None
+    idempotency_key: str | None = None
+    request_hash: str | None = None
+    lease_owner: str | None = None
+    lease_expires_at: float | None = None
+    attempts: int = 0
+    cancel_requested: bool = False

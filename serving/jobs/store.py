@@ -1,0 +1,280 @@
+"""`JobStore`: the job table in SQL (SQLite file by default, Postgres in production).
+
+The row is the truth: every state change is committed here before anyone is told. Drivers
+hold a lease on the jobs they run; a write from a driver that lost its lease is refused,
+so a job taken over after a crash is never finished twice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Iterable
+
+import sqlalchemy as sa
+from sqlalchemy import event
+
+from serving.jobs.records import JobRecord, JobStatus, Stage
+
+metadata = sa.MetaData()
+
+jobs = sa.Table(
+    "jobs",
+    metadata,
+    # Insertion order: the list cursor and first-come-first-served order.
+    sa.Column("seq", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("id", sa.String(64), nullable=False, unique=True),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("status", sa.String(16), nullable=False, index=True),
+    sa.Column("model", sa.String(128), nullable=False),
+    sa.Column("spec", sa.JSON, nullable=False),
+    sa.Column("stage", sa.String(16)),
+    sa.Column("progress", sa.Integer, nullable=False, default=0),
+    sa.Column("step", sa.Integer, nullable=False, default=0),
+    sa.Column("total_steps", sa.Integer, nullable=False, default=0),
+    sa.Column("timestamps", sa.JSON, nullable=False),
+    sa.Column("error_code", sa.String(64)),
+    sa.Column("error_message", sa.Text),
+    sa.Column("completed_at", sa.Float),
+    sa.Column("expires_at", sa.Float),
+    sa.Column("video_key", sa.String(256)),
+    sa.Column("thumbnail_key", sa.String(256)),
+    sa.Column("idempotency_key", sa.String(256), unique=True),
+    sa.Column("request_hash", sa.String(64)),
+    sa.Column("lease_owner", sa.String(128)),
+    sa.Column("lease_expires_at", sa.Float),
+    sa.Column("attempts", sa.Integer, nullable=False, default=0),
+    sa.Column("cancel_requested", sa.Boolean, nullable=False, default=False),
+)
+
+_FIELDS = [f.name for f in dataclasses.fields(JobRecord)]
+
+
+class LeaseLost(Exception):
+    """The driver no longer holds this job (it was taken over or deleted)."""
+
+
+class IdempotencyConflict(Exception):
+    """The Idempotency-Key was used before with a different request body."""
+
+
+class JobStore:
+    def __init__(self, url: str):
+        self.url = url
+        kwargs: dict[str, Any] = {"future": True}
+        if url.startswith("sqlite"):
+            _ensure_sqlite_folder(url)
+            kwargs["connect_args"] = {"timeout": 30, "check_same_thread": False}
+        else:
+            kwargs["pool_pre_ping"] = True
+        self.engine = sa.create_engine(url, **kwargs)
+        if url.startswith("sqlite"):
+            event.listen(self.engine, "connect", _sqlite_pragmas)
+        metadata.create_all(self.engine)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def ping(self) -> None:
+        with self.engine.connect() as conn:
+            conn.execute(sa.select(1))
+
+    # ---- creating and reading -------------------------------------------------------
+
+    def create(self, record: JobRecord) -> tuple[JobRecord, bool]:
+        """Insert a queued job. With an idempotency key already used for the same request
+        hash, return the earlier job instead (created=False); with another hash, raise."""
+        row = _to_row(record)
+        with self.engine.begin() as conn:
+            if record.idempotency_key:
+                existing = conn.execute(
+                    sa.select(jobs).where(jobs.c.idempotency_key == record.idempotency_key)
+                ).mappings().first()
+                if existing is not None:
+                    if existing["request_hash"] != record.request_hash:
+                        raise IdempotencyConflict(record.idempotency_key)
+                    return _from_row(existing), False
+            try:
+                conn.execute(jobs.insert().values(**row))
+            except sa.exc.IntegrityError:
+                # Two requests raced on one idempotency key: the loser reads the winner.
+                conn.rollback()
+                return self._after_race(record)
+        return record, True
+
+    def _after_race(self, record: JobRecord) -> tuple[JobRecord, bool]:
+        existing = self.get_by_idempotency_key(record.idempotency_key) if record.idempotency_key else None
+        if existing is None:
+            return self.create(record)
+        if existing.request_hash != record.request_hash:
+            raise IdempotencyConflict(record.idempotency_key)
+        return existing, False
+
+    def get(self, job_id: str) -> JobRecord | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(jobs).where(jobs.c.id == job_id)).mappings().first()
+        return _from_row(row) if row else None
+
+    def get_by_idempotency_key(self, key: str) -> JobRecord | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(jobs).where(jobs.c.idempotency_key == key)).mappings().first()
+        return _from_row(row) if row else None
+
+    def list(self, *, after: str | None = None, limit: int = 20, order: str = "desc") -> tuple[list[JobRecord], bool]:
+        """A page of jobs by creation order, starting after the job `after`; and whether more follow."""
+        query = sa.select(jobs)
+        descending = order == "desc"
+        if after is not None:
+            cursor = sa.select(jobs.c.seq).where(jobs.c.id == after).scalar_subquery()
+            query = query.where(jobs.c.seq < cursor if descending else jobs.c.seq > cursor)
+        query = query.order_by(jobs.c.seq.desc() if descending else jobs.c.seq.asc()).limit(limit + 1)
+        with self.engine.connect() as conn:
+            rows = conn.execute(query).mappings().all()
+        return [_from_row(r) for r in rows[:limit]], len(rows) > limit
+
+    def delete(self, job_id: str) -> JobRecord | None:
+        with self.engine.begin() as conn:
+            row = conn.execute(sa.select(jobs).where(jobs.c.id == job_id)).mappings().first()
+            if row is None:
+                return None
+            conn.execute(jobs.delete().where(jobs.c.id == job_id))
+        return _from_row(row)
+
+    def queue_position(self, job_id: str) -> int | None:
+        with self.engine.connect() as conn:
+            seq = conn.execute(sa.select(jobs.c.seq).where(jobs.c.id == job_id)).scalar()
+            if seq is None:
+                return None
+            ahead = conn.execute(sa.select(sa.func.count()).where(
+                jobs.c.status == JobStatus.QUEUED.value, jobs.c.seq < seq)).scalar()
+        return int(ahead) + 1
+
+    def count_by_status(self) -> dict[str, int]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(jobs.c.status, sa.func.count()).group_by(jobs.c.status)).all()
+        return {status: count for status, count in rows}
+
+    def expired(self, now: float | None = None) -> list[JobRecord]:
+        now = time.time() if now is None else now
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(jobs).where(jobs.c.expires_at.is_not(None), jobs.c.expires_at < now)).mappings()
+            return [_from_row(r) for r in rows]
+
+    # ---- driving (the Director) -----------------------------------------------------
+
+    def claim(self, owner: str, lease_seconds: float, limit: int, now: float | None = None) -> list[JobRecord]:
+        """Take up to `limit` runnable jobs: queued ones, and in-progress ones whose driver's
+        lease ran out. Oldest first. Safe with several Directors: each row is taken by a
+        conditional UPDATE, and only the one whose UPDATE matched runs it."""
+        now = time.time() if now is None else now
+        runnable = sa.or_(
+            jobs.c.status == JobStatus.QUEUED.value,
+            sa.and_(jobs.c.status == JobStatus.IN_PROGRESS.value,
+                    sa.or_(jobs.c.lease_expires_at.is_(None), jobs.c.lease_expires_at < now)),
+        )
+        unleased = sa.or_(jobs.c.lease_owner.is_(None), jobs.c.lease_expires_at < now)
+        claimed: list[JobRecord] = []
+        with self.engine.connect() as conn:
+            candidates = conn.execute(
+                sa.select(jobs.c.id).where(runnable, unleased).order_by(jobs.c.seq).limit(limit * 2)
+            ).scalars().all()
+        for job_id in candidates:
+            if len(claimed) >= limit:
+                break
+            with self.engine.begin() as conn:
+                taken = conn.execute(
+                    jobs.update().where(jobs.c.id == job_id, runnable, unleased).values(
+                        lease_owner=owner, lease_expires_at=now + lease_seconds, attempts=jobs.c.attempts + 1)
+                ).rowcount
+            if taken:
+                claimed.append(self.get(job_id))
+        return [job for job in claimed if job is not None]
+
+    def renew(self, job_id: str, owner: str, lease_seconds: float) -> None:
+        self.update(job_id, owner, lease_expires_at=time.time() + lease_seconds)
+
+    def update(self, job_id: str, owner: str | None, **changes: Any) -> JobRecord:
+        """Write `changes` if `owner` still holds the lease (None: no lease needed)."""
+        if "timestamps" in changes:
+            raise ValueError("use stamp() to add timestamps")
+        row = _to_row_fields(changes)
+        condition = [jobs.c.id == job_id]
+        if owner is not None:
+            condition.append(jobs.c.lease_owner == owner)
+        with self.engine.begin() as conn:
+            if not conn.execute(jobs.update().where(*condition).values(**row)).rowcount:
+                raise LeaseLost(job_id)
+            current = conn.execute(sa.select(jobs).where(jobs.c.id == job_id)).mappings().first()
+        return _from_row(current)
+
+    def stamp(self, job_id: str, owner: str | None, names: Iterable[str], **changes: Any) -> JobRecord:
+        """Record timestamps (e.g. 'denoiser_started_at') along with other changes, in one write."""
+        with self.engine.begin() as conn:
+            condition = [jobs.c.id == job_id]
+            if owner is not None:
+                condition.append(jobs.c.lease_owner == owner)
+            row = conn.execute(sa.select(jobs.c.timestamps).where(*condition)).first()
+            if row is None:
+                raise LeaseLost(job_id)
+            now = time.time()
+            timestamps = dict(row[0] or {})
+            timestamps.update({name: now for name in names})
+            values = _to_row_fields(changes)
+            values["timestamps"] = timestamps
+            if not conn.execute(jobs.update().where(*condition).values(**values)).rowcount:
+                raise LeaseLost(job_id)
+            current = conn.execute(sa.select(jobs).where(jobs.c.id == job_id)).mappings().first()
+        return _from_row(current)
+
+    def request_cancel(self, job_id: str) -> JobRecord | None:
+        """Cancel a queued job at once; flag a running one for its driver to stop."""
+        with self.engine.begin() as conn:
+            row = conn.execute(sa.select(jobs).where(jobs.c.id == job_id)).mappings().first()
+            if row is None:
+                return None
+            if row["status"] == JobStatus.QUEUED.value:
+                stamps = dict(row["timestamps"] or {}, cancelled_at=time.time())
+                conn.execute(jobs.update().where(jobs.c.id == job_id, jobs.c.status == JobStatus.QUEUED.value).values(
+                    status=JobStatus.CANCELLED.value, cancel_requested=True, timestamps=stamps,
+                    error_code="cancelled", error_message="cancelled at the client's request"))
+            elif row["status"] == JobStatus.IN_PROGRESS.value:
+                conn.execute(jobs.update().where(jobs.c.id == job_id).values(cancel_requested=True))
+        return self.get(job_id)
+
+
+def _to_row(record: JobRecord) -> dict[str, Any]:
+    row = {name: getattr(record, name) for name in _FIELDS}
+    return _to_row_fields(row)
+
+
+def _to_row_fields(fields: dict[str, Any]) -> dict[str, Any]:
+    unknown = set(fields) - set(_FIELDS)
+    if unknown:
+        raise ValueError(f"unknown job fields: {sorted(unknown)}")
+    return {k: (v.value if isinstance(v, (JobStatus, Stage)) else v) for k, v in fields.items()}
+
+
+def _from_row(row) -> JobRecord:
+    values = {name: row[name] for name in _FIELDS}
+    values["status"] = JobStatus(values["status"])
+    values["stage"] = Stage(values["stage"]) if values["stage"] else None
+    values["timestamps"] = dict(values["timestamps"] or {})
+    values["cancel_requested"] = bool(values["cancel_requested"])
+    return JobRecord(**values)
+
+
+def _ensure_sqlite_folder(url: str) -> None:
+    from pathlib import Path
+
+    path = url.split(":///", 1)[-1]
+    if path and path != ":memory:":
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+
+
+def _sqlite_pragmas(dbapi_connection, _record) -> None:
+    # WAL lets the Gateway read while the Director writes; the busy timeout waits out writers.
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.close()

@@ -1,0 +1,106 @@
+"""`VideoJobs`: what the API does with videos, without HTTP.
+
+Validates a request into a `VideoSpec`, records the job (idempotently), and answers reads, lists, cancels, deletes and downloads from the job and artifact stores.
+The Gateway's routes are thin wrappers over these methods.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from typing import Any
+
+from serving.config import ServiceConfig
+from serving.jobs.records import JobRecord, JobStatus, is_job_id, new_job_id
+from serving.jobs.store import JobStore
+from serving.models.presets import PRESETS
+from serving.pipeline.spec import SpecError, build_spec
+from serving.storage import ArtifactStore
+
+# Request fields that pass straight through to `build_spec`.
+SPEC_FIELDS = ("size", "seconds", "fps", "num_inference_steps", "guidance_scale", "negative_prompt", "seed")
+
+
+class NotReady(Exception):
+    """The video is not completed, so it has no content yet."""
+
+
+class VideoJobs:
+    def __init__(self, config: ServiceConfig):
+        self.config = config
+        self.preset = PRESETS[config.model.preset]
+        self.model_name = config.server.model_name or config.model.preset
+        self.store = JobStore(config.storage.job_store_url)
+        self.artifacts = ArtifactStore(config.storage.artifacts_url)
+
+    def submit(self, request: dict[str, Any], idempotency_key: str | None = None) -> tuple[JobRecord, bool]:
+        """Validate and queue; returns (job, created). Raises SpecError or IdempotencyConflict."""
+        model = request.get("model")
+        if model not in (None, "", self.model_name, self.config.model.preset):
+            raise SpecError("model", f"{model!r} is not served here; this server serves {self.model_name!r}")
+        seconds = request.get("seconds")
+        if isinstance(seconds, str):
+            try:
+                seconds = float(seconds)
+            except ValueError:
+                raise SpecError("seconds", f"expected a number of seconds such as \"4\", found {seconds!r}") from None
+        fields = {name: request.get(name) for name in SPEC_FIELDS} | {"seconds": seconds}
+        spec = build_spec(self.preset, self.config.generation, request.get("prompt", ""), **fields)
+        now = time.time()
+        record = JobRecord(
+            id=new_job_id(), created_at=now, status=JobStatus.QUEUED, model=self.model_name, spec=spec.to_dict(),
+            timestamps={"submitted_at": now}, idempotency_key=idempotency_key,
+            request_hash=_request_hash(request) if idempotency_key else None,
+        )
+        return self.store.create(record)
+
+    def get(self, job_id: str) -> JobRecord | None:
+        return self.store.get(job_id) if is_job_id(job_id) else None
+
+    def list(self, after: str | None, limit: int, order: str) -> tuple[list[JobRecord], bool]:
+        return self.store.list(after=after, limit=limit, order=order)
+
+    def cancel(self, job_id: str) -> JobRecord | None:
+        return self.store.request_cancel(job_id) if is_job_id(job_id) else None
+
+    def delete(self, job_id: str) -> JobRecord | None:
+        """Delete the job and its files; a running job is cancelled (its driver loses the row)."""
+        if not is_job_id(job_id):
+            return None
+        job = self.store.delete(job_id)
+        if job is not None:
+            self.artifacts.delete_prefix(job_id)
+        return job
+
+    def content_key(self, job_id: str, variant: str) -> tuple[str, str] | None:
+        """(artifact key, media type) of a completed video's variant; None for an unknown job."""
+        job = self.get(job_id)
+        if job is None:
+            return None
+        if job.status != JobStatus.COMPLETED:
+            raise NotReady(f"video {job_id} is {_status_words(job)}; content exists once it is completed")
+        if variant == "thumbnail":
+            return job.thumbnail_key, "image/webp"
+        return job.video_key, "video/mp4"
+
+    def position(self, job: JobRecord) -> int | None:
+        """1-based place in the queue of a queued job."""
+        if job.status != JobStatus.QUEUED:
+            return None
+        return self.store.queue_position(job.id)
+
+    def ping(self) -> None:
+        self.store.ping()
+        self.artifacts.ping()
+
+
+def _request_hash(request: dict[str, Any]) -> str:
+    canonical = json.dumps({k: v for k, v in sorted(request.items()) if v is not None}, sort_keys=True, default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _status_words(job: JobRecord) -> str:
+    if job.status == JobStatus.IN_PROGRESS and job.stage is not None:
+        return f"in progress ({job.stage.value}, {job.progress}%)"
+    return job.status.value.replace("_", " ")
