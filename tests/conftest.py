@@ -25,3 +25,59 @@ def tiny_pipeline(tiny_config):
     from serving.pipeline.local import LocalPipeline
 
     return LocalPipeline(tiny_config)
+
+
+# ---- the live service: one local Ray cluster and one app for the whole test session ------
+
+
+class Service:
+    def __init__(self, url: str, config):
+        self.url = url
+        self.config = config
+
+    def client(self, **kwargs):
+        from openai import OpenAI
+
+        return OpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0, **kwargs)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def service(tmp_path_factory):
+    """`ditserve serve`'s app on a real local Ray cluster, with a SQLite file and a local folder."""
+    import time
+
+    import ray
+    import requests
+    from ray import serve
+
+    from serving.app import run
+    from serving.config import load_config
+
+    data = tmp_path_factory.mktemp("service")
+    port = _free_port()
+    config = load_config(None, environ={
+        "DITSERVE_STORAGE__JOB_STORE_URL": f"sqlite:///{data}/jobs.db",
+        "DITSERVE_STORAGE__ARTIFACTS_URL": str(data / "artifacts"),
+        "DITSERVE_SERVER__PORT": str(port),
+        "DITSERVE_SERVER__DIRECTOR_POLL_SECONDS": "0.2",
+    })
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
+    try:
+        run(config)
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while requests.get(f"{url}/readyz", timeout=10).status_code != 200:
+            assert time.monotonic() < deadline, "the service did not become ready in 120 s"
+            time.sleep(0.5)
+        yield Service(url, config)
+    finally:
+        serve.shutdown()
+        ray.shutdown()

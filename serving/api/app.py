@@ -28,7 +28,7 @@ from serving.pipeline.spec import SpecError
 logger = logging.getLogger("ray.serve")
 
 POLL_HEADER = "openai-poll-after-ms"
-SSE_POLL_SECONDS = 0.25
+SSE_POLL_SECONDS = 0.1
 
 
 class APIError(Exception):

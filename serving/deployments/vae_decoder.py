@@ -18,17 +18,23 @@ class VAEDecoder:
         from serving.models.loading import load_vae
 
         self.vae = load_vae(config.model)
+        # The Wan VAE keeps a causal feature cache inside the module while it decodes, so two
+        # decodes must never overlap on one replica.
+        self.decode_lock = asyncio.Lock()
 
     async def decode(self, latents, fps: int) -> dict:
-        return await asyncio.to_thread(self._decode, latents, fps)
+        from serving.pipeline.decode import decode
 
-    def _decode(self, latents, fps: int) -> dict:
+        async with self.decode_lock:
+            frames = await asyncio.to_thread(decode, self.vae, latents)
+        return await asyncio.to_thread(self._package, frames, fps)
+
+    @staticmethod
+    def _package(frames, fps: int) -> dict:
         from PIL import Image
 
-        from serving.pipeline.decode import decode
         from serving.pipeline.mp4 import encode_mp4
 
-        frames = decode(self.vae, latents)
         thumbnail = io.BytesIO()
         Image.fromarray(frames[len(frames) // 2].numpy()).save(thumbnail, format="WEBP", quality=90)
         return {"mp4": encode_mp4(frames, fps), "thumbnail": thumbnail.getvalue(), "frames": int(frames.shape[0])}
