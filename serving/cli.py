@@ -149,7 +149,8 @@ def _serve(args, config) -> int:
 
     url = f"http://{server.host}:{server.port}"
     try:
-        ray.init(address=args.address, include_dashboard=False, configure_logging=True, logging_level="WARNING")
+        # "local" starts a fresh cluster even if another runs on this machine.
+        ray.init(address=args.address or "local", include_dashboard=False, configure_logging=True, logging_level="WARNING")
         # After ray.init, which installs its own handler: SIGTERM (docker stop, kill, systemd)
         # takes the same clean path as Ctrl-C.
         signal.signal(signal.SIGTERM, _raise_interrupt)

@@ -20,12 +20,14 @@ from ray.exceptions import ActorUnavailableError, RayActorError
 
 from serving.config import ServiceConfig
 from serving.jobs.records import PROGRESS_SPAN, JobRecord, JobStatus, Stage
+from serving.jobs.retention import sweep_expired
 from serving.jobs.store import JobStore, LeaseLost
 from serving.storage import ArtifactStore, ArtifactStoreError
 
 logger = logging.getLogger("ray.serve")
 
 MAX_ATTEMPTS = 3  # claims of one job before it is failed rather than retried again
+RETENTION_SWEEP_SECONDS = 60.0
 
 
 class JobCancelled(Exception):
@@ -74,7 +76,14 @@ class Director:
     # ---- the loops --------------------------------------------------------------------
 
     async def _claim_forever(self) -> None:
+        next_sweep = 0.0
         while True:
+            if self.config.storage.retention_hours and time.monotonic() >= next_sweep:
+                next_sweep = time.monotonic() + RETENTION_SWEEP_SECONDS
+                try:
+                    await asyncio.to_thread(sweep_expired, self.store, self.artifacts)
+                except Exception:
+                    logger.exception("retention sweep failed; retrying later")
             try:
                 free = self.config.server.max_running_jobs - len(self.running)
                 if free > 0:
