@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal, Mapping
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 ENV_PREFIX = "DITSERVE_"
 ENV_NESTING = "__"
@@ -87,6 +87,13 @@ class StagesConfig(_Section):
     vae_decoder: StageConfig = StageConfig()
 
 
+class EngineConfig(_Section):
+    """The Denoiser's step-level batching engine (one per Denoiser replica)."""
+
+    max_batch: int = Field(default=4, ge=1, description="Requests per DiT forward (CFG rows ride along).")
+    checkpoint_every: int = Field(default=5, ge=0, description="Checkpoint latents every N steps; 0 = never.")
+
+
 class ServerConfig(_Section):
     """The HTTP front door (the Gateway) and the job driver (the Director)."""
 
@@ -131,7 +138,16 @@ class ServiceConfig(_Section):
     generation: GenerationConfig = GenerationConfig()
     server: ServerConfig = ServerConfig()
     stages: StagesConfig = StagesConfig()
+    engine: EngineConfig = EngineConfig()
     storage: StorageConfig = StorageConfig()
+
+    @model_validator(mode="after")
+    def _denoiser_can_fill_a_batch(self) -> "ServiceConfig":
+        if self.stages.denoiser.max_ongoing_requests < self.engine.max_batch:
+            raise ValueError(
+                f"stages.denoiser.max_ongoing_requests ({self.stages.denoiser.max_ongoing_requests}) is below "
+                f"engine.max_batch ({self.engine.max_batch}): a replica could never fill a batch")
+        return self
 
 
 def parse_size(size: str) -> tuple[int, int]:
@@ -166,7 +182,7 @@ def load_config(path: str | Path | None = None, environ: Mapping[str, str] | Non
     environ = os.environ if environ is None else environ
     data: dict[str, Any] = {}
     lines: dict[Location, int] = {}
-    source = "<defaults>"
+    source = "config"
     if path is not None:
         source = str(path)
         data, lines = _read_yaml(Path(path))
@@ -273,7 +289,7 @@ def _describe(err: dict[str, Any], source: str, lines: dict[Location, int], env:
         return f"{where}: {field}: expected {_EXPECTED[kind]}, found {_show(found)}"
     message = str(err["msg"]).removeprefix("Value error, ")
     if kind == "value_error":  # our own validators already say what they found
-        return f"{where}: {field}: {message}"
+        return f"{where}: {message}" if not loc else f"{where}: {field}: {message}"
     return f"{where}: {field}: {message}, found {_show(found)}"
 
 

@@ -113,3 +113,12 @@ def test_queue_position_and_delete(store):
     assert store.delete(ids[0]).id == ids[0]
     assert store.get(ids[0]) is None and store.delete(ids[0]) is None
     assert store.queue_position(ids[2]) == 2
+
+
+def test_claim_takes_higher_priority_first(store):
+    low, _ = store.create(job("low"))
+    high_record = job("high")
+    high_record.priority = 5
+    high, _ = store.create(high_record)
+    assert [j.id for j in store.claim("d", 30, 1)] == [high.id]
+    assert store.queue_position(low.id) == 1

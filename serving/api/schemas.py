@@ -29,6 +29,7 @@ class CreateVideoBody(BaseModel):
     num_inference_steps: Optional[int] = None
     guidance_scale: Optional[float] = None
     fps: Optional[int] = None
+    priority: Optional[int] = None
 
 
 class VideoError(BaseModel):
@@ -59,6 +60,8 @@ class Video(BaseModel):
     guidance_scale: float
     fps: int
     num_frames: int
+    priority: int
+    resumed_from_step: Optional[int] = Field(default=None, description="Set when a retry resumed a checkpoint.")
     timestamps: dict[str, float] = Field(description="Unix times: submitted_at, <stage>_started_at/_finished_at, ...")
 
 
@@ -103,5 +106,6 @@ def video_from_job(job: JobRecord, queue_position: int | None = None) -> Video:
         status=_WIRE_STATUS[job.status], error=error, stage=job.stage.value if job.stage else None,
         queue_position=queue_position, seed=spec["seed"], negative_prompt=spec["negative_prompt"],
         num_inference_steps=spec["num_inference_steps"], guidance_scale=spec["guidance_scale"], fps=spec["fps"],
-        num_frames=spec["num_frames"], timestamps=job.timestamps,
+        num_frames=spec["num_frames"], priority=job.priority, resumed_from_step=job.resumed_from_step,
+        timestamps=job.timestamps,
     )

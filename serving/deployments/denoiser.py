@@ -1,7 +1,9 @@
-"""Denoiser deployment: the DiT denoise loop, streaming progress after every step.
+"""Denoiser deployment: one step-level batching engine per replica.
 
-One forward runs at a time per replica; concurrent requests take turns at step
-boundaries. (The step-level batching engine replaces this turn-taking.)
+Concurrent requests on a replica share DiT forwards at every step boundary (see
+`serving.engine.scheduler`). Each request streams its progress back to the Director, and
+its latents are checkpointed to the artifact store every `engine.checkpoint_every` steps,
+so a request whose replica dies resumes on another from its last checkpoint.
 """
 
 from __future__ import annotations
@@ -14,34 +16,55 @@ from serving.config import ServiceConfig
 from serving.deployments._replica import prepare_replica
 
 
+def checkpoint_key(job_id: str) -> str:
+    return f"{job_id}/denoise-checkpoint.pt"
+
+
 @serve.deployment(name="Denoiser")
 class Denoiser:
     def __init__(self, config: ServiceConfig):
         prepare_replica(config.stages.denoiser)
+        from serving.engine.scheduler import AsyncDenoiseEngine, DenoiseEngine
         from serving.models.loading import load_scheduler_config, load_transformer, preset_of
+        from serving.storage import ArtifactStore
 
         self.transformer = load_transformer(config.model)
         self.scheduler_config = load_scheduler_config(config.model)
         self.geometry = preset_of(config.model).geometry
-        self.forward_lock = asyncio.Lock()
+        self.artifacts = ArtifactStore(config.storage.artifacts_url)
+        self.engine = AsyncDenoiseEngine(DenoiseEngine(
+            self.transformer, max_batch=config.engine.max_batch, checkpoint_every=config.engine.checkpoint_every))
 
-    async def denoise(self, spec: dict, embeddings):
+    async def denoise(self, job_id: str, spec: dict, embeddings, priority: int = 0, resume: bool = False):
         """`embeddings` holds the prompt's row, then the negative prompt's when guidance is on.
-        Yields {"started"} when this replica takes the job, {"step", "total_steps"} after each
-        step, then {"latents": tensor}."""
-        from serving.pipeline.denoise import denoise_step, start_denoise
+        Yields {"started", "step"} when the engine takes the job, {"step", "total_steps",
+        "batch_size"} after each step, {"checkpoint_step"} after each saved checkpoint, and
+        finally {"latents": tensor}."""
+        from serving.engine.scheduler import EngineRequest
+        from serving.pipeline.denoise import load_state, start_denoise
         from serving.pipeline.spec import VideoSpec
 
-        prompt_embeds = embeddings[:1]
-        negative_embeds = embeddings[1:] if embeddings.shape[0] > 1 else None
-        state = start_denoise(VideoSpec(**spec), self.scheduler_config, self.transformer.config.in_channels,
-                              self.geometry)
-        yield {"started": True}
-        while not state.done:
-            async with self.forward_lock:
-                await asyncio.to_thread(denoise_step, self.transformer, state, prompt_embeds, negative_embeds)
-            yield {"step": state.step, "total_steps": state.total_steps}
-        yield {"latents": state.latents.cpu()}
+        video = VideoSpec(**spec)
+        if resume:
+            data = await asyncio.to_thread(self.artifacts.read, checkpoint_key(job_id))
+            state = load_state(data, video)
+        else:
+            state = start_denoise(video, self.scheduler_config, self.transformer.config.in_channels, self.geometry)
+        request = EngineRequest(id=job_id, state=state, prompt_embeds=embeddings[:1],
+                                negative_embeds=embeddings[1:] if embeddings.shape[0] > 1 else None,
+                                priority=priority)
+        async for event in self.engine.submit(request):
+            if event.kind == "started":
+                yield {"started": True, "step": event.step}
+            elif event.kind == "step":
+                yield {"step": event.step, "total_steps": event.total_steps, "batch_size": event.batch_size}
+            elif event.kind == "checkpoint":
+                await asyncio.to_thread(self.artifacts.put, checkpoint_key(job_id), event.checkpoint)
+                yield {"checkpoint_step": event.step}
+            elif event.kind == "finished":
+                yield {"latents": event.latents}
+            elif event.kind == "failed":
+                raise event.error
 
     def ping(self) -> bool:
         return True

@@ -147,17 +147,22 @@ class Director:
         self._check_cancel(job)
         prompts = [spec["prompt"], spec["negative_prompt"]] if with_negative else [spec["prompt"]]
         embeddings = await self.text_encoder.encode.remote(prompts, spec["max_sequence_length"])
-        job = await self._write(job.id, [f"{Stage.TEXT_ENCODER.value}_finished_at"])
+        # From here the job waits in (then runs on) the Denoiser: the stage says where it is.
+        job = await self._write(job.id, [f"{Stage.TEXT_ENCODER.value}_finished_at"], stage=Stage.DENOISER,
+                                progress=PROGRESS_SPAN[Stage.DENOISER][0])
         self._check_cancel(job)
 
         latents = None
         start, end = PROGRESS_SPAN[Stage.DENOISER]
-        stream = self.denoiser.options(stream=True).denoise.remote(spec, embeddings)
+        resume = job.checkpoint_step > 0  # an earlier attempt saved latents: go on from there
+        stream = self.denoiser.options(stream=True).denoise.remote(job.id, spec, embeddings, job.priority, resume)
         try:
             async for event in stream:
-                if "started" in event:  # the replica took the job: the end of its queue wait
-                    job = await self._write(job.id, [f"{Stage.DENOISER.value}_started_at"], stage=Stage.DENOISER,
-                                            progress=start)
+                if "started" in event:  # the engine took the job: the end of its queue wait
+                    changes = {"resumed_from_step": event["step"]} if resume else {}
+                    job = await self._write(job.id, [f"{Stage.DENOISER.value}_started_at"], **changes)
+                elif "checkpoint_step" in event:
+                    job = await self._write(job.id, checkpoint_step=event["checkpoint_step"])
                 elif "latents" in event:
                     latents = event["latents"]
                 else:

@@ -71,3 +71,6 @@ class JobRecord:
     lease_expires_at: float | None = None
     attempts: int = 0
     cancel_requested: bool = False
+    priority: int = 0  # higher runs first; equal priorities are first come, first served
+    checkpoint_step: int = 0  # the Denoiser's last saved step (0: none)
+    resumed_from_step: int | None = None  # set when a retry picked up a checkpoint

@@ -45,6 +45,9 @@ jobs = sa.Table(
     sa.Column("lease_expires_at", sa.Float),
     sa.Column("attempts", sa.Integer, nullable=False, default=0),
     sa.Column("cancel_requested", sa.Boolean, nullable=False, default=False),
+    sa.Column("priority", sa.Integer, nullable=False, default=0),
+    sa.Column("checkpoint_step", sa.Integer, nullable=False, default=0),
+    sa.Column("resumed_from_step", sa.Integer),
 )
 
 _FIELDS = [f.name for f in dataclasses.fields(JobRecord)]
@@ -145,8 +148,10 @@ class JobStore:
             seq = conn.execute(sa.select(jobs.c.seq).where(jobs.c.id == job_id)).scalar()
             if seq is None:
                 return None
+            priority = conn.execute(sa.select(jobs.c.priority).where(jobs.c.id == job_id)).scalar()
             ahead = conn.execute(sa.select(sa.func.count()).where(
-                jobs.c.status == JobStatus.QUEUED.value, jobs.c.seq < seq)).scalar()
+                jobs.c.status == JobStatus.QUEUED.value,
+                sa.or_(jobs.c.priority > priority, sa.and_(jobs.c.priority == priority, jobs.c.seq < seq)))).scalar()
         return int(ahead) + 1
 
     def count_by_status(self) -> dict[str, int]:
@@ -164,7 +169,7 @@ class JobStore:
 
     def claim(self, owner: str, lease_seconds: float, limit: int, now: float | None = None) -> list[JobRecord]:
         """Take up to `limit` runnable jobs: queued ones, and in-progress ones whose driver's
-        lease ran out. Oldest first. Safe with several Directors: each row is taken by a
+        lease ran out. Highest priority first, then oldest. Safe with several Directors: each row is taken by a
         conditional UPDATE, and only the one whose UPDATE matched runs it."""
         now = time.time() if now is None else now
         runnable = sa.or_(
@@ -176,7 +181,8 @@ class JobStore:
         claimed: list[JobRecord] = []
         with self.engine.connect() as conn:
             candidates = conn.execute(
-                sa.select(jobs.c.id).where(runnable, unleased).order_by(jobs.c.seq).limit(limit * 2)
+                sa.select(jobs.c.id).where(runnable, unleased)
+                .order_by(jobs.c.priority.desc(), jobs.c.seq).limit(limit * 2)
             ).scalars().all()
         for job_id in candidates:
             if len(claimed) >= limit:
@@ -227,18 +233,20 @@ class JobStore:
         return _from_row(current)
 
     def request_cancel(self, job_id: str) -> JobRecord | None:
-        """Cancel a queued job at once; flag a running one for its driver to stop."""
+        """Cancel a queued job at once; flag a running one for its driver to stop.
+        Both are conditional updates, so a job claimed mid-call is still flagged."""
         with self.engine.begin() as conn:
-            row = conn.execute(sa.select(jobs).where(jobs.c.id == job_id)).mappings().first()
+            row = conn.execute(sa.select(jobs.c.timestamps).where(jobs.c.id == job_id)).first()
             if row is None:
                 return None
-            if row["status"] == JobStatus.QUEUED.value:
-                stamps = dict(row["timestamps"] or {}, cancelled_at=time.time())
-                conn.execute(jobs.update().where(jobs.c.id == job_id, jobs.c.status == JobStatus.QUEUED.value).values(
+            stamps = dict(row[0] or {}, cancelled_at=time.time())
+            queued = conn.execute(
+                jobs.update().where(jobs.c.id == job_id, jobs.c.status == JobStatus.QUEUED.value).values(
                     status=JobStatus.CANCELLED.value, cancel_requested=True, timestamps=stamps,
-                    error_code="cancelled", error_message="cancelled at the client's request"))
-            elif row["status"] == JobStatus.IN_PROGRESS.value:
-                conn.execute(jobs.update().where(jobs.c.id == job_id).values(cancel_requested=True))
+                    error_code="cancelled", error_message="cancelled at the client's request")).rowcount
+            if not queued:
+                conn.execute(jobs.update().where(jobs.c.id == job_id, jobs.c.status == JobStatus.IN_PROGRESS.value)
+                             .values(cancel_requested=True))
         return self.get(job_id)
 
 

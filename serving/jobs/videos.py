@@ -45,12 +45,17 @@ class VideoJobs:
                 seconds = float(seconds)
             except ValueError:
                 raise SpecError("seconds", f"expected a number of seconds such as \"4\", found {seconds!r}") from None
+        priority = request.get("priority")
+        if priority is None:
+            priority = 0
+        if not isinstance(priority, int) or isinstance(priority, bool) or not -100 <= priority <= 100:
+            raise SpecError("priority", f"must be a whole number from -100 to 100, found {priority!r}")
         fields = {name: request.get(name) for name in SPEC_FIELDS} | {"seconds": seconds}
         spec = build_spec(self.preset, self.config.generation, request.get("prompt", ""), **fields)
         now = time.time()
         record = JobRecord(
             id=new_job_id(), created_at=now, status=JobStatus.QUEUED, model=self.model_name, spec=spec.to_dict(),
-            timestamps={"submitted_at": now}, idempotency_key=idempotency_key,
+            timestamps={"submitted_at": now}, idempotency_key=idempotency_key, priority=priority,
             request_hash=_request_hash(request) if idempotency_key else None,
         )
         return self.store.create(record)

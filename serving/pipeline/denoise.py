@@ -8,6 +8,7 @@ same video on any device, replica or batch.
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -65,34 +66,50 @@ def start_denoise(spec: VideoSpec, scheduler_config: dict, channels: int, geomet
 
 
 @torch.inference_mode()
+def denoise_batch_step(
+    transformer: torch.nn.Module,
+    states: list[DenoiseState],
+    prompt_embeds: list[torch.Tensor],
+    negative_embeds: list[torch.Tensor | None],
+) -> None:
+    """Advance several requests by one step each with ONE DiT forward.
+
+    Every request brings its own latents, timestep and guidance scale; all must share a
+    latent shape and text length. Rows are [conditional x n, unconditional x (those using
+    guidance)], so classifier-free guidance rides in the same forward as everything else.
+    """
+    param = next(transformer.parameters())
+    device, dtype = param.device, param.dtype
+    guided = [i for i, s in enumerate(states) if s.spec.guidance_scale > 1.0 and negative_embeds[i] is not None]
+    latents = [s.latents.to(device) for s in states]
+    timesteps = [s.scheduler.timesteps[s.step] for s in states]
+    model_input = torch.cat(latents + [latents[i] for i in guided]).to(dtype)
+    rows_t = torch.stack(timesteps + [timesteps[i] for i in guided]).to(device)
+    embeds = torch.cat(list(prompt_embeds) + [negative_embeds[i] for i in guided]).to(device=device, dtype=dtype)
+    noise = transformer(hidden_states=model_input, timestep=rows_t, encoder_hidden_states=embeds, return_dict=False)[0]
+    unconditional = dict(zip(guided, noise[len(states):].split(1)))
+    for i, state in enumerate(states):
+        prediction = noise[i:i + 1]
+        if i in unconditional:
+            prediction = unconditional[i] + state.spec.guidance_scale * (prediction - unconditional[i])
+        state.latents = state.scheduler.step(prediction, timesteps[i], latents[i], return_dict=False)[0]
+        state.step += 1
+
+
 def denoise_step(
     transformer: torch.nn.Module,
     state: DenoiseState,
     prompt_embeds: torch.Tensor,
     negative_embeds: torch.Tensor | None,
 ) -> DenoiseState:
-    """Advance one request by one step. The conditional and unconditional rows of
-    classifier-free guidance go through the DiT as one batch of two."""
-    param = next(transformer.parameters())
-    device, dtype = param.device, param.dtype
-    t = state.scheduler.timesteps[state.step]
-    latents = state.latents.to(device)
-    use_cfg = state.spec.guidance_scale > 1.0 and negative_embeds is not None
-    embeds = torch.cat([prompt_embeds, negative_embeds]) if use_cfg else prompt_embeds
-    rows = embeds.shape[0]
-    model_input = latents.to(dtype).expand(rows, *latents.shape[1:])
-    noise = transformer(
-        hidden_states=model_input,
-        timestep=t.to(device).expand(rows),
-        encoder_hidden_states=embeds.to(device=device, dtype=dtype),
-        return_dict=False,
-    )[0]
-    if use_cfg:
-        cond, uncond = noise.chunk(2)
-        noise = uncond + state.spec.guidance_scale * (cond - uncond)
-    state.latents = state.scheduler.step(noise, t, latents, return_dict=False)[0]
-    state.step += 1
+    """Advance one request by one step (a batch of one)."""
+    denoise_batch_step(transformer, [state], [prompt_embeds], [negative_embeds])
     return state
+
+
+def batch_key(state: DenoiseState) -> tuple:
+    """Requests can share a forward only when their latent shapes and text lengths match."""
+    return tuple(state.latents.shape), state.spec.max_sequence_length
 
 
 def denoise(
@@ -111,3 +128,18 @@ def denoise(
         if on_step is not None:
             on_step(state.step, state.total_steps)
     return state.latents
+
+
+def save_state(state: DenoiseState) -> bytes:
+    """A checkpoint of a request between steps: its latents and its whole scheduler (the
+    multistep solver keeps earlier model outputs, so the scheduler object is part of the state)."""
+    buffer = io.BytesIO()
+    torch.save({"step": state.step, "latents": state.latents.cpu(), "scheduler": state.scheduler}, buffer)
+    return buffer.getvalue()
+
+
+def load_state(data: bytes, spec: VideoSpec) -> DenoiseState:
+    # weights_only=False: the scheduler is a pickled object. Checkpoints are written only by
+    # our own Denoiser into the operator's artifact store, never taken from clients.
+    saved = torch.load(io.BytesIO(data), weights_only=False)
+    return DenoiseState(spec=spec, latents=saved["latents"], scheduler=saved["scheduler"], step=saved["step"])

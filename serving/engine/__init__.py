@@ -1,0 +1,1 @@
+"""The Denoiser's step scheduler: iteration-level (continuous) batching for diffusion."""

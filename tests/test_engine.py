@@ -1,0 +1,127 @@
+"""The Denoiser engine: step-level batching gives each request the latents it gets alone;
+priority, cancellation and checkpoints behave at step boundaries."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from serving.engine.scheduler import AsyncDenoiseEngine, DenoiseEngine, EngineRequest
+from serving.pipeline.denoise import load_state, start_denoise
+
+# Batching changes only float summation order inside the DiT (fp32, CPU). Seen: ~1e-6.
+BATCH_ATOL = 1e-4
+
+
+def request(pipeline, rid, prompt, seed, priority=0, **overrides) -> EngineRequest:
+    spec = pipeline.spec(prompt, seed=seed, num_inference_steps=overrides.pop("steps", 6), **overrides)
+    cond, neg = pipeline.encode(spec)
+    state = start_denoise(spec, pipeline.scheduler_config, pipeline.transformer.config.in_channels,
+                          pipeline.preset.geometry)
+    return EngineRequest(id=rid, state=state, prompt_embeds=cond, negative_embeds=neg, priority=priority)
+
+
+def alone(pipeline, req: EngineRequest) -> torch.Tensor:
+    return pipeline.latents(req.state.spec)
+
+
+def run_until_idle(engine: DenoiseEngine, limit=1000):
+    events = []
+    for _ in range(limit):
+        if engine.idle:
+            return events
+        events += engine.step_batch()
+    raise AssertionError("engine did not drain")
+
+
+def test_requests_at_different_steps_batch_to_the_same_latents(tiny_pipeline):
+    p = tiny_pipeline
+    a = request(p, "a", "a red circle moving right", seed=1, guidance_scale=5.0)
+    b = request(p, "b", "a blue square", seed=2, guidance_scale=3.0, negative_prompt="blurry")
+    c = request(p, "c", "a green triangle", seed=3, guidance_scale=1.0)  # no CFG rows
+    engine = DenoiseEngine(p.transformer, max_batch=3)
+    engine.add(a)
+    events = engine.step_batch() + engine.step_batch()  # a is 2 steps ahead
+    engine.add(b)
+    events += engine.step_batch()  # a at 3, b at 1
+    engine.add(c)
+    events += run_until_idle(engine)
+    finished = {e.request_id: e.latents for e in events if e.kind == "finished"}
+    assert set(finished) == {"a", "b", "c"}
+    assert max(e.batch_size for e in events if e.kind == "step") == 3  # they really shared forwards
+    for req in (a, b, c):
+        difference = (finished[req.id] - alone(p, req)).abs().max().item()
+        assert difference <= BATCH_ATOL, (req.id, difference)
+
+
+def test_only_matching_shapes_share_a_forward(tiny_pipeline):
+    p = tiny_pipeline
+    engine = DenoiseEngine(p.transformer, max_batch=4)
+    engine.add(request(p, "small", "x", seed=1, steps=2))
+    engine.add(request(p, "wide", "x", seed=1, steps=2, size="96x64"))
+    engine.add(request(p, "small2", "y", seed=2, steps=2))
+    first = engine.step_batch()
+    assert {e.request_id for e in first if e.kind == "step"} == {"small", "small2"}
+    events = first + run_until_idle(engine)
+    assert {e.request_id for e in events if e.kind == "finished"} == {"small", "wide", "small2"}
+
+
+def test_priority_first_then_first_come(tiny_pipeline):
+    p = tiny_pipeline
+    engine = DenoiseEngine(p.transformer, max_batch=1)
+    for rid, priority in (("low-1", 0), ("low-2", 0), ("high", 5), ("low-3", 0)):
+        engine.add(request(p, rid, rid, seed=1, steps=2, priority=priority))
+    started = [e.request_id for e in run_until_idle(engine) if e.kind == "started"]
+    assert started == ["high", "low-1", "low-2", "low-3"]
+
+
+def test_cancelled_request_stops_within_one_step(tiny_pipeline):
+    p = tiny_pipeline
+    engine = DenoiseEngine(p.transformer, max_batch=2)
+    engine.add(request(p, "keep", "x", seed=1, steps=4))
+    engine.add(request(p, "drop", "y", seed=2, steps=4))
+    engine.step_batch()
+    engine.cancel("drop")
+    later = run_until_idle(engine)
+    assert all(e.request_id == "keep" for e in later)
+    assert any(e.kind == "finished" for e in later)
+
+
+def test_checkpoint_resumes_to_the_same_result(tiny_pipeline):
+    p = tiny_pipeline
+    original = request(p, "job", "a red circle", seed=9, steps=6)
+    engine = DenoiseEngine(p.transformer, max_batch=1, checkpoint_every=2)
+    engine.add(original)
+    events = run_until_idle(engine)
+    checkpoints = [e for e in events if e.kind == "checkpoint"]
+    assert [e.step for e in checkpoints] == [2, 4]
+    final = next(e.latents for e in events if e.kind == "finished")
+
+    restored = load_state(checkpoints[0].checkpoint, original.state.spec)  # as if the replica died at step 3
+    assert restored.step == 2
+    resumed = EngineRequest(id="job", state=restored, prompt_embeds=original.prompt_embeds,
+                            negative_embeds=original.negative_embeds)
+    engine2 = DenoiseEngine(p.transformer, max_batch=1)
+    engine2.add(resumed)
+    steps = [e.step for e in run_until_idle(engine2) if e.kind == "step"]
+    assert steps == [3, 4, 5, 6]
+    assert torch.allclose(resumed.state.latents, final, atol=BATCH_ATOL)
+
+
+def test_async_engine_streams_events_and_cancels_on_close(tiny_pipeline):
+    p = tiny_pipeline
+
+    async def scenario():
+        engine = AsyncDenoiseEngine(DenoiseEngine(p.transformer, max_batch=2))
+        kinds = [e.kind async for e in engine.submit(request(p, "one", "x", seed=1, steps=3))]
+        stream = engine.submit(request(p, "two", "y", seed=2, steps=50))
+        first = await stream.__anext__()
+        await stream.aclose()
+        await asyncio.sleep(0.2)
+        return kinds, first.kind, engine.engine.idle
+
+    kinds, first, idle = asyncio.run(scenario())
+    assert kinds == ["started", "step", "step", "step", "finished"]
+    assert first == "started" and idle

@@ -1,0 +1,54 @@
+"""The batching engine inside the live cluster: a killed Denoiser replica's job resumes from
+its checkpoint on the restarted replica; a high-priority job overtakes queued ones."""
+
+from __future__ import annotations
+
+import time
+
+import ray
+
+
+def wait_for(predicate, timeout=120, interval=0.05):
+    deadline = time.monotonic() + timeout
+    while not (value := predicate()):
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(interval)
+    return value
+
+
+def test_killed_denoiser_replica_resumes_from_checkpoint(service):
+    client = service.client()
+    every = service.config.engine.checkpoint_every
+    video = client.videos.create(prompt="a job that survives", seconds="1", size="128x128",
+                                 extra_body={"num_inference_steps": 100, "seed": 5})
+    # Past the second checkpoint (progress runs 5..90 over the denoise steps).
+    wait_for(lambda: client.videos.retrieve(video.id).progress >= 5 + 85 * (2 * every + 1) // 100)
+    replicas = [a for a in ray.util.list_named_actors(all_namespaces=True) if "#Denoiser#" in a["name"]]
+    assert len(replicas) == 1
+    ray.kill(ray.get_actor(replicas[0]["name"], namespace=replicas[0]["namespace"]), no_restart=True)
+
+    final = client.videos.poll(video.id, poll_interval_ms=200)
+    assert final.status == "completed", final.error
+    assert final.model_extra["resumed_from_step"] >= every  # not from step 0
+    assert final.model_extra["resumed_from_step"] % every == 0
+    # Same seed, same video: the resumed job equals an uninterrupted one.
+    again = client.videos.create_and_poll(prompt="a job that survives", seconds="1", size="128x128",
+                                          extra_body={"num_inference_steps": 100, "seed": 5}, poll_interval_ms=200)
+    assert again.model_extra["resumed_from_step"] is None
+    first_bytes = client.videos.download_content(video.id).read()
+    assert first_bytes == client.videos.download_content(again.id).read()
+
+
+def test_high_priority_job_starts_before_queued_low_ones(service):
+    client = service.client()
+    batch = service.config.engine.max_batch
+    long = dict(seconds="1", size="128x128")  # slow enough steps that no slot frees up meanwhile
+    low = [client.videos.create(prompt=f"low {i}", **long, extra_body={"num_inference_steps": 100}).id
+           for i in range(batch + 1)]
+    # The engine's batch is full (those jobs are stepping); the last one waits in it for a slot.
+    wait_for(lambda: all(client.videos.retrieve(i).progress > 5 for i in low[:batch]))
+    high = client.videos.create(prompt="urgent", **long, extra_body={"num_inference_steps": 100, "priority": 10}).id
+    videos = {i: client.videos.poll(i, poll_interval_ms=200) for i in low + [high]}
+    assert all(v.status == "completed" for v in videos.values())
+    started = {i: v.model_extra["timestamps"]["denoiser_started_at"] for i, v in videos.items()}
+    assert all(started[high] < started[i] for i in low[batch:]), started
