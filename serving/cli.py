@@ -45,6 +45,16 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--address", help="join this Ray cluster instead of starting a local one (e.g. auto)")
     _add_config(srv)
 
+    bench = sub.add_parser("bench", help="benchmarks that print tables")
+    kinds = bench.add_subparsers(dest="bench", required=True, parser_class=_Parser)
+    engine = kinds.add_parser("engine", help="N concurrent jobs: one at a time vs the batching engine")
+    engine.add_argument("--jobs", type=int, default=8, help="concurrent jobs (default 8)")
+    engine.add_argument("--steps", type=int, default=20, help="denoising steps per job (default 20)")
+    engine.add_argument("--size", default=None, help="WIDTHxHEIGHT (preset default if unset)")
+    engine.add_argument("--seconds", type=float, default=None, help="clip length (preset default if unset)")
+    engine.add_argument("--max-batch", type=int, default=None, help="engine batch (default: --jobs)")
+    _add_config(engine)
+
     cfg = sub.add_parser("config", help="validate a config file and print the resolved settings")
     _add_config(cfg)
     return parser
@@ -68,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
         return _config(config)
     if args.command == "serve":
         return _serve(args, config)
+    if args.command == "bench":
+        return _bench(args, config)
     return _generate(args, config)
 
 
@@ -168,6 +180,24 @@ def _serve(args, config) -> int:
             serve.shutdown()
         finally:
             ray.shutdown()
+    return 0
+
+
+def _bench(args, config) -> int:
+    _quiet_libraries()
+    from serving.bench.engine import bench_engine, report
+    from serving.models.loading import resolve_device
+    from serving.pipeline.spec import SpecError
+
+    if args.jobs < 1 or args.steps < 1 or (args.max_batch is not None and args.max_batch < 1):
+        print("ditserve bench engine: error: --jobs, --steps and --max-batch must be at least 1", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        results = bench_engine(config, args.jobs, args.steps, args.size, args.seconds, args.max_batch)
+    except SpecError as exc:
+        print(f"ditserve bench engine: error: --{exc.field.replace('_', '-')}: {exc.message}", file=sys.stderr)
+        return EXIT_USAGE
+    print(report(results, str(resolve_device(config.model))))
     return 0
 
 

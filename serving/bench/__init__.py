@@ -1,0 +1,1 @@
+"""Benchmarks: scripts that print tables (never timed assertions in the test suite)."""
