@@ -149,8 +149,9 @@ class JobStore:
             if seq is None:
                 return None
             priority = conn.execute(sa.select(jobs.c.priority).where(jobs.c.id == job_id)).scalar()
+            # Ahead: queued jobs no Director has taken yet that outrank this one.
             ahead = conn.execute(sa.select(sa.func.count()).where(
-                jobs.c.status == JobStatus.QUEUED.value,
+                jobs.c.status == JobStatus.QUEUED.value, jobs.c.lease_owner.is_(None),
                 sa.or_(jobs.c.priority > priority, sa.and_(jobs.c.priority == priority, jobs.c.seq < seq)))).scalar()
         return int(ahead) + 1
 
