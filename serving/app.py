@@ -23,18 +23,32 @@ from serving.deployments.vae_decoder import VAEDecoder
 APP_NAME = "ditserve"
 
 
-def _stage_options(stage: StageConfig) -> dict[str, Any]:
-    return {
-        "num_replicas": stage.num_replicas,
+def _stage_options(stage: StageConfig, queue_wait_policy: bool = False) -> dict[str, Any]:
+    options: dict[str, Any] = {
         "max_ongoing_requests": stage.max_ongoing_requests,
         "ray_actor_options": {"num_cpus": stage.num_cpus, "num_gpus": stage.num_gpus},
     }
+    scaling = stage.autoscaling
+    if scaling is None:
+        options["num_replicas"] = stage.num_replicas
+        return options
+    autoscaling: dict[str, Any] = {
+        "min_replicas": scaling.min_replicas, "max_replicas": scaling.max_replicas,
+        "target_ongoing_requests": scaling.target_ongoing_requests,
+        "upscale_delay_s": scaling.upscale_delay_s, "downscale_delay_s": scaling.downscale_delay_s,
+        "look_back_period_s": scaling.look_back_period_s,
+    }
+    if queue_wait_policy:
+        autoscaling["policy"] = {"policy_function": "serving.autoscaling:QueueWaitPolicy",
+                                 "policy_kwargs": {"target_queue_wait_s": scaling.target_queue_wait_seconds}}
+    options["autoscaling_config"] = autoscaling
+    return options
 
 
 def build_app(config: ServiceConfig) -> Application:
     stages = config.stages
     text_encoder = TextEncoder.options(**_stage_options(stages.text_encoder)).bind(config)
-    denoiser = Denoiser.options(**_stage_options(stages.denoiser)).bind(config)
+    denoiser = Denoiser.options(**_stage_options(stages.denoiser, queue_wait_policy=True)).bind(config)
     vae_decoder = VAEDecoder.options(**_stage_options(stages.vae_decoder)).bind(config)
     director = Director.options(
         num_replicas=1, max_ongoing_requests=1000, ray_actor_options={"num_cpus": config.server.director_num_cpus},

@@ -71,10 +71,31 @@ class GenerationConfig(_Section):
         return value
 
 
+class AutoscalingConfig(_Section):
+    """Replica bounds and targets for one stage. The Denoiser scales on queue wait against
+    `target_queue_wait_seconds` (see serving/autoscaling.py); the other stages use Serve's
+    policy on `target_ongoing_requests`."""
+
+    min_replicas: int = Field(default=1, ge=0)
+    max_replicas: int = Field(default=4, ge=1)
+    target_queue_wait_seconds: float = Field(default=30.0, gt=0, description="Denoiser only: the queue-wait SLO.")
+    target_ongoing_requests: float = Field(default=2.0, gt=0, description="Text encoder and VAE decoder.")
+    upscale_delay_s: float = Field(default=5.0, ge=0)
+    downscale_delay_s: float = Field(default=60.0, ge=0)
+    look_back_period_s: float = Field(default=10.0, gt=0, description="Window the replicas' metrics average over.")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "AutoscalingConfig":
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) is above max_replicas ({self.max_replicas})")
+        return self
+
+
 class StageConfig(_Section):
     """Replicas and resources of one model stage (a Ray Serve deployment)."""
 
-    num_replicas: int = Field(default=1, ge=1)
+    num_replicas: int = Field(default=1, ge=1, description="Fixed replica count, used when autoscaling is unset.")
+    autoscaling: AutoscalingConfig | None = None
     num_cpus: float = Field(default=0.25, ge=0, description="Ray CPU share per replica (fractional is fine).")
     num_gpus: float = Field(default=0.0, ge=0, description="GPU share per replica; 0.5 packs two on one GPU.")
     max_ongoing_requests: int = Field(default=8, ge=1)

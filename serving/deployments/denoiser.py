@@ -32,8 +32,23 @@ class Denoiser:
         self.scheduler_config = load_scheduler_config(config.model)
         self.geometry = preset_of(config.model).geometry
         self.artifacts = ArtifactStore(config.storage.artifacts_url)
+        from serving.metrics import metrics
+
+        self.metrics = metrics()
+        self.step_seconds = 0.0  # moving average, for the autoscaler
         self.engine = AsyncDenoiseEngine(DenoiseEngine(
-            self.transformer, max_batch=config.engine.max_batch, checkpoint_every=config.engine.checkpoint_every))
+            self.transformer, max_batch=config.engine.max_batch, checkpoint_every=config.engine.checkpoint_every,
+            on_forward=self._on_forward))
+
+    def _on_forward(self, batch_size: int, seconds: float) -> None:
+        self.metrics.step_time.observe(seconds)
+        self.metrics.batch_size.observe(batch_size)
+        self.step_seconds = seconds if not self.step_seconds else 0.8 * self.step_seconds + 0.2 * seconds
+
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        """Custom metrics Serve hands to `serving.autoscaling.denoiser_policy`."""
+        return {**self.engine.engine.load(), "step_seconds": self.step_seconds,
+                "max_batch": float(self.engine.engine.max_batch)}
 
     async def denoise(self, job_id: str, spec: dict, embeddings, priority: int = 0, resume: bool = False):
         """`embeddings` holds the prompt's row, then the negative prompt's when guidance is on.
@@ -62,6 +77,7 @@ class Denoiser:
                 await asyncio.to_thread(self.artifacts.put, checkpoint_key(job_id), event.checkpoint)
                 yield {"checkpoint_step": event.step}
             elif event.kind == "finished":
+                self.metrics.accelerator_seconds.observe(event.device_seconds, tags={"stage": "denoiser"})
                 yield {"latents": event.latents}
             elif event.kind == "failed":
                 raise event.error

@@ -22,12 +22,14 @@ from serving.config import ServiceConfig
 from serving.jobs.records import PROGRESS_SPAN, JobRecord, JobStatus, Stage
 from serving.jobs.retention import sweep_expired
 from serving.jobs.store import JobStore, LeaseLost
+from serving.metrics import JOB_STATES, metrics
 from serving.storage import ArtifactStore, ArtifactStoreError
 
 logger = logging.getLogger("ray.serve")
 
 MAX_ATTEMPTS = 3  # claims of one job before it is failed rather than retried again
 RETENTION_SWEEP_SECONDS = 60.0
+JOB_GAUGE_SECONDS = 2.0
 
 
 class JobCancelled(Exception):
@@ -43,6 +45,7 @@ class Director:
         self.artifacts = ArtifactStore(config.storage.artifacts_url)
         self.owner = f"director-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.lease = config.server.lease_seconds
+        self.metrics = metrics()
         self.running: dict[str, asyncio.Task] = {}
         self.wakeup = asyncio.Event()
         self.claim_loop = asyncio.create_task(self._claim_forever())
@@ -76,8 +79,16 @@ class Director:
     # ---- the loops --------------------------------------------------------------------
 
     async def _claim_forever(self) -> None:
-        next_sweep = 0.0
+        next_sweep = next_gauge = 0.0
         while True:
+            if time.monotonic() >= next_gauge:
+                next_gauge = time.monotonic() + JOB_GAUGE_SECONDS
+                try:
+                    counts = await asyncio.to_thread(self.store.count_by_status)
+                    for state in JOB_STATES:
+                        self.metrics.jobs.set(counts.get(state, 0), tags={"state": state})
+                except Exception:
+                    logger.exception("counting jobs failed")
             if self.config.storage.retention_hours and time.monotonic() >= next_sweep:
                 next_sweep = time.monotonic() + RETENTION_SWEEP_SECONDS
                 try:
@@ -114,7 +125,22 @@ class Director:
     # ---- one job ------------------------------------------------------------------------
 
     async def _write(self, job_id: str, names: list[str] = (), **changes) -> JobRecord:
-        return await asyncio.to_thread(self.store.stamp, job_id, self.owner, names, **changes)
+        job = await asyncio.to_thread(self.store.stamp, job_id, self.owner, names, **changes)
+        self._observe(job, names)
+        return job
+
+    def _observe(self, job: JobRecord, names) -> None:
+        """Queue wait when a stage starts (submitted -> stage start); latency when a job ends."""
+        submitted = job.timestamps.get("submitted_at")
+        if submitted is None:
+            return
+        for name in names:
+            stage = name.removesuffix("_started_at")
+            if stage != name and stage in {s.value for s in Stage}:
+                self.metrics.queue_wait.observe(job.timestamps[name] - submitted, tags={"stage": stage})
+            status = name.removesuffix("_at")
+            if status in (JobStatus.COMPLETED.value, JobStatus.FAILED.value, JobStatus.CANCELLED.value):
+                self.metrics.job_latency.observe(job.timestamps[name] - submitted, tags={"status": status})
 
     async def _drive(self, job: JobRecord) -> None:
         try:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import OrderedDict
 
 from ray import serve
 
 from serving.config import ServiceConfig
 from serving.deployments._replica import prepare_replica
+from serving.metrics import metrics
 
 
 @serve.deployment(name="TextEncoder")
@@ -37,7 +39,9 @@ class TextEncoder:
         missing = [p for p, row in zip(prompts, rows) if row is None]
         if missing:
             encoded = await asyncio.gather(*(self._encode_one((p, max_sequence_length)) for p in missing))
-            fresh = dict(zip(missing, encoded))
+            device_seconds = sum(seconds for _, seconds in encoded)
+            metrics().accelerator_seconds.observe(device_seconds, tags={"stage": "text_encoder"})
+            fresh = {p: row for p, (row, _) in zip(missing, encoded)}
             rows = [row if row is not None else fresh[p] for p, row in zip(prompts, rows)]
             for prompt, row in fresh.items():
                 self.cache[(prompt, max_sequence_length)] = row
@@ -53,10 +57,12 @@ class TextEncoder:
         out = [None] * len(items)
         for length in {length for _, length in items}:
             index = [i for i, (_, n) in enumerate(items) if n == length]
+            started = time.perf_counter()
             embeds = await asyncio.to_thread(
                 encode_text, self.parts.tokenizer, self.parts.model, [items[i][0] for i in index], length)
+            share = (time.perf_counter() - started) / len(index)
             for i, row in zip(index, embeds.float().cpu()):
-                out[i] = row
+                out[i] = (row, share)
         return out
 
     def ping(self) -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import time
 
 from ray import serve
 
@@ -25,8 +26,12 @@ class VAEDecoder:
     async def decode(self, latents, fps: int) -> dict:
         from serving.pipeline.decode import decode
 
+        from serving.metrics import metrics
+
         async with self.decode_lock:
+            started = time.perf_counter()
             frames = await asyncio.to_thread(decode, self.vae, latents)
+            metrics().accelerator_seconds.observe(time.perf_counter() - started, tags={"stage": "vae_decoder"})
         return await asyncio.to_thread(self._package, frames, fps)
 
     @staticmethod

@@ -16,8 +16,9 @@ from __future__ import annotations
 import asyncio
 import itertools
 import threading
+import time
 from dataclasses import dataclass, field
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 import torch
 
@@ -33,6 +34,8 @@ class EngineRequest:
     priority: int = 0
     seq: int = 0  # arrival order, set by the engine
     started: bool = False
+    added_at: float = 0.0  # monotonic time it joined the engine
+    device_seconds: float = 0.0  # its share of every forward it rode in
 
 
 @dataclass
@@ -45,6 +48,7 @@ class EngineEvent:
     latents: torch.Tensor | None = None
     checkpoint: bytes | None = None
     error: BaseException | None = None
+    device_seconds: float = 0.0  # on "finished": the request's share of all its forwards
 
 
 @dataclass
@@ -52,6 +56,7 @@ class DenoiseEngine:
     transformer: torch.nn.Module
     max_batch: int = 4
     checkpoint_every: int = 0  # steps; 0 turns checkpoints off
+    on_forward: Callable[[int, float], None] | None = None  # (batch size, seconds) after each forward
     active: dict[str, EngineRequest] = field(default_factory=dict)
     _arrivals: itertools.count = field(default_factory=itertools.count)
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -59,6 +64,7 @@ class DenoiseEngine:
     def add(self, request: EngineRequest) -> None:
         with self._lock:
             request.seq = next(self._arrivals)
+            request.added_at = time.monotonic()
             self.active[request.id] = request
 
     def cancel(self, request_id: str) -> None:
@@ -68,6 +74,19 @@ class DenoiseEngine:
     @property
     def idle(self) -> bool:
         return not self.active
+
+    def load(self) -> dict[str, float]:
+        """What the autoscaler needs: the work held here and how long the oldest waiter waited."""
+        with self._lock:
+            requests = list(self.active.values())
+        now = time.monotonic()
+        waiting = [r for r in requests if not r.started]
+        return {
+            "requests": float(len(requests)),
+            "waiting": float(len(waiting)),
+            "oldest_wait_s": max((now - r.added_at for r in waiting), default=0.0),
+            "remaining_steps": float(sum(r.state.total_steps - r.state.step for r in requests)),
+        }
 
     def select_batch(self) -> list[EngineRequest]:
         """The most urgent request, plus every compatible one in urgency order, up to max_batch."""
@@ -87,6 +106,7 @@ class DenoiseEngine:
                   for r in batch if not r.started]
         for request in batch:
             request.started = True
+        started = time.perf_counter()
         try:
             denoise_batch_step(self.transformer, [r.state for r in batch], [r.prompt_embeds for r in batch],
                                [r.negative_embeds for r in batch])
@@ -94,6 +114,12 @@ class DenoiseEngine:
             for request in batch:
                 self.cancel(request.id)
             return events + [EngineEvent(r.id, "failed", error=exc) for r in batch]
+        seconds = time.perf_counter() - started
+        rows = [2 if r.negative_embeds is not None and r.state.spec.guidance_scale > 1.0 else 1 for r in batch]
+        for request, share in zip(batch, rows):
+            request.device_seconds += seconds * share / sum(rows)
+        if self.on_forward is not None:
+            self.on_forward(len(batch), seconds)
         for request in batch:
             state = request.state
             events.append(EngineEvent(request.id, "step", step=state.step, total_steps=state.total_steps,
@@ -101,7 +127,7 @@ class DenoiseEngine:
             if state.done:
                 self.cancel(request.id)
                 events.append(EngineEvent(request.id, "finished", step=state.step, total_steps=state.total_steps,
-                                          latents=state.latents.cpu()))
+                                          latents=state.latents.cpu(), device_seconds=request.device_seconds))
             elif self.checkpoint_every and state.step % self.checkpoint_every == 0:
                 events.append(EngineEvent(request.id, "checkpoint", step=state.step, total_steps=state.total_steps,
                                           checkpoint=save_state(state)))

@@ -1,0 +1,51 @@
+"""Every ditserve metric, defined in one place.
+
+They are Ray metrics (`ray.serve.metrics`), so each replica reports them to its node's Ray
+metrics agent, which serves them in Prometheus format (names gain Ray's `ray_` prefix:
+`ray_ditserve_queue_wait_seconds_bucket{stage=...}`). A cluster's Prometheus scrapes every
+node; `ditserve serve --metrics-port` exposes the local one.
+
+Metric objects are made lazily, inside the replica that records them.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+# Queue waits and latencies run from a fraction of a second (tiny model, idle) to the
+# half-hour a hosted API queue reaches at peak: buckets span both.
+SECONDS_BUCKETS = [0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1200, 1800, 3600]
+STEP_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30]
+BATCH_BUCKETS = [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64]
+
+STAGES = ("text_encoder", "denoiser", "vae_decoder")
+JOB_STATES = ("queued", "in_progress", "completed", "failed", "cancelled")
+
+
+class Metrics:
+    def __init__(self):
+        from ray.serve.metrics import Counter, Gauge, Histogram
+
+        self.queue_wait = Histogram(
+            "ditserve_queue_wait_seconds", "Seconds from a job's submission to the start of a stage.",
+            boundaries=SECONDS_BUCKETS, tag_keys=("stage",))
+        self.job_latency = Histogram(
+            "ditserve_job_latency_seconds", "Seconds from submission to a job's final state, by that state.",
+            boundaries=SECONDS_BUCKETS, tag_keys=("status",))
+        self.step_time = Histogram(
+            "ditserve_denoise_step_seconds", "Wall time of one batched DiT forward (one denoise step).",
+            boundaries=STEP_BUCKETS)
+        self.batch_size = Histogram(
+            "ditserve_denoise_batch_size", "Requests sharing one DiT forward.", boundaries=BATCH_BUCKETS)
+        self.jobs = Gauge("ditserve_jobs", "Jobs in the job store, by state.", tag_keys=("state",))
+        self.rejections = Counter(
+            "ditserve_admission_rejections", "Requests refused at admission, by reason.", tag_keys=("reason",))
+        self.accelerator_seconds = Histogram(
+            "ditserve_accelerator_seconds_per_job",
+            "Device seconds one job used in a stage (its share of each batched forward).",
+            boundaries=SECONDS_BUCKETS, tag_keys=("stage",))
+
+
+@lru_cache(maxsize=1)
+def metrics() -> Metrics:
+    return Metrics()
