@@ -43,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--host", help="address to listen on (default from config: 127.0.0.1)")
     srv.add_argument("--port", type=int, help="HTTP port (default from config: 8000)")
     srv.add_argument("--address", help="join this Ray cluster instead of starting a local one (e.g. auto)")
+    srv.add_argument("--metrics-port", type=int, default=8080,
+                     help="port of the local cluster's Prometheus endpoint (default 8080)")
     _add_config(srv)
 
     bench = sub.add_parser("bench", help="benchmarks that print tables")
@@ -162,12 +164,15 @@ def _serve(args, config) -> int:
     url = f"http://{server.host}:{server.port}"
     try:
         # "local" starts a fresh cluster even if another runs on this machine.
-        ray.init(address=args.address or "local", include_dashboard=False, configure_logging=True, logging_level="WARNING")
+        local = args.address is None
+        ray.init(address=args.address or "local", include_dashboard=False, configure_logging=True,
+                 logging_level="WARNING", **({"_metrics_export_port": args.metrics_port} if local else {}))
         # After ray.init, which installs its own handler: SIGTERM (docker stop, kill, systemd)
         # takes the same clean path as Ctrl-C.
         signal.signal(signal.SIGTERM, _raise_interrupt)
         run(config)
-        print(_banner(url, config), flush=True)
+        metrics_url = f"http://127.0.0.1:{args.metrics_port}/metrics" if local else "your cluster's metrics agents"
+        print(_banner(url, config, metrics_url), flush=True)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
@@ -205,11 +210,12 @@ def _raise_interrupt(*_):
     raise KeyboardInterrupt
 
 
-def _banner(url: str, config) -> str:
+def _banner(url: str, config, metrics_url: str) -> str:
     return f"""
 ditserve is serving {config.model.preset!r} at {url}
   jobs: {config.storage.job_store_url}
   videos: {config.storage.artifacts_url}
+  Prometheus scrape URL: {metrics_url}
 
 Try it:
   curl -s {url}/v1/videos -H 'Content-Type: application/json' \\

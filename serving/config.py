@@ -130,6 +130,14 @@ class ServerConfig(_Section):
     director_poll_seconds: float = Field(default=1.0, gt=0)
 
 
+class AdmissionConfig(_Section):
+    """When to refuse new jobs instead of queueing them."""
+
+    max_queue_wait_seconds: float | None = Field(
+        default=600.0, gt=0,
+        description="Refuse (429 + Retry-After) a job whose estimated wait exceeds this; null never refuses.")
+
+
 class StorageConfig(_Section):
     """Where jobs and videos live. Relative local paths are made absolute at load time,
     since Ray workers need not share the launching shell's working directory."""
@@ -160,6 +168,7 @@ class ServiceConfig(_Section):
     server: ServerConfig = ServerConfig()
     stages: StagesConfig = StagesConfig()
     engine: EngineConfig = EngineConfig()
+    admission: AdmissionConfig = AdmissionConfig()
     storage: StorageConfig = StorageConfig()
 
     @model_validator(mode="after")

@@ -31,9 +31,10 @@ def tiny_pipeline(tiny_config):
 
 
 class Service:
-    def __init__(self, url: str, config):
+    def __init__(self, url: str, config, metrics_port: int):
         self.url = url
         self.config = config
+        self.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
 
     def client(self, **kwargs):
         from openai import OpenAI
@@ -69,7 +70,9 @@ def service(tmp_path_factory):
         "DITSERVE_SERVER__PORT": str(port),
         "DITSERVE_SERVER__DIRECTOR_POLL_SECONDS": "0.2",
     })
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
+    metrics_port = _free_port()
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False,
+             _metrics_export_port=metrics_port)
     try:
         run(config)
         url = f"http://127.0.0.1:{port}"
@@ -77,7 +80,7 @@ def service(tmp_path_factory):
         while requests.get(f"{url}/readyz", timeout=10).status_code != 200:
             assert time.monotonic() < deadline, "the service did not become ready in 120 s"
             time.sleep(0.5)
-        yield Service(url, config)
+        yield Service(url, config, metrics_port)
     finally:
         serve.shutdown()
         ray.shutdown()

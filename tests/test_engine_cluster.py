@@ -23,7 +23,7 @@ def test_killed_denoiser_replica_resumes_from_checkpoint(service):
                                  extra_body={"num_inference_steps": 100, "seed": 5})
     # Past the second checkpoint (progress runs 5..90 over the denoise steps).
     wait_for(lambda: client.videos.retrieve(video.id).progress >= 5 + 85 * (2 * every + 1) // 100)
-    replicas = [a for a in ray.util.list_named_actors(all_namespaces=True) if "#Denoiser#" in a["name"]]
+    replicas = [a for a in ray.util.list_named_actors(all_namespaces=True) if "ditserve#Denoiser#" in a["name"]]
     assert len(replicas) == 1
     ray.kill(ray.get_actor(replicas[0]["name"], namespace=replicas[0]["namespace"]), no_restart=True)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from typing import Any, Awaitable, Callable, Literal
 
 from fastapi import FastAPI, Query, Request
@@ -18,6 +19,7 @@ from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from serving.admission import WaitEstimate
 from serving.api.schemas import CreateVideoBody, ErrorEnvelope, Video, VideoDeleted, VideoList, video_from_job
 from serving.config import ServiceConfig
 from serving.jobs.records import JobRecord
@@ -46,7 +48,12 @@ def error_response(status: int, message: str, param: str | None = None, code: st
 
 def create_api(config: ServiceConfig, jobs: VideoJobs,
                on_submitted: Callable[[str], Awaitable[Any]] | None = None,
-               stages_ready: Callable[[], Awaitable[dict[str, bool]]] | None = None) -> FastAPI:
+               stages_ready: Callable[[], Awaitable[dict[str, bool]]] | None = None,
+               estimate: Callable[[], Awaitable[WaitEstimate | None]] | None = None,
+               on_rejected: Callable[[str], None] | None = None) -> FastAPI:
+    """The Videos API over `jobs`. The callables connect it to the rest of the service
+    (the Director's wake-up, readiness and wait estimate; the rejection metric) without
+    the HTTP layer knowing what is behind them."""
     app = FastAPI(title="ditserve", version="0.1.0",
                   description="OpenAI-compatible Videos API for self-hosted text-to-video models.",
                   responses={400: {"model": ErrorEnvelope}, 404: {"model": ErrorEnvelope}})
@@ -55,8 +62,21 @@ def create_api(config: ServiceConfig, jobs: VideoJobs,
     def not_found(video_id: str) -> APIError:
         return APIError(404, f"no video with id {video_id!r}", param="video_id", code="video_not_found")
 
-    def shaped(job: JobRecord) -> Video:
-        return video_from_job(job, queue_position=jobs.position(job))
+    async def current_estimate() -> WaitEstimate | None:
+        try:
+            return await estimate() if estimate is not None else None
+        except Exception:  # an estimate is advice; its absence must not fail a request
+            logger.exception("wait estimate unavailable")
+            return None
+
+    async def shaped(job: JobRecord) -> Video:
+        ahead = await asyncio.to_thread(jobs.queue_ahead, job)
+        if ahead is None:
+            return video_from_job(job)
+        position, steps_ahead = ahead
+        wait = await current_estimate()
+        start = time.time() + wait.start_in(steps_ahead) if wait is not None else None
+        return video_from_job(job, queue_position=position, estimated_start_at=start)
 
     # ---- errors -------------------------------------------------------------------------
 
@@ -95,6 +115,15 @@ def create_api(config: ServiceConfig, jobs: VideoJobs,
         if body.input_reference is not None:
             raise APIError(400, "input_reference is not supported: this server generates video from text only",
                            param="input_reference", code="unsupported_parameter")
+        max_wait = config.admission.max_queue_wait_seconds
+        wait = await current_estimate() if max_wait is not None else None
+        if wait is not None and wait.wait_seconds > max_wait:
+            if on_rejected is not None:
+                on_rejected("queue_wait")
+            retry = wait.retry_after(max_wait)
+            raise APIError(429, f"the queue is full: a new job would wait about {wait.wait_seconds:.0f} s to start, "
+                                f"over this server's limit of {max_wait:.0f} s; retry in {retry} s",
+                           type="rate_limit_error", code="queue_full", headers={"Retry-After": str(retry)})
         key = request.headers.get("idempotency-key")
         if key is not None and not 1 <= len(key) <= 255:
             raise APIError(400, "Idempotency-Key must be 1 to 255 characters", param="Idempotency-Key")
@@ -110,7 +139,7 @@ def create_api(config: ServiceConfig, jobs: VideoJobs,
         headers = {POLL_HEADER: poll_ms}
         if not created:
             headers["Idempotent-Replayed"] = "true"
-        return JSONResponse(shaped(job).model_dump(mode="json"), headers=headers)
+        return JSONResponse((await shaped(job)).model_dump(mode="json"), headers=headers)
 
     @app.get("/v1/videos", response_model=VideoList)
     async def list_videos(after: str | None = Query(default=None, max_length=64),
@@ -129,7 +158,7 @@ def create_api(config: ServiceConfig, jobs: VideoJobs,
         if job is None:
             raise not_found(video_id)
         headers = {} if job.status.terminal else {POLL_HEADER: poll_ms}
-        video = await asyncio.to_thread(shaped, job)
+        video = await shaped(job)
         return JSONResponse(video.model_dump(mode="json"), headers=headers)
 
     @app.delete("/v1/videos/{video_id}", response_model=VideoDeleted)
@@ -143,7 +172,7 @@ def create_api(config: ServiceConfig, jobs: VideoJobs,
         job = await asyncio.to_thread(jobs.cancel, video_id)
         if job is None:
             raise not_found(video_id)
-        return await asyncio.to_thread(shaped, job)
+        return await shaped(job)
 
     @app.get("/v1/videos/{video_id}/content")
     async def download_content(request: Request, video_id: str,
@@ -183,7 +212,7 @@ def create_api(config: ServiceConfig, jobs: VideoJobs,
                 state = (current.status, current.stage, current.progress)
                 if state != last:
                     last = state
-                    video = await asyncio.to_thread(shaped, current)
+                    video = await shaped(current)
                     name = f"video.{video.status}" if current.status.terminal else "video.progress"
                     yield f"event: {name}\ndata: {video.model_dump_json()}\n\n"
                     if current.status.terminal:

@@ -54,6 +54,7 @@ class Video(BaseModel):
     # ditserve extensions
     stage: Optional[str] = Field(default=None, description="Model stage of an in-progress job.")
     queue_position: Optional[int] = None
+    estimated_start_at: Optional[int] = Field(default=None, description="Unix time a queued job should start.")
     seed: int
     negative_prompt: str
     num_inference_steps: int
@@ -95,7 +96,8 @@ _WIRE_STATUS = {JobStatus.QUEUED: "queued", JobStatus.IN_PROGRESS: "in_progress"
                 JobStatus.FAILED: "failed", JobStatus.CANCELLED: "failed"}
 
 
-def video_from_job(job: JobRecord, queue_position: int | None = None) -> Video:
+def video_from_job(job: JobRecord, queue_position: int | None = None,
+                   estimated_start_at: float | None = None) -> Video:
     spec = job.spec
     seconds = (spec["num_frames"] - 1) / spec["fps"]
     error = VideoError(code=job.error_code or "failed", message=job.error_message or "") if job.error_code else None
@@ -104,7 +106,8 @@ def video_from_job(job: JobRecord, queue_position: int | None = None) -> Video:
         expires_at=int(job.expires_at) if job.expires_at else None, model=job.model, progress=job.progress,
         prompt=spec["prompt"], seconds=f"{seconds:g}", size=f"{spec['width']}x{spec['height']}",
         status=_WIRE_STATUS[job.status], error=error, stage=job.stage.value if job.stage else None,
-        queue_position=queue_position, seed=spec["seed"], negative_prompt=spec["negative_prompt"],
+        queue_position=queue_position,
+        estimated_start_at=int(estimated_start_at) if estimated_start_at is not None else None, seed=spec["seed"], negative_prompt=spec["negative_prompt"],
         num_inference_steps=spec["num_inference_steps"], guidance_scale=spec["guidance_scale"], fps=spec["fps"],
         num_frames=spec["num_frames"], priority=job.priority, resumed_from_step=job.resumed_from_step,
         timestamps=job.timestamps,

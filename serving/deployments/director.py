@@ -18,11 +18,13 @@ import uuid
 from ray import serve
 from ray.exceptions import ActorUnavailableError, RayActorError
 
+from serving.admission import Throughput, WaitEstimate
 from serving.config import ServiceConfig
 from serving.jobs.records import PROGRESS_SPAN, JobRecord, JobStatus, Stage
 from serving.jobs.retention import sweep_expired
 from serving.jobs.store import JobStore, LeaseLost
 from serving.metrics import JOB_STATES, metrics
+from serving.models.presets import PRESETS
 from serving.storage import ArtifactStore, ArtifactStoreError
 
 logger = logging.getLogger("ray.serve")
@@ -47,6 +49,9 @@ class Director:
         self.lease = config.server.lease_seconds
         self.metrics = metrics()
         self.running: dict[str, asyncio.Task] = {}
+        self.steps_left: dict[str, int] = {}  # per running job, for the wait estimate
+        prior = PRESETS[config.model.preset].typical_step_seconds
+        self.throughput = Throughput(fallback_steps_per_second=config.engine.max_batch / prior)
         self.wakeup = asyncio.Event()
         self.claim_loop = asyncio.create_task(self._claim_forever())
         self.heartbeat_loop = asyncio.create_task(self._heartbeat_forever())
@@ -69,6 +74,12 @@ class Director:
 
         results = await asyncio.gather(*(ping(h) for h in names.values()))
         return dict(zip(names, results))
+
+    async def estimate(self) -> dict:
+        """The live wait estimate (see serving/admission.py) for the Gateway."""
+        queued = await asyncio.to_thread(self.store.queued_steps)
+        return WaitEstimate(steps_per_second=self.throughput.rate(), running_steps=sum(self.steps_left.values()),
+                            queued_steps=queued).to_dict()
 
     def check_health(self) -> None:
         # Serve restarts a replica whose loops died; leases make the restart safe.
@@ -143,6 +154,7 @@ class Director:
                 self.metrics.job_latency.observe(job.timestamps[name] - submitted, tags={"status": status})
 
     async def _drive(self, job: JobRecord) -> None:
+        self.steps_left[job.id] = max(job.num_steps - job.checkpoint_step, 0)
         try:
             if job.attempts > MAX_ATTEMPTS:
                 await self._fail(job, "too_many_attempts",
@@ -164,6 +176,8 @@ class Director:
         except Exception as exc:
             logger.exception("job %s failed", job.id)
             await self._fail(job, "generation_failed", f"{type(exc).__name__}: {exc}", retryable=False)
+        finally:
+            self.steps_left.pop(job.id, None)
 
     async def _run_stages(self, job: JobRecord) -> None:
         spec = job.spec
@@ -193,6 +207,8 @@ class Director:
                     latents = event["latents"]
                 else:
                     step, total = event["step"], event["total_steps"]
+                    self.steps_left[job.id] = total - step
+                    self.throughput.record()
                     job = await self._write(job.id, step=step, total_steps=total,
                                             progress=start + (end - start) * step // total)
                 self._check_cancel(job)

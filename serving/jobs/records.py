@@ -72,5 +72,6 @@ class JobRecord:
     attempts: int = 0
     cancel_requested: bool = False
     priority: int = 0  # higher runs first; equal priorities are first come, first served
+    num_steps: int = 0  # denoise steps asked for: the job's share of the queue's work
     checkpoint_step: int = 0  # the Denoiser's last saved step (0: none)
     resumed_from_step: int | None = None  # set when a retry picked up a checkpoint

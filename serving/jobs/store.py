@@ -46,6 +46,7 @@ jobs = sa.Table(
     sa.Column("attempts", sa.Integer, nullable=False, default=0),
     sa.Column("cancel_requested", sa.Boolean, nullable=False, default=False),
     sa.Column("priority", sa.Integer, nullable=False, default=0),
+    sa.Column("num_steps", sa.Integer, nullable=False, default=0),
     sa.Column("checkpoint_step", sa.Integer, nullable=False, default=0),
     sa.Column("resumed_from_step", sa.Integer),
 )
@@ -143,17 +144,31 @@ class JobStore:
             conn.execute(jobs.delete().where(jobs.c.id == job_id))
         return _from_row(row)
 
-    def queue_position(self, job_id: str) -> int | None:
+    def queue_ahead(self, job_id: str) -> tuple[int, int] | None:
+        """(1-based queue position, denoise steps of the queued jobs ahead) of a job."""
         with self.engine.connect() as conn:
-            seq = conn.execute(sa.select(jobs.c.seq).where(jobs.c.id == job_id)).scalar()
-            if seq is None:
+            row = conn.execute(sa.select(jobs.c.seq, jobs.c.priority).where(jobs.c.id == job_id)).first()
+            if row is None:
                 return None
-            priority = conn.execute(sa.select(jobs.c.priority).where(jobs.c.id == job_id)).scalar()
+            seq, priority = row
             # Ahead: queued jobs no Director has taken yet that outrank this one.
-            ahead = conn.execute(sa.select(sa.func.count()).where(
-                jobs.c.status == JobStatus.QUEUED.value, jobs.c.lease_owner.is_(None),
-                sa.or_(jobs.c.priority > priority, sa.and_(jobs.c.priority == priority, jobs.c.seq < seq)))).scalar()
-        return int(ahead) + 1
+            count, steps = conn.execute(sa.select(sa.func.count(), sa.func.coalesce(sa.func.sum(jobs.c.num_steps), 0))
+                                        .where(self._waiting,
+                                               sa.or_(jobs.c.priority > priority,
+                                                      sa.and_(jobs.c.priority == priority, jobs.c.seq < seq)))).one()
+        return int(count) + 1, int(steps)
+
+    def queue_position(self, job_id: str) -> int | None:
+        ahead = self.queue_ahead(job_id)
+        return ahead[0] if ahead else None
+
+    def queued_steps(self) -> int:
+        """Denoise steps of every job still waiting for a Director."""
+        with self.engine.connect() as conn:
+            return int(conn.execute(sa.select(sa.func.coalesce(sa.func.sum(jobs.c.num_steps), 0))
+                                    .where(self._waiting)).scalar())
+
+    _waiting = sa.and_(jobs.c.status == JobStatus.QUEUED.value, jobs.c.lease_owner.is_(None))
 
     def count_by_status(self) -> dict[str, int]:
         with self.engine.connect() as conn:

@@ -56,6 +56,7 @@ class VideoJobs:
         record = JobRecord(
             id=new_job_id(), created_at=now, status=JobStatus.QUEUED, model=self.model_name, spec=spec.to_dict(),
             timestamps={"submitted_at": now}, idempotency_key=idempotency_key, priority=priority,
+            num_steps=spec.num_inference_steps,
             request_hash=_request_hash(request) if idempotency_key else None,
         )
         return self.store.create(record)
@@ -89,11 +90,11 @@ class VideoJobs:
             return job.thumbnail_key, "image/webp"
         return job.video_key, "video/mp4"
 
-    def position(self, job: JobRecord) -> int | None:
-        """1-based place in the queue of a queued job."""
+    def queue_ahead(self, job: JobRecord) -> tuple[int, int] | None:
+        """(1-based place in the queue, denoise steps queued ahead) of a queued job."""
         if job.status != JobStatus.QUEUED:
             return None
-        return self.store.queue_position(job.id)
+        return self.store.queue_ahead(job.id)
 
     def ping(self) -> None:
         self.store.ping()

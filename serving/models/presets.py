@@ -46,6 +46,9 @@ class Preset:
     dtype: str
     needs_folder: bool
     defaults: GenerationDefaults
+    # A prior for wait estimates until the Denoisers have measured real steps (seconds per
+    # batched step at the default size on the hardware the preset is meant for).
+    typical_step_seconds: float
     geometry: Geometry = Geometry()
 
 
@@ -59,6 +62,7 @@ PRESETS: dict[str, Preset] = {
             size="64x64", seconds=1.0, fps=16, num_inference_steps=8, guidance_scale=5.0,
             shift=3.0, negative_prompt="", max_sequence_length=128,
         ),
+        typical_step_seconds=0.02,
     ),
     "wan2.1-t2v-1.3b": Preset(
         name="wan2.1-t2v-1.3b",
@@ -69,6 +73,7 @@ PRESETS: dict[str, Preset] = {
             size="832x480", seconds=5.0, fps=16, num_inference_steps=50, guidance_scale=5.0,
             shift=3.0, negative_prompt=WAN_NEGATIVE_PROMPT, max_sequence_length=512,
         ),
+        typical_step_seconds=1.0,
     ),
     "wan2.1-t2v-14b": Preset(
         name="wan2.1-t2v-14b",
@@ -79,5 +84,6 @@ PRESETS: dict[str, Preset] = {
             size="1280x720", seconds=5.0, fps=16, num_inference_steps=50, guidance_scale=5.0,
             shift=5.0, negative_prompt=WAN_NEGATIVE_PROMPT, max_sequence_length=512,
         ),
+        typical_step_seconds=8.0,
     ),
 }
