@@ -26,7 +26,7 @@ APP_NAME = "ditserve"
 def _stage_options(stage: StageConfig, queue_wait_policy: bool = False) -> dict[str, Any]:
     options: dict[str, Any] = {
         "max_ongoing_requests": stage.max_ongoing_requests,
-        "ray_actor_options": {"num_cpus": stage.num_cpus, "num_gpus": stage.num_gpus},
+        "ray_actor_options": {"num_cpus": stage.num_cpus, "num_gpus": stage.num_gpus, "resources": stage.resources},
     }
     scaling = stage.autoscaling
     if scaling is None:
@@ -51,17 +51,24 @@ def build_app(config: ServiceConfig) -> Application:
     denoiser = Denoiser.options(**_stage_options(stages.denoiser, queue_wait_policy=True)).bind(config)
     vae_decoder = VAEDecoder.options(**_stage_options(stages.vae_decoder)).bind(config)
     director = Director.options(
-        num_replicas=1, max_ongoing_requests=1000, ray_actor_options={"num_cpus": config.server.director_num_cpus},
+        num_replicas=1, max_ongoing_requests=1000,
+        ray_actor_options={"num_cpus": config.server.director_num_cpus, "resources": config.server.resources},
     ).bind(config, text_encoder, denoiser, vae_decoder)
     return Gateway.options(
-        max_ongoing_requests=1000, ray_actor_options={"num_cpus": config.server.gateway_num_cpus},
+        max_ongoing_requests=1000,
+        ray_actor_options={"num_cpus": config.server.gateway_num_cpus, "resources": config.server.resources},
     ).bind(config, director)
 
 
 def app_builder(args: dict[str, Any]) -> Application:
-    """For `serve run serving.app:app_builder config_path=...` and a RayService's serveConfigV2."""
-    from serving.config import load_config
+    """The import path of a RayService's serveConfigV2 (`ditserve k8s render` writes it) and of
+    `serve run serving.app:app_builder config_path=ditserve.yaml`. Takes the config inline
+    (`args.config`) or from a file (`args.config_path`); DITSERVE_* variables (e.g. from
+    Kubernetes Secrets) override either."""
+    from serving.config import config_from_dict, load_config
 
+    if "config" in args:
+        return build_app(config_from_dict(args["config"], source="serveConfigV2 args.config"))
     return build_app(load_config(args.get("config_path")))
 
 

@@ -57,6 +57,14 @@ def build_parser() -> argparse.ArgumentParser:
     engine.add_argument("--max-batch", type=int, default=None, help="engine batch (default: --jobs)")
     _add_config(engine)
 
+    k8s = sub.add_parser("k8s", help="Kubernetes manifests derived from the config")
+    k8s_sub = k8s.add_subparsers(dest="k8s", required=True, parser_class=_Parser)
+    render = k8s_sub.add_parser("render", help="render a RayService serveConfigV2 patch from a config")
+    render.add_argument("--all", action="store_true",
+                        help="re-render every generated file under deploy/kubernetes (overlays and monitoring)")
+    render.add_argument("-o", "--output", type=Path, help="write the patch here instead of stdout")
+    _add_config(render)
+
     cfg = sub.add_parser("config", help="validate a config file and print the resolved settings")
     _add_config(cfg)
     return parser
@@ -82,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
         return _serve(args, config)
     if args.command == "bench":
         return _bench(args, config)
+    if args.command == "k8s":
+        return _k8s(args)
     return _generate(args, config)
 
 
@@ -203,6 +213,36 @@ def _bench(args, config) -> int:
         print(f"ditserve bench engine: error: --{exc.field.replace('_', '-')}: {exc.message}", file=sys.stderr)
         return EXIT_USAGE
     print(report(results, str(resolve_device(config.model))))
+    return 0
+
+
+def _k8s(args) -> int:
+    from serving.config import ConfigError
+    from serving.k8s import RenderError, rendered_files, serve_config_patch
+
+    try:
+        if args.all:
+            for path, content in rendered_files().items():
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(content)
+                print(f"wrote {path}")
+            return 0
+        if args.config is None:
+            print("ditserve k8s render: error: give --config PATH (an overlay's ditserve.yaml) or --all",
+                  file=sys.stderr)
+            return EXIT_USAGE
+        patch = serve_config_patch(args.config)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"ditserve: config error: {problem}", file=sys.stderr)
+        return EXIT_USAGE
+    except RenderError as exc:
+        print(f"ditserve k8s render: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.output:
+        args.output.write_text(patch)
+    else:
+        print(patch, end="")
     return 0
 
 

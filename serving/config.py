@@ -100,6 +100,8 @@ class StageConfig(_Section):
     num_gpus: float = Field(default=0.0, ge=0, description="GPU share per replica; 0.5 packs two on one GPU.")
     max_ongoing_requests: int = Field(default=8, ge=1)
     torch_threads: int = Field(default=1, ge=1, description="torch intra-op threads per replica.")
+    resources: dict[str, float] = Field(
+        default_factory=dict, description="Custom Ray resources per replica, e.g. to pin a stage to a worker group.")
 
 
 class StagesConfig(_Section):
@@ -125,6 +127,8 @@ class ServerConfig(_Section):
     max_body_bytes: int = Field(default=1 << 20, ge=1024)
     gateway_num_cpus: float = Field(default=0.1, ge=0)
     director_num_cpus: float = Field(default=0.1, ge=0)
+    resources: dict[str, float] = Field(
+        default_factory=dict, description="Custom Ray resources for the Gateway and Director (e.g. the head node's).")
     max_running_jobs: int = Field(default=16, ge=1, description="Jobs one Director drives at once.")
     lease_seconds: float = Field(default=30.0, gt=0, description="A job whose driver is silent this long is taken over.")
     director_poll_seconds: float = Field(default=1.0, gt=0)
@@ -209,13 +213,23 @@ Location = tuple[str | int, ...]
 
 def load_config(path: str | Path | None = None, environ: Mapping[str, str] | None = None) -> ServiceConfig:
     """Read the YAML file (if any), apply `DITSERVE_*` environment overrides, validate."""
-    environ = os.environ if environ is None else environ
     data: dict[str, Any] = {}
     lines: dict[Location, int] = {}
-    source = "config"
     if path is not None:
-        source = str(path)
         data, lines = _read_yaml(Path(path))
+    return _validate(data, str(path) if path is not None else "config", lines, environ)
+
+
+def config_from_dict(data: dict[str, Any], source: str, environ: Mapping[str, str] | None = None) -> ServiceConfig:
+    """The same, for a config that arrives as data (e.g. the args of a RayService's serveConfigV2)."""
+    import copy
+
+    return _validate(copy.deepcopy(data), source, {}, environ)
+
+
+def _validate(data: dict[str, Any], source: str, lines: dict[Location, int],
+              environ: Mapping[str, str] | None) -> ServiceConfig:
+    environ = os.environ if environ is None else environ
     env_sources = _apply_env(data, environ)
     try:
         return ServiceConfig.model_validate(data)

@@ -1,0 +1,146 @@
+"""The Kubernetes deployment: generated files match their sources, both overlays render with
+kubectl's kustomize, core resources validate against Kubernetes schemas offline, and the
+RayService's serveConfigV2 is a valid Ray Serve deploy config whose app builds."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import kubernetes_validate
+import pytest
+import yaml
+from ray.serve.schema import ServeDeploySchema
+
+from serving.k8s import KUBERNETES, rendered_files
+
+CORE_KINDS = {"Service", "ConfigMap", "Namespace", "Deployment", "Ingress"}
+CRD_KINDS = {"RayService", "PodMonitor", "PrometheusRule"}
+
+
+def test_generated_files_match_their_sources():
+    stale = [str(path.relative_to(KUBERNETES)) for path, content in rendered_files().items()
+             if not path.exists() or path.read_text() != content]
+    assert not stale, f"re-run `ditserve k8s render --all`; these drifted from their sources: {stale}"
+
+
+def kustomize(overlay: str) -> list[dict]:
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        if os.environ.get("CI"):
+            pytest.fail("kubectl is not installed: .ci/run must install it")
+        pytest.skip("kubectl not installed")
+    result = subprocess.run([kubectl, "kustomize", str(KUBERNETES / "overlays" / overlay)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+
+
+@pytest.fixture(scope="module", params=["dev", "prod"])
+def rendered(request):
+    return request.param, kustomize(request.param)
+
+
+def by_kind(docs, kind):
+    return [d for d in docs if d["kind"] == kind]
+
+
+def test_overlay_renders_the_expected_resources(rendered):
+    overlay, docs = rendered
+    kinds = {d["kind"] for d in docs}
+    assert {"RayService", "Service", "PodMonitor", "PrometheusRule", "ConfigMap"} <= kinds
+    assert kinds <= CORE_KINDS | CRD_KINDS
+    if overlay == "prod":
+        assert {"Ingress", "Deployment"} <= kinds  # the Ingress and Redis for GCS fault tolerance
+
+
+def test_core_resources_validate_offline(rendered):
+    _, docs = rendered
+    checked = 0
+    for doc in docs:
+        if doc["kind"] in CORE_KINDS:
+            kubernetes_validate.validate(doc, "1.32.0", strict=True)
+            checked += 1
+    assert checked >= 2
+
+
+def serve_config_of(docs) -> dict:
+    [service] = by_kind(docs, "RayService")
+    return yaml.safe_load(service["spec"]["serveConfigV2"])
+
+
+def test_serve_config_is_valid_for_ray_serve_and_its_app_builds(rendered):
+    _, docs = rendered
+    config = serve_config_of(docs)
+    schema = ServeDeploySchema.model_validate(config) if hasattr(ServeDeploySchema, "model_validate") \
+        else ServeDeploySchema.parse_obj(config)
+    [app] = schema.applications
+    module_name, attribute = app.import_path.split(":")
+    builder = getattr(__import__(module_name, fromlist=[attribute]), attribute)
+    application = builder(app.args)  # validates the inline config and binds the whole graph
+    assert type(application).__name__ == "Application"
+
+
+def test_cluster_shape(rendered):
+    overlay, docs = rendered
+    [service] = by_kind(docs, "RayService")
+    cluster = service["spec"]["rayClusterConfig"]
+    assert cluster["enableInTreeAutoscaling"] is True
+    head = cluster["headGroupSpec"]
+    assert head["rayStartParams"]["num-cpus"] == "0"  # no model replica on the head
+    groups = {g["groupName"]: g for g in cluster["workerGroupSpecs"]}
+    assert set(groups) == {"denoiser", "encode-decode"}
+    for group in groups.values():
+        assert 0 <= group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
+        container = group["template"]["spec"]["containers"][0]
+        assert container["resources"]["requests"] and container["resources"]["limits"]
+        assert container["readinessProbe"] and container["livenessProbe"]
+
+    # Every custom resource a deployment asks for is offered by the group meant to run it.
+    offered = {name: json.loads(json.loads(g["rayStartParams"]["resources"])) for name, g in groups.items()}
+    offered["head"] = json.loads(json.loads(head["rayStartParams"]["resources"]))
+    args = serve_config_of(docs)["applications"][0]["args"]["config"]
+    stages = args["stages"]
+    assert set(stages["denoiser"]["resources"]) <= set(offered["denoiser"])
+    assert set(stages["text_encoder"]["resources"]) <= set(offered["encode-decode"])
+    assert set(stages["vae_decoder"]["resources"]) <= set(offered["encode-decode"])
+    assert set(args["server"]["resources"]) <= set(offered["head"])
+
+    gpu_limits = [g["template"]["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu")
+                  for g in groups.values()]
+    if overlay == "dev":
+        assert args["model"]["preset"] == "tiny" and gpu_limits == [None, None]
+    else:
+        assert args["model"]["preset"].startswith("wan2.1") and gpu_limits == ["1", "1"]
+        assert stages["denoiser"]["num_gpus"] == 1
+        for group in groups.values():
+            spec = group["template"]["spec"]
+            assert spec["nodeSelector"] and spec["tolerations"]
+            assert any(v.get("persistentVolumeClaim") for v in spec["volumes"])  # the model folder
+        assert cluster["gcsFaultToleranceOptions"]["redisAddress"]
+        env_from = head["template"]["spec"]["containers"][0]["envFrom"]
+        assert env_from == [{"secretRef": {"name": "ditserve-secrets"}}]  # job store URL, bucket
+
+
+def test_monitoring_objects(rendered):
+    _, docs = rendered
+    monitors = by_kind(docs, "PodMonitor")
+    assert {m["spec"]["selector"]["matchLabels"]["ray.io/node-type"] for m in monitors} == {"head", "worker"}
+    assert all(m["spec"]["podMetricsEndpoints"][0]["port"] == "metrics" for m in monitors)
+    [rule] = by_kind(docs, "PrometheusRule")
+    assert {r["alert"] for g in rule["spec"]["groups"] for r in g["rules"]} == {
+        "DitserveQueueWaitOverSLO", "DitserveJobFailureRate", "DitserveNoHealthyDenoiser"}
+    [dashboard] = [c for c in by_kind(docs, "ConfigMap") if c["metadata"]["name"].endswith("grafana-dashboard")]
+    assert json.loads(dashboard["data"]["ditserve-dashboard.json"])["uid"] == "ditserve"
+
+
+def test_render_refuses_paths_that_mean_nothing_in_a_pod(tmp_path):
+    config = tmp_path / "ditserve.yaml"
+    config.write_text("storage:\n  job_store_url: sqlite:///jobs.db\n  artifacts_url: s3://b/v\n")
+    result = subprocess.run([sys.executable, "-m", "serving.cli", "k8s", "render", "--config", str(config)],
+                            capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 2
+    assert "storage.job_store_url is a relative path" in result.stderr
