@@ -57,6 +57,19 @@ def build_parser() -> argparse.ArgumentParser:
     engine.add_argument("--max-batch", type=int, default=None, help="engine batch (default: --jobs)")
     _add_config(engine)
 
+    load = sub.add_parser("loadtest", help="replay a traffic profile against a running service (Locust, headless)")
+    load.add_argument("--url", default="http://127.0.0.1:8000", help="the service (default http://127.0.0.1:8000)")
+    load.add_argument("--profile", choices=["steady", "ramp", "peak-hour"], default="peak-hour")
+    load.add_argument("--minutes", type=float, default=2.0, help="length of the profile (default 2)")
+    load.add_argument("--out", type=Path, default=Path("loadtest-report"), help="report folder")
+    load.add_argument("--rate", type=float, default=6.0, help="base arrival rate, jobs per minute (default 6)")
+    load.add_argument("--size", default="64x64")
+    load.add_argument("--seconds", default="1")
+    load.add_argument("--steps", type=int, default=8)
+    load.add_argument("--metrics-url", default="http://127.0.0.1:8080/metrics",
+                      help="Ray's Prometheus endpoint, for the Denoiser replica count ('' to skip)")
+    load.add_argument("--application", default="ditserve", help="Serve application name (for replica counts)")
+
     k8s = sub.add_parser("k8s", help="Kubernetes manifests derived from the config")
     k8s_sub = k8s.add_subparsers(dest="k8s", required=True, parser_class=_Parser)
     render = k8s_sub.add_parser("render", help="render a RayService serveConfigV2 patch from a config")
@@ -76,6 +89,8 @@ def _add_config(parser: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "loadtest":  # talks HTTP only: no config, no models
+        return _loadtest(args)
     from serving.config import ConfigError, load_config
 
     try:
@@ -213,6 +228,24 @@ def _bench(args, config) -> int:
         print(f"ditserve bench engine: error: --{exc.field.replace('_', '-')}: {exc.message}", file=sys.stderr)
         return EXIT_USAGE
     print(report(results, str(resolve_device(config.model))))
+    return 0
+
+
+def _loadtest(args) -> int:
+    if args.minutes <= 0 or args.rate <= 0 or args.steps < 1:
+        print("ditserve loadtest: error: --minutes and --rate must be positive, --steps at least 1", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        from loadtests.runner import run
+    except ImportError as exc:
+        print(f"ditserve loadtest: error: {exc.name} is not installed; pip install 'ditserve[loadtest]'",
+              file=sys.stderr)
+        return EXIT_USAGE
+    summary = run(args.url.rstrip("/"), args.profile, args.minutes, args.out, args.rate, args.size, args.seconds,
+                  args.steps, args.metrics_url or None, args.application)
+    import json
+
+    print(json.dumps(summary, indent=2))
     return 0
 
 

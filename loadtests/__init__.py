@@ -1,0 +1,1 @@
+"""Load tests that replay traffic shapes (steady, ramp, peak hour) against ditserve over HTTP."""
