@@ -215,6 +215,10 @@ def _serve(args, config) -> int:
 
 def _bench(args, config) -> int:
     _quiet_libraries()
+    if args.bench == "attention":
+        from serving.bench.attention import run
+
+        return run("ditserve bench attention", args.record)
     from serving.bench.engine import bench_engine, report
     from serving.models.loading import resolve_device
     from serving.pipeline.spec import SpecError

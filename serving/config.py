@@ -44,6 +44,8 @@ class ModelConfig(_Section):
         default="auto", description="'auto' takes the preset's dtype (tiny: float32, wan2.1: bfloat16)."
     )
     seed: int = Field(default=0, description="Seed the tiny preset's weights are built from.")
+    attention_backend: Literal["auto", "triton", "xformers", "sdpa"] = Field(
+        default="auto", description="DiT attention: our Triton kernel on CUDA when 'auto'; see kernels/dispatch.py.")
 
 
 class GenerationConfig(_Section):

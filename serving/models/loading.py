@@ -112,6 +112,12 @@ def load_transformer(cfg: ModelConfig) -> torch.nn.Module:
     geometry = preset_of(cfg).geometry
     if patch[1] * geometry.vae_spatial_factor != geometry.spatial_multiple:
         raise ModelFolderError(f"transformer patch_size {patch} does not fit preset {cfg.preset!r}")
+    # Our kernels replace diffusers' attention where they can run: on CUDA for "auto", and
+    # wherever asked for explicitly (the dispatcher falls back, with a logged reason, if not).
+    if cfg.attention_backend != "sdpa" and (cfg.attention_backend != "auto" or device.type == "cuda"):
+        from kernels.wan import use_kernel_attention
+
+        use_kernel_attention(model, cfg.attention_backend)
     return _place(model, device, dtype)
 
 

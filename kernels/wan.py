@@ -1,0 +1,63 @@
+"""Glue that makes the diffusers Wan DiT run its attention through `kernels.dispatch.attend`.
+
+`KernelAttnProcessor` is an attention processor for diffusers' `WanAttention` (text-to-video
+Wan2.1: self-attention with rotary embeddings, and cross-attention to the text). It does what
+diffusers' own processor does around the attention call: q/k/v projections, the q/k RMS
+norms across heads, splitting heads, rotary embedding on q and k, and the output projection.
+Only the attention itself changes. `use_kernel_attention(transformer, backend)` installs it
+on every attention module.
+
+Text padding: Wan2.1 attends over all 512 text positions (padded ones are zero vectors), so
+this processor passes no key lengths, to stay the same model. `kernels.attention` supports
+masking for models that want it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kernels.dispatch import Backend, attend
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding on interleaved pairs (x0, x1), (x2, x3), ... of the last dim, the
+    convention Wan's rotary table (cos/sin repeated per pair) is built for."""
+    even, odd = x.unflatten(-1, (-1, 2)).unbind(-1)
+    cos, sin = cos[..., 0::2], sin[..., 1::2]
+    rotated = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)
+    return rotated.flatten(-2).type_as(x)
+
+
+class KernelAttnProcessor:
+    def __init__(self, backend: Backend = "auto"):
+        self.backend = backend
+
+    def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, rotary_emb=None) -> torch.Tensor:
+        if attn.add_k_proj is not None:
+            raise NotImplementedError("image-conditioned Wan (I2V) attention is not routed through ditserve kernels")
+        if attention_mask is not None:
+            raise NotImplementedError("Wan2.1 text-to-video passes no attention mask")
+        from diffusers.models.transformers.transformer_wan import _get_qkv_projections
+
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        query, key, value = _get_qkv_projections(attn, hidden_states, context)
+        query, key = attn.norm_q(query), attn.norm_k(key)
+        query, key, value = (t.unflatten(2, (attn.heads, -1)) for t in (query, key, value))
+        if rotary_emb is not None:
+            query, key = rotate(query, *rotary_emb), rotate(key, *rotary_emb)
+        out = attend(query, key, value, backend=self.backend)
+        out = out.flatten(2, 3).type_as(query)
+        out = attn.to_out[0](out)
+        return attn.to_out[1](out)
+
+
+def use_kernel_attention(transformer: torch.nn.Module, backend: Backend = "auto") -> int:
+    """Route every Wan attention module of `transformer` through `attend`; returns how many."""
+    from diffusers.models.transformers.transformer_wan import WanAttention
+
+    processor = KernelAttnProcessor(backend)
+    modules = [m for m in transformer.modules() if isinstance(m, WanAttention)]
+    for module in modules:
+        module.set_processor(processor)
+    return len(modules)
