@@ -56,6 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
     engine.add_argument("--seconds", type=float, default=None, help="clip length (preset default if unset)")
     engine.add_argument("--max-batch", type=int, default=None, help="engine batch (default: --jobs)")
     _add_config(engine)
+    attention = kinds.add_parser("attention", help="GPU: attention TFLOP/s, our Triton kernel vs SDPA vs xformers")
+    attention.add_argument("--record", type=Path, default=Path("docs/benchmarks.md"),
+                           help="append the table here (default docs/benchmarks.md)")
+    _add_config(attention)
 
     load = sub.add_parser("loadtest", help="replay a traffic profile against a running service (Locust, headless)")
     load.add_argument("--url", default="http://127.0.0.1:8000", help="the service (default http://127.0.0.1:8000)")

@@ -21,3 +21,16 @@ def test_bench_rejects_bad_arguments():
     result = subprocess.run([sys.executable, "-m", "serving.cli", "bench", "engine", "--jobs", "0"],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "at least 1" in result.stderr
+
+
+def test_bench_attention_needs_a_gpu_and_says_so():
+    import torch
+
+    if torch.cuda.is_available():
+        import pytest
+
+        pytest.skip("a GPU is here: the benchmark itself runs (and is too long for the suite)")
+    result = subprocess.run([sys.executable, "-m", "serving.cli", "bench", "attention"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "needs a CUDA GPU" in result.stderr and "Traceback" not in result.stderr
