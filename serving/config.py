@@ -144,6 +144,35 @@ class AdmissionConfig(_Section):
         description="Refuse (429 + Retry-After) a job whose estimated wait exceeds this; null never refuses.")
 
 
+class PolicyRule(_Section):
+    """One operator rule: whole-word terms (any case) and/or a regular expression."""
+
+    id: str = Field(min_length=1, description="Named in every refusal this rule causes.")
+    terms: list[str] = Field(default_factory=list)
+    regex: str | None = None
+    message: str = Field(default="", description="Why the rule exists, shown to the user.")
+
+    @model_validator(mode="after")
+    def _has_a_pattern(self) -> "PolicyRule":
+        import re
+
+        if not self.terms and not self.regex:
+            raise ValueError(f"rule {self.id!r} has neither terms nor a regex")
+        if self.regex is not None:
+            try:
+                re.compile(self.regex)
+            except re.error as exc:
+                raise ValueError(f"rule {self.id!r}: regex does not compile: {exc}") from None
+        return self
+
+
+class ContentPolicyConfig(_Section):
+    """A transparent content policy: off by default; a refusal names its rule and the match."""
+
+    enabled: bool = False
+    rules: list[PolicyRule] = Field(default_factory=list)
+
+
 class StorageConfig(_Section):
     """Where jobs and videos live. Relative local paths are made absolute at load time,
     since Ray workers need not share the launching shell's working directory."""
@@ -175,6 +204,7 @@ class ServiceConfig(_Section):
     stages: StagesConfig = StagesConfig()
     engine: EngineConfig = EngineConfig()
     admission: AdmissionConfig = AdmissionConfig()
+    content_policy: ContentPolicyConfig = ContentPolicyConfig()
     storage: StorageConfig = StorageConfig()
 
     @model_validator(mode="after")

@@ -69,6 +69,9 @@ def service(tmp_path_factory):
         "DITSERVE_STORAGE__ARTIFACTS_URL": str(data / "artifacts"),
         "DITSERVE_SERVER__PORT": str(port),
         "DITSERVE_SERVER__DIRECTOR_POLL_SECONDS": "0.2",
+        # An operator rule only the content-policy test's prompt trips.
+        "DITSERVE_CONTENT_POLICY__ENABLED": "true",
+        "DITSERVE_CONTENT_POLICY__RULES": '[{id: test-blocked-term, terms: [forbiddenword], message: "kept out by the tests"}]',
     })
     metrics_port = _free_port()
     ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False,

@@ -26,6 +26,7 @@ from serving.jobs.records import JobRecord
 from serving.jobs.store import IdempotencyConflict
 from serving.jobs.videos import NotReady, VideoJobs
 from serving.pipeline.spec import SpecError
+from serving.policy import PolicyViolation
 
 logger = logging.getLogger("ray.serve")
 
@@ -131,6 +132,8 @@ def create_api(config: ServiceConfig, jobs: VideoJobs,
             job, created = await asyncio.to_thread(jobs.submit, body.model_dump(exclude={"input_reference"}), key)
         except SpecError as exc:
             raise APIError(400, f"{exc.field}: {exc.message}", param=exc.field, code="invalid_value") from None
+        except PolicyViolation as exc:
+            raise APIError(400, str(exc), param=exc.violation.field, code="content_policy_violation") from None
         except IdempotencyConflict:
             raise APIError(409, "this Idempotency-Key was already used with a different request body",
                            param="Idempotency-Key", code="idempotency_key_reused") from None

@@ -16,6 +16,7 @@ from serving.jobs.records import JobRecord, JobStatus, is_job_id, new_job_id
 from serving.jobs.store import JobStore
 from serving.models.presets import PRESETS
 from serving.pipeline.spec import SpecError, build_spec
+from serving.policy import ContentPolicy, PolicyViolation
 from serving.storage import ArtifactStore
 
 # Request fields that pass straight through to `build_spec`.
@@ -33,9 +34,11 @@ class VideoJobs:
         self.model_name = config.server.model_name or config.model.preset
         self.store = JobStore(config.storage.job_store_url)
         self.artifacts = ArtifactStore(config.storage.artifacts_url)
+        self.policy = ContentPolicy(config.content_policy)
 
     def submit(self, request: dict[str, Any], idempotency_key: str | None = None) -> tuple[JobRecord, bool]:
-        """Validate and queue; returns (job, created). Raises SpecError or IdempotencyConflict."""
+        """Validate and queue; returns (job, created). Raises SpecError, PolicyViolation or
+        IdempotencyConflict."""
         model = request.get("model")
         if model not in (None, "", self.model_name, self.config.model.preset):
             raise SpecError("model", f"{model!r} is not served here; this server serves {self.model_name!r}")
@@ -52,6 +55,9 @@ class VideoJobs:
             raise SpecError("priority", f"must be a whole number from -100 to 100, found {priority!r}")
         fields = {name: request.get(name) for name in SPEC_FIELDS} | {"seconds": seconds}
         spec = build_spec(self.preset, self.config.generation, request.get("prompt", ""), **fields)
+        violation = self.policy.check(spec.prompt, "prompt")
+        if violation is not None:
+            raise PolicyViolation(violation)
         now = time.time()
         record = JobRecord(
             id=new_job_id(), created_at=now, status=JobStatus.QUEUED, model=self.model_name, spec=spec.to_dict(),
