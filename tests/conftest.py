@@ -69,6 +69,7 @@ def service(tmp_path_factory):
         "DITSERVE_STORAGE__ARTIFACTS_URL": str(data / "artifacts"),
         "DITSERVE_SERVER__PORT": str(port),
         "DITSERVE_SERVER__DIRECTOR_POLL_SECONDS": "0.2",
+        "DITSERVE_SERVER__LEASE_SECONDS": "6",  # a dead Director's jobs are taken over within seconds
         # An operator rule only the content-policy test's prompt trips.
         "DITSERVE_CONTENT_POLICY__ENABLED": "true",
         "DITSERVE_CONTENT_POLICY__RULES": '[{id: test-blocked-term, terms: [forbiddenword], message: "kept out by the tests"}]',

@@ -9,6 +9,7 @@ so a request whose replica dies resumes on another from its last checkpoint.
 from __future__ import annotations
 
 import asyncio
+import uuid
 
 from ray import serve
 
@@ -65,7 +66,9 @@ class Denoiser:
             state = load_state(data, video)
         else:
             state = start_denoise(video, self.scheduler_config, self.transformer.config.in_channels, self.geometry)
-        request = EngineRequest(id=job_id, state=state, prompt_embeds=embeddings[:1],
+        # One engine entry per call: a retried job (its old caller dead, its old request maybe
+        # still draining) must never share an id with its earlier attempt.
+        request = EngineRequest(id=f"{job_id}/{uuid.uuid4().hex[:8]}", state=state, prompt_embeds=embeddings[:1],
                                 negative_embeds=embeddings[1:] if embeddings.shape[0] > 1 else None,
                                 priority=priority)
         async for event in self.engine.submit(request):

@@ -110,6 +110,8 @@ class Director:
                 free = self.config.server.max_running_jobs - len(self.running)
                 if free > 0:
                     for job in await asyncio.to_thread(self.store.claim, self.owner, self.lease, free):
+                        if job.id in self.running:
+                            continue  # our own lease lapsed (a starved heartbeat): it is still being driven
                         task = asyncio.create_task(self._drive(job))
                         self.running[job.id] = task
                         task.add_done_callback(lambda _t, job_id=job.id: self.running.pop(job_id, None))
