@@ -131,7 +131,7 @@ class ServerConfig(_Section):
     director_num_cpus: float = Field(default=0.1, ge=0)
     resources: dict[str, float] = Field(
         default_factory=dict, description="Custom Ray resources for the Gateway and Director (e.g. the head node's).")
-    max_running_jobs: int = Field(default=16, ge=1, description="Jobs one Director drives at once.")
+    max_running_jobs: int = Field(default=64, ge=1, description="Jobs one Director drives at once (cheap: async tasks).")
     lease_seconds: float = Field(default=30.0, gt=0, description="A job whose driver is silent this long is taken over.")
     director_poll_seconds: float = Field(default=1.0, gt=0)
 
