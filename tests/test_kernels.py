@@ -3,15 +3,12 @@ dispatch, and the tiny Wan DiT with the kernel installed. GPU-only checks skip w
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernel module is imported
-
-from kernels.attention import attention, reference_attention  # noqa: E402
-from kernels.dispatch import attend, choose_backend  # noqa: E402
+# conftest.py sets TRITON_INTERPRET=1 before triton is first imported when there is no GPU.
+from kernels.attention import attention, reference_attention
+from kernels.dispatch import attend, choose_backend
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"

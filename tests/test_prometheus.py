@@ -80,10 +80,10 @@ def test_prometheus_reports_p95_queue_wait_per_stage(service, prometheus):
             break
         time.sleep(1)
     assert set(STAGES) <= set(p95), f"no p95 for every stage: {p95}"
-    # Plausible: non-negative, well under a minute on an idle tiny service, and cumulative
-    # from submission, so later stages never start before earlier ones.
+    # Plausible: non-negative and well under a minute on an idle tiny service. (No ordering
+    # between stages: bucket interpolation over series exported at different moments can
+    # put an earlier stage's p95 above a later one's by a fraction of a bucket.)
     assert all(0 <= p95[s] < 60 for s in STAGES), p95
-    assert p95["text_encoder"] <= p95["denoiser"] <= p95["vae_decoder"], p95
 
     # The other series are scraped too.
     for name in ("ray_ditserve_job_latency_seconds_bucket", "ray_ditserve_denoise_step_seconds_bucket",
