@@ -217,32 +217,26 @@ class JobStore:
 
     def update(self, job_id: str, owner: str | None, **changes: Any) -> JobRecord:
         """Write `changes` if `owner` still holds the lease (None: no lease needed)."""
+        return self.stamp(job_id, owner, (), **changes)
+
+    def stamp(self, job_id: str, owner: str | None, names: Iterable[str], **changes: Any) -> JobRecord:
+        """Write `changes` and record timestamps now (e.g. 'denoiser_started_at'), in one
+        transaction, if `owner` still holds the lease. Without names the timestamps column is
+        left alone: the per-step progress write stays one UPDATE and one read."""
         if "timestamps" in changes:
-            raise ValueError("use stamp() to add timestamps")
-        row = _to_row_fields(changes)
+            raise ValueError("pass timestamp names, not a timestamps dict")
+        names = list(names)
         condition = [jobs.c.id == job_id]
         if owner is not None:
             condition.append(jobs.c.lease_owner == owner)
+        values = _to_row_fields(changes)
         with self.engine.begin() as conn:
-            if not conn.execute(jobs.update().where(*condition).values(**row)).rowcount:
-                raise LeaseLost(job_id)
-            current = conn.execute(sa.select(jobs).where(jobs.c.id == job_id)).mappings().first()
-        return _from_row(current)
-
-    def stamp(self, job_id: str, owner: str | None, names: Iterable[str], **changes: Any) -> JobRecord:
-        """Record timestamps (e.g. 'denoiser_started_at') along with other changes, in one write."""
-        with self.engine.begin() as conn:
-            condition = [jobs.c.id == job_id]
-            if owner is not None:
-                condition.append(jobs.c.lease_owner == owner)
-            row = conn.execute(sa.select(jobs.c.timestamps).where(*condition)).first()
-            if row is None:
-                raise LeaseLost(job_id)
-            now = time.time()
-            timestamps = dict(row[0] or {})
-            timestamps.update({name: now for name in names})
-            values = _to_row_fields(changes)
-            values["timestamps"] = timestamps
+            if names:
+                row = conn.execute(sa.select(jobs.c.timestamps).where(*condition)).first()
+                if row is None:
+                    raise LeaseLost(job_id)
+                now = time.time()
+                values["timestamps"] = dict(row[0] or {}, **{name: now for name in names})
             if not conn.execute(jobs.update().where(*condition).values(**values)).rowcount:
                 raise LeaseLost(job_id)
             current = conn.execute(sa.select(jobs).where(jobs.c.id == job_id)).mappings().first()
