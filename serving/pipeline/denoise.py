@@ -9,7 +9,7 @@ same video on any device, replica or batch.
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import diffusers
@@ -49,7 +49,6 @@ class DenoiseState:
     latents: torch.Tensor  # float32, on the CPU or the DiT's device
     scheduler: Any
     step: int = 0
-    extra: dict = field(default_factory=dict)
 
     @property
     def total_steps(self) -> int:

@@ -24,8 +24,3 @@ def encode_text(tokenizer, text_encoder: torch.nn.Module, prompts: list[str], ma
     hidden = text_encoder(tokens.input_ids.to(device), mask).last_hidden_state
     return hidden * mask.unsqueeze(-1).to(hidden.dtype)
 
-
-def token_lengths(tokenizer, prompts: list[str], max_sequence_length: int) -> list[int]:
-    """How many real tokens each prompt keeps after truncation (for reporting truncation)."""
-    tokens = tokenizer([prompt_clean(p) for p in prompts], max_length=max_sequence_length, truncation=True)
-    return [len(ids) for ids in tokens.input_ids]
