@@ -48,6 +48,55 @@ class Service:
         return OpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0, **kwargs)
 
 
+def wait_for(predicate, timeout=120, interval=0.05):
+    """Poll until `predicate()` is truthy; return its value."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not (value := predicate()):
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(interval)
+    return value
+
+
+def wait_ready(url: str, timeout: float = 180, process=None) -> None:
+    """Until GET /readyz is 200 (connection errors and slow answers count as not yet)."""
+    import time
+
+    import requests
+
+    deadline = time.monotonic() + timeout
+    while True:
+        assert process is None or process.poll() is None, "ditserve serve exited early"
+        try:
+            if requests.get(f"{url}/readyz", timeout=10).status_code == 200:
+                return
+        except (requests.ConnectionError, requests.Timeout):  # up, but replicas still starting
+            pass
+        assert time.monotonic() < deadline, f"{url} not ready within {timeout:.0f} s"
+        time.sleep(0.5)
+
+
+def start_serve(tmp_path, port: int, **env_overrides: str):
+    """`ditserve serve` as a user runs it, on its own Ray cluster (not the tests'), with its
+    job store and videos under tmp_path; returns the process once it is ready."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(DITSERVE_STORAGE__JOB_STORE_URL=f"sqlite:///{tmp_path}/jobs.db",
+               DITSERVE_STORAGE__ARTIFACTS_URL=str(tmp_path / "artifacts"), **env_overrides)
+    process = subprocess.Popen([sys.executable, "-m", "serving.cli", "serve", "--port", str(port),
+                                "--metrics-port", str(_free_port())],
+                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    try:
+        wait_ready(f"http://127.0.0.1:{port}", process=process)
+    except BaseException:
+        process.kill()
+        raise
+    return process
+
+
 def _free_port() -> int:
     import socket
 
@@ -59,10 +108,7 @@ def _free_port() -> int:
 @pytest.fixture(scope="session")
 def service(tmp_path_factory):
     """`ditserve serve`'s app on a real local Ray cluster, with a SQLite file and a local folder."""
-    import time
-
     import ray
-    import requests
     from ray import serve
 
     from serving.app import run
@@ -86,10 +132,7 @@ def service(tmp_path_factory):
     try:
         run(config)
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
-        while requests.get(f"{url}/readyz", timeout=10).status_code != 200:
-            assert time.monotonic() < deadline, "the service did not become ready in 120 s"
-            time.sleep(0.5)
+        wait_ready(url)
         yield Service(url, config, metrics_port)
     finally:
         serve.shutdown()

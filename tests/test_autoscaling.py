@@ -11,7 +11,7 @@ import pytest
 import requests
 from ray import serve
 
-from conftest import Service
+from conftest import Service, wait_ready
 from serving.app import build_app
 from serving.config import load_config
 
@@ -37,10 +37,7 @@ def busy(service, tmp_path_factory):
     })
     serve.run(build_app(config), name=APP, route_prefix=f"/{APP}")
     url = f"{service.url}/{APP}"
-    deadline = time.monotonic() + 120
-    while requests.get(f"{url}/readyz", timeout=10).status_code != 200:
-        assert time.monotonic() < deadline, "the busy app did not become ready"
-        time.sleep(0.5)
+    wait_ready(url)
     yield Service(url, config, 0)
     serve.delete(APP)
 

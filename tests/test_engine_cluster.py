@@ -3,17 +3,9 @@ its checkpoint on the restarted replica; a high-priority job overtakes queued on
 
 from __future__ import annotations
 
-import time
-
 import ray
 
-
-def wait_for(predicate, timeout=120, interval=0.05):
-    deadline = time.monotonic() + timeout
-    while not (value := predicate()):
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(interval)
-    return value
+from conftest import wait_for
 
 
 def test_killed_denoiser_replica_resumes_from_checkpoint(service):

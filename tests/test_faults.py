@@ -9,7 +9,7 @@ import time
 import ray
 import requests
 
-from test_engine_cluster import wait_for
+from conftest import wait_for
 
 
 def director_actor():

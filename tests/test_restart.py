@@ -3,40 +3,18 @@ queued and running jobs all complete, none twice, and finished videos are still 
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
 import time
 
 import requests
 
-from conftest import _free_port
-
-
-def start(tmp_path, port):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    env.update(DITSERVE_STORAGE__JOB_STORE_URL=f"sqlite:///{tmp_path}/jobs.db",
-               DITSERVE_STORAGE__ARTIFACTS_URL=str(tmp_path / "artifacts"),
-               DITSERVE_SERVER__LEASE_SECONDS="5")
-    process = subprocess.Popen([sys.executable, "-m", "serving.cli", "serve", "--port", str(port),
-                                "--metrics-port", str(_free_port())],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    deadline = time.monotonic() + 180
-    while True:
-        assert process.poll() is None, "ditserve serve exited early"
-        try:
-            if requests.get(f"http://127.0.0.1:{port}/readyz", timeout=5).status_code == 200:
-                return process
-        except (requests.ConnectionError, requests.Timeout):
-            pass
-        assert time.monotonic() < deadline, "not ready within 180 s"
-        time.sleep(1)
+from conftest import _free_port, start_serve
 
 
 def stop(process):
     process.send_signal(signal.SIGTERM)
-    assert process.wait(timeout=120) == 0
+    process.communicate(timeout=120)  # drains stdout (the banner) while it stops
+    assert process.returncode == 0
 
 
 def test_stop_and_start_loses_and_repeats_nothing(tmp_path):
@@ -45,7 +23,7 @@ def test_stop_and_start_loses_and_repeats_nothing(tmp_path):
     quick = {"prompt": "finished before the restart", "seconds": "1", "size": "64x64", "num_inference_steps": 2}
     slow = {"prompt": "running at the restart", "seconds": "1", "size": "128x128", "num_inference_steps": 100}
 
-    server = start(tmp_path, port)
+    server = start_serve(tmp_path, port, DITSERVE_SERVER__LEASE_SECONDS="5")
     try:
         done_id = requests.post(f"{url}/v1/videos", json=quick).json()["id"]
         while requests.get(f"{url}/v1/videos/{done_id}").json()["status"] != "completed":
@@ -57,7 +35,7 @@ def test_stop_and_start_loses_and_repeats_nothing(tmp_path):
     finally:
         stop(server)
 
-    server = start(tmp_path, port)
+    server = start_serve(tmp_path, port, DITSERVE_SERVER__LEASE_SECONDS="5")
     try:
         deadline = time.monotonic() + 300
         while True:
