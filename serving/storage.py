@@ -6,6 +6,9 @@ Keys are built from validated job ids only, so no request can name a path.
 
 from __future__ import annotations
 
+import os
+import uuid
+
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
@@ -31,12 +34,27 @@ class ArtifactStore:
     def put(self, key: str, data: bytes) -> str:
         path = self._path(key)
         try:
-            if self.local:  # object stores have no folders; a local disk needs them made
-                self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-            self.fs.pipe_file(path, data)
+            if self.local:
+                self._put_local(path, data)
+            else:  # an object-store PUT is atomic: readers see the old object or the new one
+                self.fs.pipe_file(path, data)
         except Exception as exc:
             raise ArtifactStoreError(f"could not write {key} to {self.url}: {exc}") from exc
         return key
+
+    def _put_local(self, path: str, data: bytes) -> None:
+        # Write beside the target and rename over it: a process killed mid-write (a Denoiser
+        # replica saving a checkpoint) leaves the previous file whole, never a truncated one.
+        folder = path.rsplit("/", 1)[0]
+        self.fs.makedirs(folder, exist_ok=True)  # object stores have no folders; a disk needs them
+        partial = f"{path}.partial-{uuid.uuid4().hex[:8]}"
+        try:
+            with open(partial, "wb") as out:
+                out.write(data)
+            os.replace(partial, path)
+        finally:
+            if os.path.exists(partial):
+                os.remove(partial)
 
     def size(self, key: str) -> int:
         return int(self.fs.size(self._path(key)))

@@ -46,3 +46,28 @@ def test_high_priority_job_starts_before_queued_low_ones(service):
     # The urgent job arrives within a second, long before a second batch boundary frees a slot
     # for the last low-priority job: it must start first.
     assert started[high] < started[low[-1]], started
+
+
+def test_unreadable_checkpoint_makes_the_denoiser_start_over(service):
+    """A checkpoint that cannot be read (truncated, or from another version) costs the job its
+    progress, not the job itself."""
+    import dataclasses
+
+    from ray import serve
+
+    from serving.deployments.denoiser import checkpoint_key
+    from serving.models.loading import preset_of
+    from serving.pipeline.spec import build_spec
+    from serving.storage import ArtifactStore
+
+    config = service.config
+    spec = build_spec(preset_of(config.model), config.generation, "a damaged checkpoint", size="128x128",
+                      seconds=1, num_inference_steps=3, guidance_scale=1.0, seed=1)
+    job_id = "video_damagedcheckpoint0001"
+    ArtifactStore(config.storage.artifacts_url).put(checkpoint_key(job_id), b"\x80\x02truncated")
+    embeddings = serve.get_deployment_handle("TextEncoder", "ditserve").encode.remote(
+        [spec.prompt], spec.max_sequence_length).result()
+    denoiser = serve.get_deployment_handle("Denoiser", "ditserve")
+    events = list(denoiser.options(stream=True).denoise.remote(job_id, dataclasses.asdict(spec), embeddings, 0, True))
+    assert events[0] == {"started": True, "step": 0}
+    assert events[-1]["latents"].shape[0] == 1

@@ -9,12 +9,15 @@ so a request whose replica dies resumes on another from its last checkpoint.
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
 
 from ray import serve
 
 from serving.config import ServiceConfig
 from serving.deployments._replica import prepare_replica
+
+logger = logging.getLogger("ray.serve")
 
 
 def checkpoint_key(job_id: str) -> str:
@@ -57,14 +60,12 @@ class Denoiser:
         "batch_size"} after each step, {"checkpoint_step"} after each saved checkpoint, and
         finally {"latents": tensor}."""
         from serving.engine.scheduler import EngineRequest
-        from serving.pipeline.denoise import load_state, start_denoise
+        from serving.pipeline.denoise import start_denoise
         from serving.pipeline.spec import VideoSpec
 
         video = VideoSpec(**spec)
-        if resume:
-            data = await asyncio.to_thread(self.artifacts.read, checkpoint_key(job_id))
-            state = load_state(data, video)
-        else:
+        state = await self._resume(job_id, video) if resume else None
+        if state is None:
             state = start_denoise(video, self.scheduler_config, self.transformer.config.in_channels, self.geometry)
         # One engine entry per call: a retried job (its old caller dead, its old request maybe
         # still draining) must never share an id with its earlier attempt.
@@ -84,6 +85,19 @@ class Denoiser:
                 yield {"latents": event.latents}
             elif event.kind == "failed":
                 raise event.error
+
+    async def _resume(self, job_id: str, video):
+        """The job's last checkpoint, or None when it cannot be read: starting over costs
+        time, failing the job would lose the user's request."""
+        from serving.pipeline.denoise import load_state
+
+        try:
+            data = await asyncio.to_thread(self.artifacts.read, checkpoint_key(job_id))
+            return load_state(data, video)
+        except Exception as exc:  # missing or unreadable (e.g. written by an older version)
+            logger.warning("job %s: checkpoint unreadable (%s: %s); denoising from step 0",
+                           job_id, type(exc).__name__, exc)
+            return None
 
     def ping(self) -> bool:
         return True
