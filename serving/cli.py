@@ -84,6 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     cfg = sub.add_parser("config", help="validate a config file and print the resolved settings")
     _add_config(cfg)
+
+    keys = sub.add_parser("keys", help="make an API key or a webhook signing secret")
+    keys_sub = keys.add_subparsers(dest="keys", required=True, parser_class=_Parser)
+    create = keys_sub.add_parser("create", help="a new API key, and the auth.keys entry that admits it")
+    create.add_argument("name", help="the tenant this key acts for (letters, digits, _ . -)")
+    keys_sub.add_parser("webhook-secret", help="a new webhooks.secret (whsec_...)")
     return parser
 
 
@@ -95,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "loadtest":  # talks HTTP only: no config, no models
         return _loadtest(args)
+    if args.command == "keys":  # makes secrets: no config needed
+        return _keys(args)
     from serving.config import ConfigError, load_config
 
     try:
@@ -112,6 +120,30 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "k8s":
         return _k8s(args)
     return _generate(args, config)
+
+
+def _keys(args) -> int:
+    import re
+
+    import yaml
+
+    if args.keys == "webhook-secret":
+        from serving.webhooks import new_secret
+
+        print(yaml.safe_dump({"webhooks": {"secret": new_secret()}}, sort_keys=False), end="")
+        return 0
+    from serving.auth import key_digest, new_key
+
+    if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", args.name):
+        print(f"ditserve keys create: error: NAME must be 1-64 letters, digits, '_', '.' or '-', found {args.name!r}",
+              file=sys.stderr)
+        return EXIT_USAGE
+    key = new_key()
+    print(f"# API key for {args.name!r}: give it to the client; it is shown only now.\n# {key}", file=sys.stderr)
+    print("# Add this entry to auth.keys in the config (only the hash is kept):", file=sys.stderr)
+    print(yaml.safe_dump({"auth": {"enabled": True, "keys": [{"name": args.name, "sha256": key_digest(key)}]}},
+                         sort_keys=False), end="")
+    return 0
 
 
 def _config(config) -> int:

@@ -173,6 +173,58 @@ class ContentPolicyConfig(_Section):
     rules: list[PolicyRule] = Field(default_factory=list)
 
 
+class ApiKey(_Section):
+    """One client key. Only its SHA-256 is kept: a leaked config does not leak the key
+    (`ditserve keys create NAME` makes a key and prints this entry)."""
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$",
+                      description="The tenant: owns every video created with this key.")
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="Hex SHA-256 of the key.")
+    requests_per_minute: int | None = Field(default=None, ge=1, description="Overrides auth.requests_per_minute.")
+    max_concurrent_jobs: int | None = Field(default=None, ge=1, description="Overrides auth.max_concurrent_jobs.")
+
+
+class AuthConfig(_Section):
+    """API keys (`Authorization: Bearer KEY`, what the openai SDK sends). Off by default for
+    a local service; on in the Kubernetes overlays. Each key sees only its own videos."""
+
+    enabled: bool = False
+    keys: list[ApiKey] = Field(default_factory=list)
+    requests_per_minute: int = Field(default=600, ge=1, description="Per key, per Gateway replica; 429 beyond.")
+    max_concurrent_jobs: int = Field(default=16, ge=1, description="Queued plus running videos per key; 429 beyond.")
+
+    @model_validator(mode="after")
+    def _usable(self) -> "AuthConfig":
+        names = [key.name for key in self.keys]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"key names must be unique; repeated: {', '.join(duplicates)}")
+        hashes = [key.sha256 for key in self.keys]
+        if len(set(hashes)) != len(hashes):
+            raise ValueError("two keys have the same sha256: one key would belong to two tenants")
+        if self.enabled and not self.keys:
+            raise ValueError("auth is enabled but auth.keys is empty, so no request could get in; "
+                             "make a key with `ditserve keys create NAME`")
+        return self
+
+
+class WebhooksConfig(_Section):
+    """Per-job callbacks (`webhook_url` on create), signed the Standard Webhooks way."""
+
+    secret: str | None = Field(
+        default=None, pattern=r"^whsec_[A-Za-z0-9+/=]+$",
+        description="Signing secret (whsec_ + base64; `ditserve keys webhook-secret` makes one). "
+        "Without it, requests that ask for a webhook are refused.")
+    allowed_hosts: list[str] = Field(
+        default_factory=list,
+        description="Host names (fnmatch patterns) webhooks may call; empty allows any. Restrict it when "
+        "tenants are not trusted, so the service cannot be made to POST into your network.")
+    max_attempts: int = Field(default=10, ge=1)
+    initial_backoff_seconds: float = Field(default=5.0, gt=0, description="Doubles after each failed attempt.")
+    max_backoff_seconds: float = Field(default=3600.0, gt=0)
+    timeout_seconds: float = Field(default=10.0, gt=0)
+
+
 class StorageConfig(_Section):
     """Where jobs and videos live. Relative local paths are made absolute at load time,
     since Ray workers need not share the launching shell's working directory."""
@@ -205,6 +257,8 @@ class ServiceConfig(_Section):
     engine: EngineConfig = EngineConfig()
     admission: AdmissionConfig = AdmissionConfig()
     content_policy: ContentPolicyConfig = ContentPolicyConfig()
+    auth: AuthConfig = AuthConfig()
+    webhooks: WebhooksConfig = WebhooksConfig()
     storage: StorageConfig = StorageConfig()
 
     @model_validator(mode="after")

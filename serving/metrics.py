@@ -29,6 +29,9 @@ class Metrics:
         self.queue_wait = Histogram(
             "ditserve_queue_wait_seconds", "Seconds from a job's submission to the start of a stage.",
             boundaries=SECONDS_BUCKETS, tag_keys=("stage",))
+        self.webhook_attempts = Counter(
+            "ditserve_webhook_attempts", "Webhook posts, by outcome: delivered, retry, gave_up.",
+            tag_keys=("outcome",))
         self.job_latency = Histogram(
             "ditserve_job_latency_seconds", "Seconds from submission to a job's final state, by that state.",
             boundaries=SECONDS_BUCKETS, tag_keys=("status",))

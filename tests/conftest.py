@@ -97,6 +97,9 @@ def start_serve(tmp_path, port: int, **env_overrides: str):
     return process
 
 
+WEBHOOK_SECRET = "whsec_" + "dGVzdC13ZWJob29rLXNpZ25pbmctc2VjcmV0LTMyYnl0ZQ=="
+
+
 def _free_port() -> int:
     import socket
 
@@ -125,6 +128,9 @@ def service(tmp_path_factory):
         # An operator rule only the content-policy test's prompt trips.
         "DITSERVE_CONTENT_POLICY__ENABLED": "true",
         "DITSERVE_CONTENT_POLICY__RULES": '[{id: test-blocked-term, terms: [forbiddenword], message: "kept out by the tests"}]',
+        # Webhooks signed with a test secret; a failed post is retried within a second.
+        "DITSERVE_WEBHOOKS__SECRET": WEBHOOK_SECRET,
+        "DITSERVE_WEBHOOKS__INITIAL_BACKOFF_SECONDS": "0.5",
     })
     metrics_port = _free_port()
     ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False,

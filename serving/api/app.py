@@ -7,24 +7,28 @@ with the offending field in `param`, so a client (or a person) knows what to fix
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+import math
 import time
 from typing import Any, Awaitable, Callable, Literal
 
-from fastapi import FastAPI, Query, Request
+from fastapi import Depends, FastAPI, Query, Request, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.security import HTTPBearer
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serving.admission import WaitEstimate
+from serving.auth import ApiKeys, AuthError, Caller
 from serving.api.schemas import CreateVideoBody, ErrorEnvelope, Video, VideoDeleted, VideoList, video_from_job
 from serving.config import ServiceConfig
 from serving.jobs.records import JobRecord
 from serving.jobs.store import IdempotencyConflict
-from serving.jobs.videos import NotReady, VideoJobs
+from serving.jobs.videos import NotReady, QuotaExceeded, VideoJobs
 from serving.pipeline.spec import SpecError
 from serving.policy import PolicyViolation
 
@@ -55,10 +59,49 @@ def create_api(config: ServiceConfig, jobs: VideoJobs,
     """The Videos API over `jobs`. The callables connect it to the rest of the service
     (the Director's wake-up, readiness and wait estimate; the rejection metric) without
     the HTTP layer knowing what is behind them."""
+    keys = ApiKeys(config.auth)
+    errors = {400: {"model": ErrorEnvelope, "description": "Bad input; `error.param` names the field."}}
+    if keys.enabled:
+        errors[401] = {"model": ErrorEnvelope, "description": "Missing or unknown API key."}
+        errors[429] = {"model": ErrorEnvelope, "description": "Over the key's rate or job quota; see Retry-After."}
     app = FastAPI(title="ditserve", version="0.1.0",
-                  description="OpenAI-compatible Videos API for self-hosted text-to-video models.",
-                  responses={400: {"model": ErrorEnvelope}, 404: {"model": ErrorEnvelope}})
+                  description="OpenAI-compatible Videos API for self-hosted text-to-video models.")
     poll_ms = str(config.server.poll_after_ms)
+    not_found_doc = {404: {"model": ErrorEnvelope, "description": "No such video (or not this key's)."}}
+
+    if keys.enabled:
+        async def caller(request: Request, _: Any = Security(HTTPBearer(auto_error=False))) -> Caller | None:
+            try:
+                who = keys.authenticate(request.headers.get("authorization"))
+            except AuthError as exc:
+                raise APIError(401, str(exc), code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"}) from None
+            wait = keys.retry_after(who)
+            if wait is not None:
+                raise APIError(429, f"this API key is over its rate of {who.requests_per_minute} requests per minute; "
+                                    f"retry in {wait} s", type="rate_limit_error", code="rate_limit_exceeded",
+                               headers={"Retry-After": str(wait)})
+            return who
+    else:
+        async def caller() -> Caller | None:
+            return None
+
+    def owner_of(who: Caller | None) -> str | None:
+        return who.name if who is not None else None
+
+    # One create at a time per key in this replica, so two racing creates cannot both pass
+    # the concurrent-job quota.
+    quota_locks: dict[str, asyncio.Lock] = {}
+
+    def quota_lock(who: Caller | None):
+        if who is None:
+            return contextlib.nullcontext()
+        return quota_locks.setdefault(who.name, asyncio.Lock())
+
+    async def quota_retry_after() -> int:
+        """When the work running now should be done, freeing a slot (1 s to 10 min)."""
+        wait = await current_estimate()
+        seconds = wait.start_in(0) if wait is not None else config.server.poll_after_ms / 1000
+        return min(600, max(1, math.ceil(seconds)))
 
     def not_found(video_id: str) -> APIError:
         return APIError(404, f"no video with id {video_id!r}", param="video_id", code="video_not_found")
@@ -104,8 +147,15 @@ def create_api(config: ServiceConfig, jobs: VideoJobs,
 
     # ---- videos ---------------------------------------------------------------------------
 
-    @app.post("/v1/videos", response_model=Video)
-    async def create_video(request: Request):
+    create_responses = {**errors, 409: {"model": ErrorEnvelope, "description": "Idempotency-Key reused."},
+                        413: {"model": ErrorEnvelope}, 415: {"model": ErrorEnvelope},
+                        429: {"model": ErrorEnvelope, "description": "Queue full or over a limit; see Retry-After."}}
+    body_schema = CreateVideoBody.model_json_schema()
+
+    @app.post("/v1/videos", response_model=Video, responses=create_responses, openapi_extra={"requestBody": {
+        "required": True,
+        "content": {"application/json": {"schema": body_schema}, "multipart/form-data": {"schema": body_schema}}}})
+    async def create_video(request: Request, who: Caller | None = Depends(caller)):
         data = await _read_body(request, config.server.max_body_bytes)
         try:
             body = CreateVideoBody.model_validate(data)
@@ -129,7 +179,14 @@ def create_api(config: ServiceConfig, jobs: VideoJobs,
         if key is not None and not 1 <= len(key) <= 255:
             raise APIError(400, "Idempotency-Key must be 1 to 255 characters", param="Idempotency-Key")
         try:
-            job, created = await asyncio.to_thread(jobs.submit, body.model_dump(exclude={"input_reference"}), key)
+            async with quota_lock(who):
+                job, created = await asyncio.to_thread(
+                    jobs.submit, body.model_dump(exclude={"input_reference"}), key, owner_of(who),
+                    who.max_concurrent_jobs if who is not None else None)
+        except QuotaExceeded as exc:
+            retry = await quota_retry_after()
+            raise APIError(429, f"{exc}; retry in {retry} s, or cancel one", type="rate_limit_error",
+                           code="concurrent_jobs_exceeded", headers={"Retry-After": str(retry)}) from None
         except SpecError as exc:
             raise APIError(400, f"{exc.field}: {exc.message}", param=exc.field, code="invalid_value") from None
         except PolicyViolation as exc:
@@ -144,47 +201,55 @@ def create_api(config: ServiceConfig, jobs: VideoJobs,
             headers["Idempotent-Replayed"] = "true"
         return JSONResponse((await shaped(job)).model_dump(mode="json"), headers=headers)
 
-    @app.get("/v1/videos", response_model=VideoList)
+    @app.get("/v1/videos", response_model=VideoList, responses=errors)
     async def list_videos(after: str | None = Query(default=None, max_length=64),
                           limit: int = Query(default=20, ge=1, le=100),
-                          order: Literal["asc", "desc"] = "desc"):
-        if after is not None and await asyncio.to_thread(jobs.get, after) is None:
+                          order: Literal["asc", "desc"] = "desc", who: Caller | None = Depends(caller)):
+        if after is not None and await asyncio.to_thread(jobs.get, after, owner_of(who)) is None:
             raise APIError(400, f"after: no video with id {after!r}", param="after", code="invalid_value")
-        records, has_more = await asyncio.to_thread(jobs.list, after, limit, order)
+        records, has_more = await asyncio.to_thread(jobs.list, after, limit, order, owner_of(who))
         data = [video_from_job(job) for job in records]
         return VideoList(data=data, first_id=data[0].id if data else None, last_id=data[-1].id if data else None,
                          has_more=has_more)
 
-    @app.get("/v1/videos/{video_id}", response_model=Video)
-    async def retrieve_video(video_id: str):
-        job = await asyncio.to_thread(jobs.get, video_id)
+    @app.get("/v1/videos/{video_id}", response_model=Video, responses={**errors, **not_found_doc})
+    async def retrieve_video(video_id: str, who: Caller | None = Depends(caller)):
+        job = await asyncio.to_thread(jobs.get, video_id, owner_of(who))
         if job is None:
             raise not_found(video_id)
         headers = {} if job.status.terminal else {POLL_HEADER: poll_ms}
         video = await shaped(job)
         return JSONResponse(video.model_dump(mode="json"), headers=headers)
 
-    @app.delete("/v1/videos/{video_id}", response_model=VideoDeleted)
-    async def delete_video(video_id: str):
-        if await asyncio.to_thread(jobs.delete, video_id) is None:
+    @app.delete("/v1/videos/{video_id}", response_model=VideoDeleted, responses={**errors, **not_found_doc})
+    async def delete_video(video_id: str, who: Caller | None = Depends(caller)):
+        if await asyncio.to_thread(jobs.delete, video_id, owner_of(who)) is None:
             raise not_found(video_id)
         return VideoDeleted(id=video_id)
 
-    @app.post("/v1/videos/{video_id}/cancel", response_model=Video)
-    async def cancel_video(video_id: str):
-        job = await asyncio.to_thread(jobs.cancel, video_id)
+    @app.post("/v1/videos/{video_id}/cancel", response_model=Video, responses={**errors, **not_found_doc})
+    async def cancel_video(video_id: str, who: Caller | None = Depends(caller)):
+        job = await asyncio.to_thread(jobs.cancel, video_id, owner_of(who))
         if job is None:
             raise not_found(video_id)
         return await shaped(job)
 
-    @app.get("/v1/videos/{video_id}/content")
+    media = {"video/mp4": {}, "image/webp": {}}
+    content_responses = {**errors, **not_found_doc,
+                         200: {"content": media, "description": "The MP4 (or WebP thumbnail)."},
+                         206: {"content": media, "description": "The requested byte range."},
+                         409: {"model": ErrorEnvelope, "description": "The video is not completed yet."},
+                         416: {"model": ErrorEnvelope, "description": "Range not satisfiable."}}
+
+    @app.get("/v1/videos/{video_id}/content", response_class=Response, responses=content_responses)
     async def download_content(request: Request, video_id: str,
-                               variant: Literal["video", "thumbnail", "spritesheet"] = "video"):
+                               variant: Literal["video", "thumbnail", "spritesheet"] = "video",
+                               who: Caller | None = Depends(caller)):
         if variant == "spritesheet":
             raise APIError(400, "variant 'spritesheet' is not available here; use 'video' or 'thumbnail'",
                            param="variant", code="unsupported_value")
         try:
-            found = await asyncio.to_thread(jobs.content_key, video_id, variant)
+            found = await asyncio.to_thread(jobs.content_key, video_id, variant, owner_of(who))
         except NotReady as exc:
             raise APIError(409, str(exc), param="video_id", code="video_not_ready") from None
         if found is None:
@@ -201,10 +266,13 @@ def create_api(config: ServiceConfig, jobs: VideoJobs,
         headers["Content-Range"] = f"bytes {start}-{end}/{size}"
         return Response(data, status_code=206, media_type=media_type, headers=headers)
 
-    @app.get("/v1/videos/{video_id}/events")
-    async def stream_events(video_id: str):
+    @app.get("/v1/videos/{video_id}/events", response_class=StreamingResponse,
+             responses={**errors, **not_found_doc, 200: {"content": {"text/event-stream": {}},
+                                                         "description": "Server-sent events."}})
+    async def stream_events(video_id: str, who: Caller | None = Depends(caller)):
         """Server-sent events: the video object on every change, until it is finished."""
-        job = await asyncio.to_thread(jobs.get, video_id)
+        owner = owner_of(who)
+        job = await asyncio.to_thread(jobs.get, video_id, owner)
         if job is None:
             raise not_found(video_id)
 
@@ -221,7 +289,7 @@ def create_api(config: ServiceConfig, jobs: VideoJobs,
                     if current.status.terminal:
                         return
                 await asyncio.sleep(SSE_POLL_SECONDS)
-                current = await asyncio.to_thread(jobs.get, video_id)
+                current = await asyncio.to_thread(jobs.get, video_id, owner)
                 if current is None:
                     yield f"event: video.deleted\ndata: {json.dumps({'id': video_id})}\n\n"
                     return

@@ -30,6 +30,8 @@ class CreateVideoBody(BaseModel):
     guidance_scale: Optional[float] = None
     fps: Optional[int] = None
     priority: Optional[int] = None
+    webhook_url: Optional[str] = Field(default=None, description="Called (signed, Standard Webhooks) when the video "
+                                                                   "completes or fails.")
 
 
 class VideoError(BaseModel):
@@ -63,6 +65,7 @@ class Video(BaseModel):
     num_frames: int
     priority: int
     resumed_from_step: Optional[int] = Field(default=None, description="Set when a retry resumed a checkpoint.")
+    webhook_url: Optional[str] = None
     timestamps: dict[str, float] = Field(description="Unix times: submitted_at, <stage>_started_at/_finished_at, ...")
 
 
@@ -110,5 +113,6 @@ def video_from_job(job: JobRecord, queue_position: int | None = None,
         estimated_start_at=int(estimated_start_at) if estimated_start_at is not None else None, seed=spec["seed"], negative_prompt=spec["negative_prompt"],
         num_inference_steps=spec["num_inference_steps"], guidance_scale=spec["guidance_scale"], fps=spec["fps"],
         num_frames=spec["num_frames"], priority=job.priority, resumed_from_step=job.resumed_from_step,
+        webhook_url=job.webhook_url,
         timestamps=job.timestamps,
     )

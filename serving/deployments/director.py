@@ -26,12 +26,14 @@ from serving.jobs.store import JobStore, LeaseLost
 from serving.metrics import JOB_STATES, metrics
 from serving.models.presets import PRESETS
 from serving.storage import ArtifactStore, ArtifactStoreError
+from serving.webhooks import WebhookSender
 
 logger = logging.getLogger("ray.serve")
 
 MAX_ATTEMPTS = 3  # claims of one job before it is failed rather than retried again
 RETENTION_SWEEP_SECONDS = 60.0
 JOB_GAUGE_SECONDS = 2.0
+WEBHOOK_POLL_SECONDS = 0.5
 
 
 class JobCancelled(Exception):
@@ -55,6 +57,10 @@ class Director:
         self.wakeup = asyncio.Event()
         self.claim_loop = asyncio.create_task(self._claim_forever())
         self.heartbeat_loop = asyncio.create_task(self._heartbeat_forever())
+        self.webhooks = WebhookSender(self.store, config.webhooks,
+                                      on_attempt=lambda outcome: self.metrics.webhook_attempts.inc(
+                                          tags={"outcome": outcome}))
+        self.webhook_loop = asyncio.create_task(self._deliver_webhooks_forever())
 
     # ---- called by the Gateway ----------------------------------------------------
 
@@ -83,7 +89,7 @@ class Director:
 
     def check_health(self) -> None:
         # Serve restarts a replica whose loops died; leases make the restart safe.
-        for loop in (self.claim_loop, self.heartbeat_loop):
+        for loop in (self.claim_loop, self.heartbeat_loop, self.webhook_loop):
             if loop.done():
                 raise RuntimeError(f"director loop stopped: {loop.exception() if not loop.cancelled() else 'cancelled'}")
 
@@ -134,6 +140,14 @@ class Director:
                     task.cancel()
                 except Exception:
                     logger.exception("renewing the lease on %s failed", job_id)
+
+    async def _deliver_webhooks_forever(self) -> None:
+        while True:
+            try:
+                await self.webhooks.send_due()
+            except Exception:
+                logger.exception("delivering webhooks failed; retrying")
+            await asyncio.sleep(WEBHOOK_POLL_SECONDS)
 
     # ---- one job ------------------------------------------------------------------------
 

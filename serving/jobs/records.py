@@ -75,3 +75,5 @@ class JobRecord:
     num_steps: int = 0  # denoise steps asked for: the job's share of the queue's work
     checkpoint_step: int = 0  # the Denoiser's last saved step (0: none)
     resumed_from_step: int | None = None  # set when a retry picked up a checkpoint
+    owner: str | None = None  # the API key's name that created it (None: auth off)
+    webhook_url: str | None = None  # told when the job finishes (see serving/webhooks.py)

@@ -14,6 +14,7 @@ from typing import Any, Iterable
 import sqlalchemy as sa
 from sqlalchemy import event
 
+from serving.jobs.events import terminal_event
 from serving.jobs.records import JobRecord, JobStatus, Stage
 
 metadata = sa.MetaData()
@@ -49,6 +50,26 @@ jobs = sa.Table(
     sa.Column("num_steps", sa.Integer, nullable=False, default=0),
     sa.Column("checkpoint_step", sa.Integer, nullable=False, default=0),
     sa.Column("resumed_from_step", sa.Integer),
+    sa.Column("owner", sa.String(64), index=True),
+    sa.Column("webhook_url", sa.Text),
+)
+
+# The webhook outbox: one row per event, written in the same transaction as the job's
+# terminal state, delivered (and retried) by the Director's WebhookSender.
+webhook_events = sa.Table(
+    "webhook_events",
+    metadata,
+    sa.Column("seq", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("id", sa.String(64), nullable=False, unique=True),  # the webhook-id of every attempt
+    sa.Column("job_id", sa.String(64), nullable=False, index=True),
+    sa.Column("url", sa.Text, nullable=False),
+    sa.Column("type", sa.String(32), nullable=False),
+    sa.Column("body", sa.Text, nullable=False),  # the exact bytes signed and sent, every attempt
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("attempts", sa.Integer, nullable=False, default=0),
+    sa.Column("next_attempt_at", sa.Float, index=True),  # None once delivered or given up
+    sa.Column("delivered_at", sa.Float),
+    sa.Column("last_error", sa.Text),
 )
 
 _FIELDS = [f.name for f in dataclasses.fields(JobRecord)]
@@ -60,6 +81,20 @@ class LeaseLost(Exception):
 
 class IdempotencyConflict(Exception):
     """The Idempotency-Key was used before with a different request body."""
+
+
+@dataclasses.dataclass
+class WebhookEvent:
+    id: str
+    job_id: str
+    url: str
+    type: str
+    body: str
+    created_at: float
+    attempts: int
+    next_attempt_at: float | None
+    delivered_at: float | None
+    last_error: str | None
 
 
 class JobStore:
@@ -75,6 +110,7 @@ class JobStore:
         if url.startswith("sqlite"):
             event.listen(self.engine, "connect", _sqlite_pragmas)
         metadata.create_all(self.engine)
+        _add_missing_columns(self.engine)
 
     def close(self) -> None:
         self.engine.dispose()
@@ -124,9 +160,13 @@ class JobStore:
             row = conn.execute(sa.select(jobs).where(jobs.c.idempotency_key == key)).mappings().first()
         return _from_row(row) if row else None
 
-    def list(self, *, after: str | None = None, limit: int = 20, order: str = "desc") -> tuple[list[JobRecord], bool]:
-        """A page of jobs by creation order, starting after the job `after`; and whether more follow."""
+    def list(self, *, after: str | None = None, limit: int = 20, order: str = "desc",
+             owner: str | None = None) -> tuple[list[JobRecord], bool]:
+        """A page of jobs by creation order, starting after the job `after`; and whether more
+        follow. With `owner`, only that API key's jobs."""
         query = sa.select(jobs)
+        if owner is not None:
+            query = query.where(jobs.c.owner == owner)
         descending = order == "desc"
         if after is not None:
             cursor = sa.select(jobs.c.seq).where(jobs.c.id == after).scalar_subquery()
@@ -169,6 +209,13 @@ class JobStore:
                                     .where(self._waiting)).scalar())
 
     _waiting = sa.and_(jobs.c.status == JobStatus.QUEUED.value, jobs.c.lease_owner.is_(None))
+
+    def count_active(self, owner: str) -> int:
+        """Queued and running jobs of one API key (its concurrent-job quota counts these)."""
+        active = [JobStatus.QUEUED.value, JobStatus.IN_PROGRESS.value]
+        with self.engine.connect() as conn:
+            return int(conn.execute(sa.select(sa.func.count()).where(jobs.c.owner == owner,
+                                                                      jobs.c.status.in_(active))).scalar())
 
     def count_by_status(self) -> dict[str, int]:
         with self.engine.connect() as conn:
@@ -239,8 +286,10 @@ class JobStore:
                 values["timestamps"] = dict(row[0] or {}, **{name: now for name in names})
             if not conn.execute(jobs.update().where(*condition).values(**values)).rowcount:
                 raise LeaseLost(job_id)
-            current = conn.execute(sa.select(jobs).where(jobs.c.id == job_id)).mappings().first()
-        return _from_row(current)
+            current = _from_row(conn.execute(sa.select(jobs).where(jobs.c.id == job_id)).mappings().first())
+            if "status" in changes:
+                _queue_webhook(conn, current)
+        return current
 
     def request_cancel(self, job_id: str) -> JobRecord | None:
         """Cancel a queued job at once; flag a running one for its driver to stop.
@@ -254,10 +303,78 @@ class JobStore:
                 jobs.update().where(jobs.c.id == job_id, jobs.c.status == JobStatus.QUEUED.value).values(
                     status=JobStatus.CANCELLED.value, cancel_requested=True, timestamps=stamps,
                     error_code="cancelled", error_message="cancelled at the client's request")).rowcount
-            if not queued:
+            if queued:
+                _queue_webhook(conn, _from_row(conn.execute(sa.select(jobs).where(jobs.c.id == job_id))
+                                               .mappings().first()))
+            else:
                 conn.execute(jobs.update().where(jobs.c.id == job_id, jobs.c.status == JobStatus.IN_PROGRESS.value)
                              .values(cancel_requested=True))
         return self.get(job_id)
+
+
+    # ---- the webhook outbox ----------------------------------------------------------
+
+    def claim_webhooks(self, limit: int, hold_seconds: float, now: float | None = None) -> list[WebhookEvent]:
+        """Events due for an attempt. Each is held for `hold_seconds` by moving its next
+        attempt forward (a conditional UPDATE), so two senders never post it at once, and
+        a sender that dies mid-attempt leaves it due again afterwards."""
+        now = time.time() if now is None else now
+        due = sa.and_(webhook_events.c.next_attempt_at.is_not(None), webhook_events.c.next_attempt_at <= now)
+        with self.engine.connect() as conn:
+            ids = conn.execute(sa.select(webhook_events.c.id).where(due).order_by(webhook_events.c.next_attempt_at)
+                               .limit(limit)).scalars().all()
+        claimed = []
+        for event_id in ids:
+            with self.engine.begin() as conn:
+                taken = conn.execute(webhook_events.update().where(webhook_events.c.id == event_id, due)
+                                     .values(next_attempt_at=now + hold_seconds,
+                                             attempts=webhook_events.c.attempts + 1)).rowcount
+                if taken:
+                    row = conn.execute(sa.select(webhook_events).where(webhook_events.c.id == event_id)).mappings().first()
+                    claimed.append(_event_from_row(row))
+        return claimed
+
+    def webhook_attempted(self, event_id: str, *, delivered: bool, error: str | None = None,
+                          retry_at: float | None = None) -> None:
+        """Record an attempt: delivered, retry at `retry_at`, or (neither) given up."""
+        values: dict[str, Any] = {"last_error": error, "next_attempt_at": None if delivered else retry_at}
+        if delivered:
+            values["delivered_at"] = time.time()
+        with self.engine.begin() as conn:
+            conn.execute(webhook_events.update().where(webhook_events.c.id == event_id).values(**values))
+
+    def webhook_events_of(self, job_id: str) -> list[WebhookEvent]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(webhook_events).where(webhook_events.c.job_id == job_id)
+                                .order_by(webhook_events.c.seq)).mappings().all()
+        return [_event_from_row(r) for r in rows]
+
+
+def _queue_webhook(conn, job: JobRecord) -> None:
+    """Add the job's terminal event to the outbox, inside the caller's transaction."""
+    if not job.webhook_url or not job.status.terminal:
+        return
+    now = time.time()
+    event_id, kind, body = terminal_event(job, now)
+    conn.execute(webhook_events.insert().values(id=event_id, job_id=job.id, url=job.webhook_url, type=kind, body=body,
+                                                created_at=now, attempts=0, next_attempt_at=now))
+
+
+def _event_from_row(row) -> WebhookEvent:
+    return WebhookEvent(**{f.name: row[f.name] for f in dataclasses.fields(WebhookEvent)})
+
+
+def _add_missing_columns(engine: sa.Engine) -> None:
+    """Stores made by an earlier version lack newer (nullable) columns: add them in place,
+    so an upgrade keeps every job."""
+    inspector = sa.inspect(engine)
+    for table in metadata.sorted_tables:
+        present = {column["name"] for column in inspector.get_columns(table.name)}
+        for column in table.columns:
+            if column.name not in present and column.nullable:
+                kind = column.type.compile(dialect=engine.dialect)
+                with engine.begin() as conn:
+                    conn.execute(sa.text(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {kind}'))
 
 
 def _to_row(record: JobRecord) -> dict[str, Any]:

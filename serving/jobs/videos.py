@@ -18,6 +18,7 @@ from serving.models.presets import PRESETS
 from serving.pipeline.spec import SpecError, build_spec
 from serving.policy import ContentPolicy, PolicyViolation
 from serving.storage import ArtifactStore
+from serving.webhooks import WebhookURLError, check_webhook_url
 
 # Request fields that pass straight through to `build_spec`.
 SPEC_FIELDS = ("size", "seconds", "fps", "num_inference_steps", "guidance_scale", "negative_prompt", "seed")
@@ -25,6 +26,14 @@ SPEC_FIELDS = ("size", "seconds", "fps", "num_inference_steps", "guidance_scale"
 
 class NotReady(Exception):
     """The video is not completed, so it has no content yet."""
+
+
+class QuotaExceeded(Exception):
+    """The API key already has its maximum of queued and running videos."""
+
+    def __init__(self, active: int, limit: int):
+        super().__init__(f"this API key has {active} videos queued or running; its limit is {limit}")
+        self.active, self.limit = active, limit
 
 
 class VideoJobs:
@@ -36,9 +45,10 @@ class VideoJobs:
         self.artifacts = ArtifactStore(config.storage.artifacts_url)
         self.policy = ContentPolicy(config.content_policy)
 
-    def submit(self, request: dict[str, Any], idempotency_key: str | None = None) -> tuple[JobRecord, bool]:
-        """Validate and queue; returns (job, created). Raises SpecError, PolicyViolation or
-        IdempotencyConflict."""
+    def submit(self, request: dict[str, Any], idempotency_key: str | None = None, owner: str | None = None,
+               max_active: int | None = None) -> tuple[JobRecord, bool]:
+        """Validate and queue for `owner` (an API key's name; None with auth off); returns
+        (job, created). Raises SpecError, PolicyViolation, IdempotencyConflict or QuotaExceeded."""
         model = request.get("model")
         if model not in (None, "", self.model_name, self.config.model.preset):
             raise SpecError("model", f"{model!r} is not served here; this server serves {self.model_name!r}")
@@ -55,39 +65,59 @@ class VideoJobs:
             raise SpecError("priority", f"must be a whole number from -100 to 100, found {priority!r}")
         fields = {name: request.get(name) for name in SPEC_FIELDS} | {"seconds": seconds}
         spec = build_spec(self.preset, self.config.generation, request.get("prompt", ""), **fields)
+        webhook_url = request.get("webhook_url")
+        if webhook_url is not None:
+            try:
+                webhook_url = check_webhook_url(webhook_url, self.config.webhooks)
+            except WebhookURLError as exc:
+                raise SpecError("webhook_url", str(exc)) from None
         violation = self.policy.check(spec.prompt, "prompt")
         if violation is not None:
             raise PolicyViolation(violation)
+        if idempotency_key is not None and owner is not None:
+            idempotency_key = f"{owner}/{idempotency_key}"  # one tenant's keys never meet another's
+        if max_active is not None and owner is not None:
+            replay = idempotency_key is not None and self.store.get_by_idempotency_key(idempotency_key)
+            active = self.store.count_active(owner)
+            if not replay and active >= max_active:
+                raise QuotaExceeded(active, max_active)
         now = time.time()
         record = JobRecord(
             id=new_job_id(), created_at=now, status=JobStatus.QUEUED, model=self.model_name, spec=spec.to_dict(),
             timestamps={"submitted_at": now}, idempotency_key=idempotency_key, priority=priority,
-            num_steps=spec.num_inference_steps,
+            num_steps=spec.num_inference_steps, owner=owner, webhook_url=webhook_url,
             request_hash=_request_hash(request) if idempotency_key else None,
         )
         return self.store.create(record)
 
-    def get(self, job_id: str) -> JobRecord | None:
-        return self.store.get(job_id) if is_job_id(job_id) else None
-
-    def list(self, after: str | None, limit: int, order: str) -> tuple[list[JobRecord], bool]:
-        return self.store.list(after=after, limit=limit, order=order)
-
-    def cancel(self, job_id: str) -> JobRecord | None:
-        return self.store.request_cancel(job_id) if is_job_id(job_id) else None
-
-    def delete(self, job_id: str) -> JobRecord | None:
-        """Delete the job and its files; a running job is cancelled (its driver loses the row)."""
+    def get(self, job_id: str, owner: str | None = None) -> JobRecord | None:
+        """The job, if it exists and `owner` may see it (another tenant's job is None, as if
+        it did not exist, so ids leak nothing)."""
         if not is_job_id(job_id):
+            return None
+        job = self.store.get(job_id)
+        if job is None or (owner is not None and job.owner != owner):
+            return None
+        return job
+
+    def list(self, after: str | None, limit: int, order: str, owner: str | None = None) -> tuple[list[JobRecord], bool]:
+        return self.store.list(after=after, limit=limit, order=order, owner=owner)
+
+    def cancel(self, job_id: str, owner: str | None = None) -> JobRecord | None:
+        return self.store.request_cancel(job_id) if self.get(job_id, owner) is not None else None
+
+    def delete(self, job_id: str, owner: str | None = None) -> JobRecord | None:
+        """Delete the job and its files; a running job is cancelled (its driver loses the row)."""
+        if self.get(job_id, owner) is None:
             return None
         job = self.store.delete(job_id)
         if job is not None:
             self.artifacts.delete_prefix(job_id)
         return job
 
-    def content_key(self, job_id: str, variant: str) -> tuple[str, str] | None:
+    def content_key(self, job_id: str, variant: str, owner: str | None = None) -> tuple[str, str] | None:
         """(artifact key, media type) of a completed video's variant; None for an unknown job."""
-        job = self.get(job_id)
+        job = self.get(job_id, owner)
         if job is None:
             return None
         if job.status != JobStatus.COMPLETED:

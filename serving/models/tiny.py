@@ -25,14 +25,14 @@ TEXT_ENCODER_CONFIG = dict(
 )
 
 TRANSFORMER_CONFIG = dict(
-    patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=32,
+    patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=32,
     in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS, text_dim=TEXT_DIM,
-    freq_dim=64, ffn_dim=128, num_layers=2, cross_attn_norm=True,
+    freq_dim=64, ffn_dim=512, num_layers=2, cross_attn_norm=True,
     qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024,
 )
 
 VAE_CONFIG = dict(
-    base_dim=16, z_dim=LATENT_CHANNELS, dim_mult=[1, 2, 4, 4], num_res_blocks=1,
+    base_dim=8, z_dim=LATENT_CHANNELS, dim_mult=[1, 2, 4, 4], num_res_blocks=1,
     attn_scales=[], temperal_downsample=[False, True, True],
     latents_mean=[0.0] * LATENT_CHANNELS, latents_std=[1.0] * LATENT_CHANNELS,
 )

@@ -1,0 +1,291 @@
+"""Train the `tiny` preset on synthetic shape clips so that it follows simple prompts.
+
+    python -m serving.models.train_tiny --out serving/models/weights/tiny --seed 0
+
+Three stages, all on the classes the service runs (built by serving/models/tiny.py):
+
+1. VAE (AutoencoderKLWan): reconstruction (MSE + L1, object pixels weighted up) plus a
+   small KL term, on random 9-frame windows of the clips (one causal first frame and two
+   4-frame chunks: every case the 17-frame clip uses).
+2. Latents: each 17-frame clip is encoded (posterior mean, 16x5x8x8). Their per-channel
+   mean and std go into the VAE config (latents_mean / latents_std), which is how
+   serving/pipeline/decode.py undoes the normalisation: z = z_norm * std + mean.
+3. DiT (WanTransformer3DModel) and text encoder (UMT5EncoderModel), jointly, with flow
+   matching in the sampler's convention: x_s = (1 - s) x0 + s noise, timestep = 1000 s,
+   target v = noise - x0, s = shift u / (1 + (shift - 1) u) with u uniform and shift 3
+   (the preset's). 10 % of captions are dropped to "" (the preset's negative prompt) so
+   classifier-free guidance works. Text embeddings are made exactly as
+   serving/pipeline/encode.py makes them (cleaned, padded to 128 tokens with EOS, rows past
+   the prompt zeroed). Small linear heads on the pooled text embedding predict the colour,
+   shape and direction as an auxiliary loss (the heads are thrown away afterwards).
+
+The result is a diffusers-format folder (WanPipeline.save_pretrained) that
+serving.models.loading loads with model.preset=tiny and model.path=<folder>.
+Everything is drawn from `seed`; runs with the same seed and thread count are identical.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from serving.models import synthetic, tiny
+from serving.models.presets import PRESETS
+
+PRESET = PRESETS["tiny"]
+
+
+def _lr_at(step: int, total: int, peak: float, warmup: int) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def _set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def train_vae(vae, videos: torch.Tensor, steps: int, generator: torch.Generator, *, batch: int = 4,
+              window: int = 9, lr: float = 1e-3, kl_weight: float = 1e-4, log: Callable[[str], None] = print):
+    """videos: uint8 (N, T, H, W, 3)."""
+    vae.train()
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
+    num, frames = videos.shape[0], videos.shape[1]
+    started, running = time.monotonic(), []
+    for step in range(steps):
+        _set_lr(optimizer, _lr_at(step, steps, lr, warmup=min(50, steps // 10 + 1)))
+        idx = torch.randint(num, (batch,), generator=generator)
+        start = int(torch.randint(frames - window + 1, (), generator=generator))
+        x = torch.stack([synthetic.to_model_range(videos[i, start:start + window]) for i in idx.tolist()])
+        posterior = vae.encode(x).latent_dist
+        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator)
+        recon = vae.decode(z).sample
+        # Object pixels (those away from the top-left corner's background colour) weigh more:
+        # they are ~5 % of the frame and carry all of the meaning.
+        background = x[:, :, :, :1, :1]
+        weight = 1.0 + 4.0 * ((x - background).abs().amax(dim=1, keepdim=True) > 0.1).float()
+        err = recon - x
+        rec_loss = (weight * (err.pow(2) + 0.5 * err.abs())).mean()
+        kl = 0.5 * (posterior.mean.pow(2) + posterior.var - 1.0 - posterior.logvar).mean()
+        loss = rec_loss + kl_weight * kl
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        optimizer.step()
+        running.append((rec_loss.item(), kl.item()))
+        if (step + 1) % 50 == 0 or step + 1 == steps:
+            r = sum(a for a, _ in running) / len(running)
+            k = sum(b for _, b in running) / len(running)
+            log(f"vae step {step + 1}/{steps} rec {r:.4f} kl {k:.3f} ({time.monotonic() - started:.0f} s)")
+            running = []
+    return vae.eval()
+
+
+@torch.no_grad()
+def encode_latents(vae, videos: torch.Tensor, batch: int = 8) -> torch.Tensor:
+    """Posterior means of whole clips: (N, C, T', H', W'), not normalised."""
+    out = []
+    for i in range(0, videos.shape[0], batch):
+        x = torch.stack([synthetic.to_model_range(v) for v in videos[i:i + batch]])
+        out.append(vae.encode(x).latent_dist.mean)
+    return torch.cat(out)
+
+
+class TextHeads(torch.nn.Module):
+    """Auxiliary classifiers on the pooled text embedding (training only)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.colour = torch.nn.Linear(dim, len(synthetic.COLOURS))
+        self.shape = torch.nn.Linear(dim, len(synthetic.SHAPES))
+        self.direction = torch.nn.Linear(dim, len(synthetic.DIRECTIONS))
+
+    def forward(self, pooled):
+        return self.colour(pooled), self.shape(pooled), self.direction(pooled)
+
+
+def _tokenize(tokenizer, prompts: list[str], max_len: int):
+    from diffusers.pipelines.wan.pipeline_wan import prompt_clean
+
+    tokens = tokenizer([prompt_clean(p) for p in prompts], padding="max_length", max_length=max_len,
+                       truncation=True, add_special_tokens=True, return_attention_mask=True, return_tensors="pt")
+    return tokens.input_ids, tokens.attention_mask
+
+
+def _embed(text_encoder, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """encode_text's embeddings, with gradients: the encoder runs only over the longest
+    prompt of the batch (masked keys make the padding irrelevant), then rows past each
+    prompt are zero, out to the full max_sequence_length."""
+    used = max(1, int(mask.sum(dim=1).max()))
+    hidden = text_encoder(ids[:, :used], mask[:, :used]).last_hidden_state
+    hidden = hidden * mask[:, :used].unsqueeze(-1).to(hidden.dtype)
+    return F.pad(hidden, (0, 0, 0, ids.shape[1] - used))
+
+
+class _EMA:
+    def __init__(self, modules: list[torch.nn.Module], decay: float):
+        self.decay = decay
+        self.params = [p for m in modules for p in m.parameters()]
+        self.shadow = [p.detach().clone() for p in self.params]
+
+    @torch.no_grad()
+    def update(self, step: int) -> None:
+        d = min(self.decay, (1 + step) / (10 + step))
+        for s, p in zip(self.shadow, self.params):
+            s.lerp_(p.detach(), 1 - d)
+
+    @torch.no_grad()
+    def copy_to_model(self) -> None:
+        for s, p in zip(self.shadow, self.params):
+            p.copy_(s)
+
+
+def train_dit(transformer, text_encoder, tokenizer, latents: torch.Tensor, combos: list[tuple[str, str, str]],
+              steps: int, generator: torch.Generator, *, batch: int = 32, lr: float = 5e-4,
+              caption_dropout: float = 0.1, shift: float = PRESET.defaults.shift, aux_weight: float = 0.1,
+              ema_decay: float = 0.998, log: Callable[[str], None] = print):
+    """latents: normalised (N, C, T', H', W'); combos[i] describes clip i."""
+    max_len = PRESET.defaults.max_sequence_length
+    colours, shapes, directions = list(synthetic.COLOURS), list(synthetic.SHAPES), list(synthetic.DIRECTIONS)
+    # Caption table: every phrasing of every combination present, then "" (the negative prompt).
+    keys = sorted(set(combos))
+    prompts = [synthetic.caption(c, s, d, v) for c, s, d in keys for v in range(synthetic.NUM_PHRASINGS)] + [""]
+    ids, mask = _tokenize(tokenizer, prompts, max_len)
+    key_index = {k: i for i, k in enumerate(keys)}
+    clip_key = torch.tensor([key_index[c] for c in combos])
+    labels = torch.tensor([[colours.index(c), shapes.index(s), directions.index(d)] for c, s, d in keys])
+    empty = len(prompts) - 1
+
+    heads = TextHeads(text_encoder.config.d_model)
+    # Dropout off (eval mode) for a model this small; gradients still flow.
+    transformer.eval(), text_encoder.eval()
+    params = list(transformer.parameters()) + list(text_encoder.parameters()) + list(heads.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=0.01)
+    ema = _EMA([transformer, text_encoder], ema_decay)
+    num = latents.shape[0]
+    started, running = time.monotonic(), []
+    for step in range(steps):
+        _set_lr(optimizer, _lr_at(step, steps, lr, warmup=200))
+        idx = torch.randint(num, (batch,), generator=generator)
+        x0 = latents[idx]
+        phrasing = torch.randint(synthetic.NUM_PHRASINGS, (batch,), generator=generator)
+        dropped = torch.rand(batch, generator=generator) < caption_dropout
+        key = clip_key[idx]
+        prompt_idx = torch.where(dropped, torch.full_like(key, empty), key * synthetic.NUM_PHRASINGS + phrasing)
+        u = torch.rand(batch, generator=generator)
+        s = shift * u / (1 + (shift - 1) * u)
+        noise = torch.randn(x0.shape, generator=generator)
+        sv = s.view(-1, 1, 1, 1, 1)
+        xt = (1 - sv) * x0 + sv * noise
+        embeds = _embed(text_encoder, ids[prompt_idx], mask[prompt_idx])
+        pred = transformer(hidden_states=xt, timestep=s * 1000, encoder_hidden_states=embeds, return_dict=False)[0]
+        fm_loss = F.mse_loss(pred, noise - x0)
+        kept = ~dropped
+        m = mask[prompt_idx][kept].unsqueeze(-1).float()
+        pooled = (embeds[kept] * F.pad(m, (0, 0, 0, embeds.shape[1] - m.shape[1]))).sum(1) / m.sum(1).clamp(min=1)
+        logits = heads(pooled)
+        target = labels[key[kept]]
+        aux = sum(F.cross_entropy(lg, target[:, j]) for j, lg in enumerate(logits)) / 3
+        loss = fm_loss + aux_weight * aux
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        ema.update(step)
+        running.append((fm_loss.item(), aux.item()))
+        if (step + 1) % 100 == 0 or step + 1 == steps:
+            f = sum(a for a, _ in running) / len(running)
+            a = sum(b for _, b in running) / len(running)
+            log(f"dit step {step + 1}/{steps} flow {f:.4f} aux {a:.3f} ({time.monotonic() - started:.0f} s)")
+            running = []
+    ema.copy_to_model()
+    for p in params:
+        p.requires_grad_(False)
+    return transformer.eval(), text_encoder.eval()
+
+
+def save_folder(out_dir: Path, tokenizer, text_encoder, vae, transformer) -> None:
+    from diffusers import UniPCMultistepScheduler, WanPipeline
+
+    scheduler = UniPCMultistepScheduler.from_config(tiny.SCHEDULER_CONFIG)
+    pipe = WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=scheduler,
+                       transformer=transformer)
+    pipe.save_pretrained(out_dir, safe_serialization=True)
+
+
+def train(out_dir: str | Path, seed: int = 0, *, num_clips: int = 1760, vae_steps: int = 800, dit_steps: int = 5000,
+          dit_batch: int = 32, threads: int | None = None, log: Callable[[str], None] = print) -> Path:
+    """Train the tiny preset from scratch and write a diffusers folder to `out_dir`.
+
+    Deterministic for a given seed (and thread count). Returns the folder. `threads` sets
+    torch's intra-op threads (None leaves torch's setting alone)."""
+    if threads is not None:
+        torch.set_num_threads(threads)
+    out_dir = Path(out_dir)
+    started = time.monotonic()
+    log(f"train-tiny: seed {seed}, {num_clips} clips, vae {vae_steps} steps, dit {dit_steps} steps x {dit_batch}, "
+        f"{torch.get_num_threads()} threads")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        generator = torch.Generator().manual_seed(seed)
+        clips = synthetic.make_clips(num_clips, seed)
+        videos = torch.stack([c.frames for c in clips])
+        combos = [(c.colour, c.shape, c.direction) for c in clips]
+        log(f"data: {len(clips)} clips of {len(set(combos))} training combinations "
+            f"({len(synthetic.HELD_OUT)} held out) ({time.monotonic() - started:.0f} s)")
+
+        vae = train_vae(tiny.build_vae(seed), videos, vae_steps, generator, log=log)
+        raw = encode_latents(vae, videos)
+        mean = raw.mean(dim=(0, 2, 3, 4))
+        std = raw.std(dim=(0, 2, 3, 4)).clamp(min=1e-3)
+        vae.register_to_config(latents_mean=[round(v, 6) for v in mean.tolist()],
+                               latents_std=[round(v, 6) for v in std.tolist()])
+        mean_t = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1)
+        std_t = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1)
+        latents = (raw - mean_t) / std_t
+        vae.save_pretrained(out_dir / "vae")  # early, so the VAE can be inspected while the DiT trains
+        log(f"latents {tuple(latents.shape[1:])}: raw std {raw.std().item():.3f}, per-channel std "
+            f"{std.min().item():.3f}..{std.max().item():.3f} ({time.monotonic() - started:.0f} s)")
+
+        tokenizer = tiny.build_tokenizer()
+        transformer, text_encoder = train_dit(
+            tiny.build_transformer(seed), tiny.build_text_encoder(seed), tokenizer, latents, combos,
+            dit_steps, generator, batch=dit_batch, log=log)
+
+    save_folder(out_dir, tokenizer, text_encoder, vae, transformer)
+    elapsed = time.monotonic() - started
+    info = dict(seed=seed, num_clips=num_clips, vae_steps=vae_steps, dit_steps=dit_steps, dit_batch=dit_batch,
+                threads=torch.get_num_threads(), wall_seconds=round(elapsed), torch=torch.__version__,
+                held_out=[list(c) for c in synthetic.HELD_OUT])
+    (out_dir / "training.json").write_text(json.dumps(info, indent=2) + "\n")
+    log(f"wrote {out_dir} in {elapsed:.0f} s")
+    return out_dir
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Train the tiny preset on synthetic shape clips")
+    parser.add_argument("--out", required=True, help="folder to write (diffusers layout)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--num-clips", type=int, default=1760)
+    parser.add_argument("--vae-steps", type=int, default=800)
+    parser.add_argument("--dit-steps", type=int, default=5000)
+    parser.add_argument("--dit-batch", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    args = parser.parse_args(argv)
+    train(args.out, seed=args.seed, num_clips=args.num_clips, vae_steps=args.vae_steps, dit_steps=args.dit_steps,
+          dit_batch=args.dit_batch, threads=args.threads, log=lambda m: print(m, flush=True))
+
+
+if __name__ == "__main__":
+    main()
