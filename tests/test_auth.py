@@ -78,7 +78,7 @@ def test_one_key_cannot_reach_another_keys_videos(secure):
     # A list cursor from another tenant is refused like an unknown id.
     response = requests.get(f"{secure[0].url}/v1/videos", params={"after": video.id},
                             headers={"Authorization": f"Bearer {KEYS['beta']}"})
-    assert response.status_code == 400 and response.json()["error"]["param"] == "after"
+    assert response.status_code == 404 and response.json()["error"]["param"] == "after"
     # The same Idempotency-Key from two tenants makes two videos, not a shared one.
     key = {"Idempotency-Key": "same-key-for-both"}
     a = alpha.videos.create(prompt="mine", extra_headers=key)

@@ -150,7 +150,7 @@ def create_api(config: ServiceConfig, jobs: VideoJobs,
     create_responses = {**errors, 409: {"model": ErrorEnvelope, "description": "Idempotency-Key reused."},
                         413: {"model": ErrorEnvelope}, 415: {"model": ErrorEnvelope},
                         429: {"model": ErrorEnvelope, "description": "Queue full or over a limit; see Retry-After."}}
-    body_schema = CreateVideoBody.model_json_schema()
+    body_schema = request_body_schema(config)
 
     @app.post("/v1/videos", response_model=Video, responses=create_responses, openapi_extra={"requestBody": {
         "required": True,
@@ -201,12 +201,13 @@ def create_api(config: ServiceConfig, jobs: VideoJobs,
             headers["Idempotent-Replayed"] = "true"
         return JSONResponse((await shaped(job)).model_dump(mode="json"), headers=headers)
 
-    @app.get("/v1/videos", response_model=VideoList, responses=errors)
-    async def list_videos(after: str | None = Query(default=None, max_length=64),
+    @app.get("/v1/videos", response_model=VideoList, responses={**errors, **not_found_doc})
+    async def list_videos(after: str | None = Query(default=None, pattern=r"^video_[0-9a-f]{32}$",
+                                                    description="A video id: the page starts after it."),
                           limit: int = Query(default=20, ge=1, le=100),
                           order: Literal["asc", "desc"] = "desc", who: Caller | None = Depends(caller)):
         if after is not None and await asyncio.to_thread(jobs.get, after, owner_of(who)) is None:
-            raise APIError(400, f"after: no video with id {after!r}", param="after", code="invalid_value")
+            raise APIError(404, f"after: no video with id {after!r}", param="after", code="video_not_found")
         records, has_more = await asyncio.to_thread(jobs.list, after, limit, order, owner_of(who))
         data = [video_from_job(job) for job in records]
         return VideoList(data=data, first_id=data[0].id if data else None, last_id=data[-1].id if data else None,
@@ -243,11 +244,8 @@ def create_api(config: ServiceConfig, jobs: VideoJobs,
 
     @app.get("/v1/videos/{video_id}/content", response_class=Response, responses=content_responses)
     async def download_content(request: Request, video_id: str,
-                               variant: Literal["video", "thumbnail", "spritesheet"] = "video",
+                               variant: Literal["video", "thumbnail"] = "video",
                                who: Caller | None = Depends(caller)):
-        if variant == "spritesheet":
-            raise APIError(400, "variant 'spritesheet' is not available here; use 'video' or 'thumbnail'",
-                           param="variant", code="unsupported_value")
         try:
             found = await asyncio.to_thread(jobs.content_key, video_id, variant, owner_of(who))
         except NotReady as exc:
@@ -320,6 +318,39 @@ def create_api(config: ServiceConfig, jobs: VideoJobs,
                             status_code=200 if ready else 503)
 
     return app
+
+
+def request_body_schema(config: ServiceConfig) -> dict[str, Any]:
+    """CreateVideoBody's JSON schema plus the limits `build_spec` enforces from the config, so
+    the OpenAPI document tells clients (and schemathesis) the truth. Rules that span fields
+    (size multiples, seconds x fps, pixel budget) stay in the error messages."""
+    schema = CreateVideoBody.model_json_schema()
+    g = config.generation
+    limits = {
+        "prompt": {"minLength": 1, "maxLength": g.max_prompt_chars},
+        "model": {"enum": sorted({config.server.model_name or config.model.preset, config.model.preset})},
+        "negative_prompt": {"maxLength": g.max_prompt_chars},
+        "size": {"pattern": r"^[0-9]+x[0-9]+$"},
+        "num_inference_steps": {"minimum": 1, "maximum": g.max_steps},
+        "guidance_scale": {"minimum": 0, "maximum": 50},
+        "fps": {"minimum": 1, "maximum": 120},
+        "seed": {"minimum": 0, "maximum": 2**63 - 1},
+        "priority": {"minimum": -100, "maximum": 100},
+        "webhook_url": {"maxLength": 2048},
+    }
+    for name, rules in limits.items():
+        field = schema["properties"][name]
+        for option in field.get("anyOf", [field]):
+            if option.get("type") in ("string", "integer", "number"):
+                option.update({k: v for k, v in rules.items()
+                               if option["type"] == "string" or k in ("minimum", "maximum")})
+    # Image-to-video is not served: the field exists only so the SDK's requests parse.
+    schema["properties"]["input_reference"] = {"type": "null", "description": "Not supported (text-to-video only)."}
+    schema["properties"]["seconds"]["anyOf"] = [{"type": "number", "exclusiveMinimum": 0,
+                                                 "maximum": g.max_seconds},
+                                                {"type": "string", "pattern": r"^[0-9]+(\.[0-9]+)?$"},
+                                                {"type": "null"}]
+    return schema
 
 
 async def _read_body(request: Request, max_bytes: int) -> dict[str, Any]:
