@@ -144,3 +144,29 @@ def test_render_refuses_paths_that_mean_nothing_in_a_pod(tmp_path):
                             capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 2
     assert "storage.job_store_url is a relative path" in result.stderr
+
+
+def test_api_keys_are_on_and_come_from_a_secret(rendered):
+    """Both overlays serve with auth on; the head pod (Gateway) gets the key hashes from a
+    Secret, and those replace the placeholder that no key matches."""
+    from serving.auth import ApiKeys, AuthError, key_digest
+    from serving.config import config_from_dict
+
+    overlay, docs = rendered
+    args = serve_config_of(docs)["applications"][0]["args"]["config"]
+    assert args["auth"]["enabled"] is True
+    [service] = by_kind(docs, "RayService")
+    head = service["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    secrets = [source["secretRef"]["name"] for source in head["envFrom"]]
+    assert secrets
+
+    key = "dsk-from-the-secret"
+    from_secret = {"DITSERVE_AUTH__KEYS": f"[{{name: me, sha256: {key_digest(key)}}}]"}
+    keys = ApiKeys(config_from_dict(args, source=f"{overlay} serveConfigV2", environ=from_secret).auth)
+    assert keys.authenticate(f"Bearer {key}").name == "me"
+    with pytest.raises(AuthError):  # without the Secret nobody gets in
+        ApiKeys(config_from_dict(args, source=f"{overlay} serveConfigV2", environ={}).auth).authenticate(f"Bearer {key}")
+    if overlay == "prod":
+        example = yaml.safe_load((KUBERNETES / "overlays/prod/secret.example.yaml").read_text())
+        assert example["metadata"]["name"] in secrets
+        assert {"DITSERVE_AUTH__KEYS", "DITSERVE_WEBHOOKS__SECRET"} <= set(example["stringData"])
