@@ -20,6 +20,11 @@ class VideoUser(HttpUser):
     per_user_interval_s: float = 10.0
     body: dict = {}
     log: JobLog | None = None
+    api_key: str | None = None  # sent as `Authorization: Bearer` when the service has auth on
+
+    def on_start(self) -> None:
+        if self.api_key:
+            self.client.headers["Authorization"] = f"Bearer {self.api_key}"
 
     def wait_time(self) -> float:
         return random.expovariate(1.0 / self.per_user_interval_s)

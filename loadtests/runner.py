@@ -46,13 +46,14 @@ def denoiser_replicas(metrics_url: str, application: str) -> float | None:
 
 
 def run(url: str, profile: str, minutes: float, out: Path, rate_per_min: float, size: str, seconds: str,
-        steps: int, metrics_url: str | None, application: str = "ditserve") -> dict:
+        steps: int, metrics_url: str | None, application: str = "ditserve", api_key: str | None = None) -> dict:
     duration = minutes * 60.0
     log = JobLog(started_at=time.time())
     VideoUser.per_user_interval_s = 60.0 * BASE_USERS / rate_per_min
     VideoUser.body = {"prompt": "a red ball moving right", "size": size, "seconds": seconds,
                       "num_inference_steps": steps}
     VideoUser.log = log
+    VideoUser.api_key = api_key
     environment = Environment(user_classes=[VideoUser], shape_class=ArrivalShape(profile, duration), host=url,
                               stop_timeout=60)
     runner = environment.create_local_runner()

@@ -73,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--metrics-url", default="http://127.0.0.1:8080/metrics",
                       help="Ray's Prometheus endpoint, for the Denoiser replica count ('' to skip)")
     load.add_argument("--application", default="ditserve", help="Serve application name (for replica counts)")
+    load.epilog = "With API keys on, put the key in DITSERVE_API_KEY (not on the command line, where ps shows it)."
 
     k8s = sub.add_parser("k8s", help="Kubernetes manifests derived from the config")
     k8s_sub = k8s.add_subparsers(dest="k8s", required=True, parser_class=_Parser)
@@ -282,7 +283,8 @@ def _loadtest(args) -> int:
               file=sys.stderr)
         return EXIT_USAGE
     summary = run(args.url.rstrip("/"), args.profile, args.minutes, args.out, args.rate, args.size, args.seconds,
-                  args.steps, args.metrics_url or None, args.application)
+                  args.steps, args.metrics_url or None, args.application,
+                  api_key=os.environ.get("DITSERVE_API_KEY") or None)
     import json
 
     print(json.dumps(summary, indent=2))
