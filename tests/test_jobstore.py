@@ -122,3 +122,66 @@ def test_claim_takes_higher_priority_first(store):
     high, _ = store.create(high_record)
     assert [j.id for j in store.claim("d", 30, 1)] == [high.id]
     assert store.queue_position(low.id) == 1
+
+
+def test_terminal_state_writes_its_webhook_event_in_the_same_transaction(store):
+    record = job()
+    record.webhook_url = "http://127.0.0.1:9/hook"
+    store.create(record)
+    store.update(record.id, None, status=JobStatus.IN_PROGRESS)
+    assert store.webhook_events_of(record.id) == []  # only a finished job announces itself
+    store.update(record.id, None, status=JobStatus.COMPLETED)
+    [event] = store.webhook_events_of(record.id)
+    assert (event.type, event.url, event.attempts) == ("video.completed", record.webhook_url, 0)
+    assert f'"data":{{"id":"{record.id}"}}' in event.body
+
+    now = time.time()
+    [claimed] = store.claim_webhooks(limit=10, hold_seconds=60, now=now)
+    assert claimed.id == event.id and claimed.attempts == 1
+    assert store.claim_webhooks(limit=10, hold_seconds=60, now=now) == []  # held by the first sender
+    store.webhook_attempted(event.id, delivered=False, error="HTTP 500", retry_at=now + 5)
+    assert store.claim_webhooks(limit=10, hold_seconds=60, now=now + 1) == []
+    [again] = store.claim_webhooks(limit=10, hold_seconds=60, now=now + 6)
+    assert (again.id, again.body, again.attempts) == (event.id, event.body, 2)  # same event, same bytes
+    store.webhook_attempted(event.id, delivered=True)
+    assert store.claim_webhooks(limit=10, hold_seconds=60, now=now + 3600) == []
+    assert store.webhook_events_of(record.id)[0].delivered_at is not None
+    assert store.prune_webhook_events(older_than=now - 60) == 0
+    assert store.prune_webhook_events(older_than=now + 60) == 1
+
+
+def test_cancelling_a_queued_job_announces_it(store):
+    record = job()
+    record.webhook_url = "http://127.0.0.1:9/hook"
+    store.create(record)
+    store.request_cancel(record.id)
+    assert [e.type for e in store.webhook_events_of(record.id)] == ["video.failed"]
+
+
+def test_owner_scoped_lists_and_active_counts(store):
+    mine, theirs = job("mine"), job("theirs")
+    mine.owner, theirs.owner = "alpha", "beta"
+    store.create(mine)
+    store.create(theirs)
+    assert [j.id for j in store.list(owner="alpha")[0]] == [mine.id]
+    assert store.count_active("alpha") == 1
+    store.update(mine.id, None, status=JobStatus.COMPLETED)
+    assert store.count_active("alpha") == 0 and store.count_active("beta") == 1
+
+
+def test_a_store_made_before_owners_and_webhooks_is_upgraded_in_place(tmp_path):
+    import sqlalchemy as sa
+
+    url = f"sqlite:///{tmp_path}/old.db"
+    old = sa.MetaData()
+    sa.Table("jobs", old, *[sa.Column(c.name, c.type, primary_key=c.primary_key, nullable=c.nullable)
+                            for c in metadata.tables["jobs"].columns if c.name not in ("owner", "webhook_url")])
+    engine = sa.create_engine(url)
+    old.create_all(engine)
+    engine.dispose()
+    store = JobStore(url)
+    record = job()
+    record.owner = "alpha"
+    store.create(record)
+    assert store.get(record.id).owner == "alpha"
+    store.close()

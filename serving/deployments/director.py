@@ -34,6 +34,7 @@ MAX_ATTEMPTS = 3  # claims of one job before it is failed rather than retried ag
 RETENTION_SWEEP_SECONDS = 60.0
 JOB_GAUGE_SECONDS = 2.0
 WEBHOOK_POLL_SECONDS = 0.5
+WEBHOOK_EVENTS_KEPT_SECONDS = 7 * 24 * 3600.0  # settled events stay this long, for inspection
 
 
 class JobCancelled(Exception):
@@ -142,9 +143,13 @@ class Director:
                     logger.exception("renewing the lease on %s failed", job_id)
 
     async def _deliver_webhooks_forever(self) -> None:
+        next_prune = 0.0
         while True:
             try:
                 await self.webhooks.send_due()
+                if time.monotonic() >= next_prune:
+                    next_prune = time.monotonic() + RETENTION_SWEEP_SECONDS
+                    await asyncio.to_thread(self.store.prune_webhook_events, time.time() - WEBHOOK_EVENTS_KEPT_SECONDS)
             except Exception:
                 logger.exception("delivering webhooks failed; retrying")
             await asyncio.sleep(WEBHOOK_POLL_SECONDS)

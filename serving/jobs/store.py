@@ -343,6 +343,12 @@ class JobStore:
         with self.engine.begin() as conn:
             conn.execute(webhook_events.update().where(webhook_events.c.id == event_id).values(**values))
 
+    def prune_webhook_events(self, older_than: float) -> int:
+        """Forget events that are settled (delivered or given up) and older than `older_than`."""
+        with self.engine.begin() as conn:
+            return conn.execute(webhook_events.delete().where(webhook_events.c.next_attempt_at.is_(None),
+                                                              webhook_events.c.created_at < older_than)).rowcount
+
     def webhook_events_of(self, job_id: str) -> list[WebhookEvent]:
         with self.engine.connect() as conn:
             rows = conn.execute(sa.select(webhook_events).where(webhook_events.c.job_id == job_id)
