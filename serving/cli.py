@@ -86,6 +86,15 @@ def build_parser() -> argparse.ArgumentParser:
     cfg = sub.add_parser("config", help="validate a config file and print the resolved settings")
     _add_config(cfg)
 
+    train = sub.add_parser("train-tiny", help="train the tiny preset on synthetic shape clips (CPU, well under an hour)")
+    train.add_argument("--out", type=Path, default=Path("tiny-model"),
+                       help="folder to write, diffusers layout (default ./tiny-model; serve it with "
+                            "DITSERVE_MODEL__PATH, or copy it over serving/models/weights/tiny)")
+    train.add_argument("--seed", type=int, default=0, help="the whole run follows from it (default 0)")
+    train.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    train.add_argument("--vae-steps", type=int, default=None, help="(default: the shipped model's)")
+    train.add_argument("--dit-steps", type=int, default=None, help="(default: the shipped model's)")
+
     keys = sub.add_parser("keys", help="make an API key or a webhook signing secret")
     keys_sub = keys.add_subparsers(dest="keys", required=True, parser_class=_Parser)
     create = keys_sub.add_parser("create", help="a new API key, and the auth.keys entry that admits it")
@@ -104,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
         return _loadtest(args)
     if args.command == "keys":  # makes secrets: no config needed
         return _keys(args)
+    if args.command == "train-tiny":  # its own fixed recipe: no config needed
+        return _train_tiny(args)
     from serving.config import ConfigError, load_config
 
     try:
@@ -121,6 +132,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "k8s":
         return _k8s(args)
     return _generate(args, config)
+
+
+def _train_tiny(args) -> int:
+    _quiet_libraries()
+    from serving.models.train_tiny import train
+
+    steps = {name: value for name, value in (("vae_steps", args.vae_steps), ("dit_steps", args.dit_steps))
+             if value is not None}
+    if any(value < 1 for value in steps.values()):
+        print("ditserve train-tiny: error: --vae-steps and --dit-steps must be at least 1", file=sys.stderr)
+        return EXIT_USAGE
+    train(args.out, seed=args.seed, threads=args.threads, log=lambda line: print(line, flush=True), **steps)
+    return 0
 
 
 def _keys(args) -> int:

@@ -26,7 +26,7 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_default=True)
 
 
-PresetName = Literal["tiny", "wan2.1-t2v-1.3b", "wan2.1-t2v-14b"]
+PresetName = Literal["tiny", "tiny-random", "wan2.1-t2v-1.3b", "wan2.1-t2v-14b"]
 
 
 class ModelConfig(_Section):
@@ -43,7 +43,7 @@ class ModelConfig(_Section):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         default="auto", description="'auto' takes the preset's dtype (tiny: float32, wan2.1: bfloat16)."
     )
-    seed: int = Field(default=0, description="Seed the tiny preset's weights are built from.")
+    seed: int = Field(default=0, description="Seed the tiny-random preset's weights are built from.")
     attention_backend: Literal["auto", "triton", "xformers", "sdpa"] = Field(
         default="auto", description="DiT attention: our Triton kernel on CUDA when 'auto'; see kernels/dispatch.py.")
 

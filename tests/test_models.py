@@ -1,5 +1,6 @@
-"""Model presets: the tiny one is built locally and deterministically; the wan2.1 ones load
-from a local diffusers folder, with one clear error for a missing or incomplete folder."""
+"""Model presets: `tiny` loads the trained weights shipped in the package, `tiny-random` is
+built locally and deterministically from a seed; the wan2.1 ones load from a local
+diffusers folder, with one clear error for a missing or incomplete folder."""
 
 from __future__ import annotations
 
@@ -27,12 +28,28 @@ def test_tiny_is_built_from_diffusers_and_transformers_wan_classes(tiny_pipeline
     assert type(tiny_pipeline.text.tokenizer).__name__ == "ByT5Tokenizer"
 
 
-def test_tiny_components_are_deterministic_and_built_alone():
-    config = ModelConfig()
+def test_tiny_random_components_are_deterministic_and_built_alone():
+    config = ModelConfig(preset="tiny-random")
     assert same_weights(load_transformer(config), load_transformer(config))
     assert same_weights(load_vae(config), load_vae(config))
     assert same_weights(load_text_encoder(config).model, load_text_encoder(config).model)
-    assert not same_weights(load_transformer(config), load_transformer(ModelConfig(seed=1)))
+    assert not same_weights(load_transformer(config), load_transformer(ModelConfig(preset="tiny-random", seed=1)))
+
+
+def test_tiny_loads_the_weights_shipped_in_the_package():
+    from pathlib import Path
+
+    import serving.models
+
+    folder = check_model_folder(ModelConfig())
+    assert folder == Path(serving.models.__file__).parent / "weights" / "tiny"
+    size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+    assert size <= 20 * 2**20
+    assert {f.suffix for f in folder.rglob("*diffusion_pytorch_model*")} == {".safetensors"}
+    # Same architecture as the random variant, other weights.
+    trained, random = load_transformer(ModelConfig()), load_transformer(ModelConfig(preset="tiny-random"))
+    assert trained.state_dict().keys() == random.state_dict().keys()
+    assert not same_weights(trained, random)
 
 
 def test_building_tiny_leaves_the_global_rng_alone():

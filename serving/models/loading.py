@@ -45,6 +45,12 @@ def preset_of(cfg: ModelConfig) -> Preset:
 def check_model_folder(cfg: ModelConfig) -> Path | None:
     """Return the folder to load from (None for presets built in code), or raise ModelFolderError."""
     preset = preset_of(cfg)
+    if cfg.path is None and preset.bundled is not None:
+        folder = Path(__file__).parent / preset.bundled
+        if not folder.is_dir():
+            raise ModelFolderError(f"the {preset.name!r} weights shipped with ditserve are missing from "
+                                   f"{str(folder)!r}; reinstall the package or rebuild them with `ditserve train-tiny`")
+        return _complete(folder)
     if cfg.path is None:
         if preset.needs_folder:
             raise ModelFolderError(
@@ -55,6 +61,10 @@ def check_model_folder(cfg: ModelConfig) -> Path | None:
     folder = Path(cfg.path).expanduser()
     if not folder.is_dir():
         raise ModelFolderError(f"model.path {str(folder)!r} does not exist or is not a folder")
+    return _complete(folder)
+
+
+def _complete(folder: Path) -> Path:
     missing = [
         f"{what} ({' or '.join(options)})"
         for what, options in EXPECTED_LAYOUT

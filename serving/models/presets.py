@@ -1,7 +1,8 @@
 """Model presets: what each named model is, its request defaults, and its geometry.
 
-A preset says what to serve; the weights come either from code (`tiny`, built locally from
-a seed) or from a local diffusers-format folder (`wan2.1-*`). Geometry lives here, not in
+A preset says what to serve; the weights come from a folder shipped with the package
+(`tiny`, trained by `ditserve train-tiny`), from code (`tiny-random`, built from a seed), or
+from a local diffusers-format folder (`wan2.1-*`). Geometry lives here, not in
 the loaded modules, so the API can validate a request without holding a model.
 """
 
@@ -50,12 +51,27 @@ class Preset:
     # batched step at the default size on the hardware the preset is meant for).
     typical_step_seconds: float
     geometry: Geometry = Geometry()
+    # A diffusers-format folder shipped inside the package (under serving/models/weights/),
+    # used when model.path is not set.
+    bundled: str | None = None
 
 
 PRESETS: dict[str, Preset] = {
     "tiny": Preset(
         name="tiny",
-        description="Wan2.1 architecture at toy size, built locally from a seed; runs on a laptop CPU in seconds",
+        description="Wan2.1 architecture at toy size, trained on synthetic shape clips (ships with ditserve); runs on a laptop CPU in seconds",
+        dtype="float32",
+        needs_folder=False,
+        defaults=GenerationDefaults(
+            size="64x64", seconds=1.0, fps=16, num_inference_steps=8, guidance_scale=5.0,
+            shift=3.0, negative_prompt="", max_sequence_length=128,
+        ),
+        typical_step_seconds=0.02,
+        bundled="weights/tiny",
+    ),
+    "tiny-random": Preset(
+        name="tiny-random",
+        description="the tiny architecture with random weights built from model.seed: coloured noise, for tests",
         dtype="float32",
         needs_folder=False,
         defaults=GenerationDefaults(

@@ -5,8 +5,12 @@
 Three stages, all on the classes the service runs (built by serving/models/tiny.py):
 
 1. VAE (AutoencoderKLWan): reconstruction (MSE + L1, object pixels weighted up) plus a
-   small KL term, on random 9-frame windows of the clips (one causal first frame and two
-   4-frame chunks: every case the 17-frame clip uses).
+   small KL term, on whole 64x64 frames, 2 clips a step (batch > 1 also puts conv3d on
+   oneDNN): 5-frame windows (the causal first frame and one 4-frame chunk) on 3 steps of
+   4 and whole 17-frame clips on every 4th, so the later chunks and their caches are fitted
+   too. (Tried and dropped: 9-frame windows only left the last chunks of a 17-frame clip
+   off-colour; 32x32 crops made the mid-block attention see 4x4 latent grids instead of 8x8
+   and whole frames came back tinted; 500 steps of 4 whole clips left colours washed out.)
 2. Latents: each 17-frame clip is encoded (posterior mean, 16x5x8x8). Their per-channel
    mean and std go into the VAE config (latents_mean / latents_std), which is how
    serving/pipeline/decode.py undoes the normalisation: z = z_norm * std + mean.
@@ -54,18 +58,39 @@ def _set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
-def train_vae(vae, videos: torch.Tensor, steps: int, generator: torch.Generator, *, batch: int = 4,
-              window: int = 9, lr: float = 1e-3, kl_weight: float = 1e-4, log: Callable[[str], None] = print):
+def _crop_on_object(clip: torch.Tensor, crop: int, generator: torch.Generator) -> torch.Tensor:
+    """A crop x crop window of a (T, H, W, 3) clip around the object in its middle frame,
+    shifted at random by up to a quarter of the crop (the VAE is convolutional: small crops
+    teach it the same thing at a quarter of the cost of whole frames)."""
+    size = clip.shape[1]
+    if crop >= size:
+        return clip
+    frame = clip[clip.shape[0] // 2].float()
+    foreground = (frame - frame[0, 0]).abs().amax(dim=-1) > 25
+    ys, xs = foreground.nonzero(as_tuple=True)
+    cy, cx = (ys.float().mean().item(), xs.float().mean().item()) if len(ys) else (size / 2, size / 2)
+    jitter = torch.randint(-(crop // 4), crop // 4 + 1, (2,), generator=generator).tolist()
+    top = int(min(max(round(cy) - crop // 2 + jitter[0], 0), size - crop))
+    left = int(min(max(round(cx) - crop // 2 + jitter[1], 0), size - crop))
+    return clip[:, top:top + crop, left:left + crop]
+
+
+def train_vae(vae, videos: torch.Tensor, steps: int, generator: torch.Generator, *, batch: int = 2,
+              window: int = 5, full_every: int = 4, crop: int = 64, lr: float = 1.5e-3, kl_weight: float = 1e-4, log: Callable[[str], None] = print):
     """videos: uint8 (N, T, H, W, 3)."""
     vae.train()
     optimizer = torch.optim.AdamW(vae.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
     num, frames = videos.shape[0], videos.shape[1]
     started, running = time.monotonic(), []
     for step in range(steps):
-        _set_lr(optimizer, _lr_at(step, steps, lr, warmup=min(50, steps // 10 + 1)))
+        _set_lr(optimizer, _lr_at(step, steps, lr, warmup=min(30, steps // 10 + 1)))
+        # Mostly short windows (the first frame and one 4-frame chunk: cheap, many steps), and
+        # every `full_every`-th step whole clips, so the later chunks and caches are fitted too.
+        length = frames if step % full_every == full_every - 1 else window
         idx = torch.randint(num, (batch,), generator=generator)
-        start = int(torch.randint(frames - window + 1, (), generator=generator))
-        x = torch.stack([synthetic.to_model_range(videos[i, start:start + window]) for i in idx.tolist()])
+        start = int(torch.randint(frames - length + 1, (), generator=generator))
+        x = torch.stack([synthetic.to_model_range(_crop_on_object(videos[i, start:start + length], crop, generator))
+                         for i in idx.tolist()])
         posterior = vae.encode(x).latent_dist
         z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator)
         recon = vae.decode(z).sample
@@ -224,7 +249,7 @@ def save_folder(out_dir: Path, tokenizer, text_encoder, vae, transformer) -> Non
     pipe.save_pretrained(out_dir, safe_serialization=True)
 
 
-def train(out_dir: str | Path, seed: int = 0, *, num_clips: int = 1760, vae_steps: int = 800, dit_steps: int = 5000,
+def train(out_dir: str | Path, seed: int = 0, *, num_clips: int = 1320, vae_steps: int = 2000, dit_steps: int = 5000,
           dit_batch: int = 32, threads: int | None = None, log: Callable[[str], None] = print) -> Path:
     """Train the tiny preset from scratch and write a diffusers folder to `out_dir`.
 
@@ -277,8 +302,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Train the tiny preset on synthetic shape clips")
     parser.add_argument("--out", required=True, help="folder to write (diffusers layout)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--num-clips", type=int, default=1760)
-    parser.add_argument("--vae-steps", type=int, default=800)
+    parser.add_argument("--num-clips", type=int, default=1320)
+    parser.add_argument("--vae-steps", type=int, default=2000)
     parser.add_argument("--dit-steps", type=int, default=5000)
     parser.add_argument("--dit-batch", type=int, default=32)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
