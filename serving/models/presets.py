@@ -8,6 +8,7 @@ the loaded modules, so the API can validate a request without holding a model.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 # Wan's own default negative prompt (from the Wan2.1 release), used by the wan2.1 presets.
@@ -56,30 +57,26 @@ class Preset:
     bundled: str | None = None
 
 
+# The two tiny presets are one architecture: the trained weights, and random ones.
+_TINY = Preset(
+    name="tiny",
+    description="Wan2.1 architecture at toy size, trained on synthetic shape clips (ships with ditserve); "
+                "runs on a laptop CPU in seconds",
+    dtype="float32",
+    needs_folder=False,
+    defaults=GenerationDefaults(
+        size="64x64", seconds=1.0, fps=16, num_inference_steps=8, guidance_scale=5.0,
+        shift=3.0, negative_prompt="", max_sequence_length=128,
+    ),
+    typical_step_seconds=0.02,
+    bundled="weights/tiny",
+)
+
 PRESETS: dict[str, Preset] = {
-    "tiny": Preset(
-        name="tiny",
-        description="Wan2.1 architecture at toy size, trained on synthetic shape clips (ships with ditserve); runs on a laptop CPU in seconds",
-        dtype="float32",
-        needs_folder=False,
-        defaults=GenerationDefaults(
-            size="64x64", seconds=1.0, fps=16, num_inference_steps=8, guidance_scale=5.0,
-            shift=3.0, negative_prompt="", max_sequence_length=128,
-        ),
-        typical_step_seconds=0.02,
-        bundled="weights/tiny",
-    ),
-    "tiny-random": Preset(
-        name="tiny-random",
-        description="the tiny architecture with random weights built from model.seed: coloured noise, for tests",
-        dtype="float32",
-        needs_folder=False,
-        defaults=GenerationDefaults(
-            size="64x64", seconds=1.0, fps=16, num_inference_steps=8, guidance_scale=5.0,
-            shift=3.0, negative_prompt="", max_sequence_length=128,
-        ),
-        typical_step_seconds=0.02,
-    ),
+    "tiny": _TINY,
+    "tiny-random": dataclasses.replace(
+        _TINY, name="tiny-random", bundled=None,
+        description="the tiny architecture with random weights built from model.seed: coloured noise, for tests"),
     "wan2.1-t2v-1.3b": Preset(
         name="wan2.1-t2v-1.3b",
         description="Wan2.1 T2V 1.3B from a local diffusers folder (480p)",
