@@ -15,7 +15,7 @@ import secrets
 import time
 from dataclasses import dataclass
 
-from limits import RateLimitItemPerMinute
+from limits import RateLimitItem, RateLimitItemPerMinute
 from limits.storage import MemoryStorage
 from limits.strategies import MovingWindowRateLimiter
 
@@ -43,16 +43,18 @@ class Caller:
     name: str
     requests_per_minute: int
     max_concurrent_jobs: int
+    rate: RateLimitItem  # the limiter's form of requests_per_minute
 
 
 class ApiKeys:
     def __init__(self, config: AuthConfig):
         self.enabled = config.enabled
-        self._by_digest = {
-            key.sha256: Caller(key.name, key.requests_per_minute or config.requests_per_minute,
-                               key.max_concurrent_jobs or config.max_concurrent_jobs)
-            for key in config.keys
-        }
+        self._by_digest = {}
+        for key in config.keys:
+            per_minute = key.requests_per_minute or config.requests_per_minute
+            self._by_digest[key.sha256] = Caller(key.name, per_minute,
+                                                 key.max_concurrent_jobs or config.max_concurrent_jobs,
+                                                 RateLimitItemPerMinute(per_minute))
         self._limiter = MovingWindowRateLimiter(MemoryStorage())
 
     def authenticate(self, authorization: str | None) -> Caller:
@@ -68,8 +70,7 @@ class ApiKeys:
 
     def retry_after(self, caller: Caller) -> int | None:
         """Count one request against the caller's rate; None if allowed, else seconds to wait."""
-        item = RateLimitItemPerMinute(caller.requests_per_minute)
-        if self._limiter.hit(item, caller.name):
+        if self._limiter.hit(caller.rate, caller.name):
             return None
-        reset = self._limiter.get_window_stats(item, caller.name).reset_time
+        reset = self._limiter.get_window_stats(caller.rate, caller.name).reset_time
         return max(1, math.ceil(reset - time.time()))

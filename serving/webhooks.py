@@ -60,14 +60,14 @@ def check_webhook_url(url: object, config: WebhooksConfig) -> str:
     return url
 
 
-def signed_headers(secret: str, event_id: str, body: str, now: float) -> dict[str, str]:
+def signed_headers(signer: Webhook, event_id: str, body: str, now: float) -> dict[str, str]:
     """The Standard Webhooks headers of one attempt (the timestamp is the attempt's)."""
     timestamp = datetime.fromtimestamp(int(now), tz=timezone.utc)
     return {
         "content-type": "application/json",
         "webhook-id": event_id,
         "webhook-timestamp": str(int(now)),
-        "webhook-signature": Webhook(secret).sign(event_id, timestamp, body),
+        "webhook-signature": signer.sign(event_id, timestamp, body),
         "user-agent": "ditserve-webhooks/1",
     }
 
@@ -83,11 +83,12 @@ class WebhookSender:
     def __init__(self, store: JobStore, config: WebhooksConfig, on_attempt=None):
         self.store, self.config = store, config
         self.on_attempt = on_attempt  # called with "delivered" | "retry" | "gave_up"
+        self._signer = Webhook(config.secret) if config.secret is not None else None
         self._session = None
 
     async def send_due(self, limit: int = 32) -> int:
         """Attempt every due event once; returns how many were attempted."""
-        if self.config.secret is None:
+        if self._signer is None:
             return 0
         hold = self.config.timeout_seconds + 30  # longer than one attempt can take
         events = await asyncio.to_thread(self.store.claim_webhooks, limit, hold)
@@ -100,7 +101,7 @@ class WebhookSender:
 
         if self._session is None:
             self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.config.timeout_seconds))
-        headers = signed_headers(self.config.secret, event.id, event.body, time.time())
+        headers = signed_headers(self._signer, event.id, event.body, time.time())
         error = None
         try:
             # No redirects: a signed event goes only where the job asked.

@@ -42,6 +42,7 @@ import torch.nn.functional as F
 
 from serving.models import synthetic, tiny
 from serving.models.presets import PRESETS
+from serving.pipeline.encode import tokenize, zero_padding
 
 PRESET = PRESETS["tiny"]
 
@@ -51,6 +52,11 @@ def _lr_at(step: int, total: int, peak: float, warmup: int) -> float:
         return peak * (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def _column_means(rows: list[tuple[float, ...]]) -> list[float]:
+    """Mean of each loss over the steps since the last log line."""
+    return [sum(column) / len(rows) for column in zip(*rows)]
 
 
 def _set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
@@ -108,8 +114,7 @@ def train_vae(vae, videos: torch.Tensor, steps: int, generator: torch.Generator,
         optimizer.step()
         running.append((rec_loss.item(), kl.item()))
         if (step + 1) % 50 == 0 or step + 1 == steps:
-            r = sum(a for a, _ in running) / len(running)
-            k = sum(b for _, b in running) / len(running)
+            r, k = _column_means(running)
             log(f"vae step {step + 1}/{steps} rec {r:.4f} kl {k:.3f} ({time.monotonic() - started:.0f} s)")
             running = []
     return vae.eval()
@@ -138,21 +143,12 @@ class TextHeads(torch.nn.Module):
         return self.colour(pooled), self.shape(pooled), self.direction(pooled)
 
 
-def _tokenize(tokenizer, prompts: list[str], max_len: int):
-    from diffusers.pipelines.wan.pipeline_wan import prompt_clean
-
-    tokens = tokenizer([prompt_clean(p) for p in prompts], padding="max_length", max_length=max_len,
-                       truncation=True, add_special_tokens=True, return_attention_mask=True, return_tensors="pt")
-    return tokens.input_ids, tokens.attention_mask
-
-
 def _embed(text_encoder, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """encode_text's embeddings, with gradients: the encoder runs only over the longest
     prompt of the batch (masked keys make the padding irrelevant), then rows past each
     prompt are zero, out to the full max_sequence_length."""
     used = max(1, int(mask.sum(dim=1).max()))
-    hidden = text_encoder(ids[:, :used], mask[:, :used]).last_hidden_state
-    hidden = hidden * mask[:, :used].unsqueeze(-1).to(hidden.dtype)
+    hidden = zero_padding(text_encoder(ids[:, :used], mask[:, :used]).last_hidden_state, mask[:, :used])
     return F.pad(hidden, (0, 0, 0, ids.shape[1] - used))
 
 
@@ -184,7 +180,7 @@ def train_dit(transformer, text_encoder, tokenizer, latents: torch.Tensor, combo
     # Caption table: every phrasing of every combination present, then "" (the negative prompt).
     keys = sorted(set(combos))
     prompts = [synthetic.caption(c, s, d, v) for c, s, d in keys for v in range(synthetic.NUM_PHRASINGS)] + [""]
-    ids, mask = _tokenize(tokenizer, prompts, max_len)
+    ids, mask = tokenize(tokenizer, prompts, max_len)
     key_index = {k: i for i, k in enumerate(keys)}
     clip_key = torch.tensor([key_index[c] for c in combos])
     labels = torch.tensor([[colours.index(c), shapes.index(s), directions.index(d)] for c, s, d in keys])
@@ -230,8 +226,7 @@ def train_dit(transformer, text_encoder, tokenizer, latents: torch.Tensor, combo
         ema.update(step)
         running.append((fm_loss.item(), aux.item()))
         if (step + 1) % 100 == 0 or step + 1 == steps:
-            f = sum(a for a, _ in running) / len(running)
-            a = sum(b for _, b in running) / len(running)
+            f, a = _column_means(running)
             log(f"dit step {step + 1}/{steps} flow {f:.4f} aux {a:.3f} ({time.monotonic() - started:.0f} s)")
             running = []
     ema.copy_to_model()
