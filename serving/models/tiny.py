@@ -1,8 +1,10 @@
-"""The `tiny` preset: the Wan2.1 architecture at toy size, built in code from a seed.
+"""The tiny architecture: the Wan2.1 classes at toy size, built in code from a seed.
 
-No files, no downloads: each component is constructed from diffusers/transformers classes
-under its own fixed seed, so a Ray replica that builds only the VAE gets exactly the VAE
-that the single-process pipeline builds. ByT5's byte-level tokenizer needs no vocabulary.
+`tiny-random` is exactly this; `tiny` loads these configs trained (serving/models/weights/tiny,
+made by `train_tiny.py`, which starts from these builders). No files, no downloads: each
+component is constructed under its own fixed seed, so a Ray replica that builds only the
+VAE gets exactly the VAE that the single-process pipeline builds. ByT5's byte-level
+tokenizer needs no vocabulary.
 """
 
 from __future__ import annotations
