@@ -63,18 +63,21 @@ _DIRECTION_WORDS: dict[str, tuple[str, ...]] = {
     "down": ("moving down", "moves downward", "going down", "slides down", "heading down"),
     "staying": ("staying still", "stays in place", "not moving", "sits still", "standing still"),
 }
-# Each phrasing pairs a sentence pattern with one of the direction phrases above.
-_PATTERNS = ("a {c} {s} {d}", "a {c} {s} that {d}", "{c} {s} {d}", "the {c} {s} {d}", "one {c} {s} {d}")
-
-
-def caption(colour: str, shape: str, direction: str, variant: int = 0) -> str:
-    """Phrasing `variant` (0..NUM_PHRASINGS-1) of a combination; variant 0 is the plain one,
-    e.g. "a red circle moving right"."""
-    i = variant % NUM_PHRASINGS
-    return _PATTERNS[i].format(c=colour, s=shape, d=_DIRECTION_WORDS[direction][i])
-
-
+# Each phrasing pairs a sentence pattern (an opening word and a connector before the
+# direction phrase) with one of the direction phrases above.
+_PATTERNS: tuple[tuple[str, str], ...] = (("a", ""), ("a", "that "), ("", ""), ("the", ""), ("one", ""))
 NUM_PHRASINGS = len(_PATTERNS)
+
+
+def caption(colour: str | None, shape: str | None, direction: str | None, variant: int = 0) -> str:
+    """Phrasing `variant` (0..NUM_PHRASINGS-1) of a combination; variant 0 is the plain one,
+    e.g. "a red circle moving right". An attribute given as None is left unsaid
+    ("a red shape", "a circle moving right", "a shape moving up"): training mixes in such
+    partial captions so that each word's effect is learned on its own, which is what lets
+    unseen combinations of the words work."""
+    opening, connector = _PATTERNS[variant % NUM_PHRASINGS]
+    motion = connector + _DIRECTION_WORDS[direction][variant % NUM_PHRASINGS] if direction else None
+    return " ".join(word for word in (opening, colour, shape or "shape", motion) if word)
 
 
 def captions(colour: str, shape: str, direction: str) -> list[str]:

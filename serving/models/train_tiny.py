@@ -31,6 +31,7 @@ Everything is drawn from `seed`; runs with the same seed and thread count are id
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import time
@@ -170,20 +171,42 @@ class _EMA:
             p.copy_(s)
 
 
+# Which attributes a caption says, as (colour, shape, direction) flags: the full caption
+# first, then the partial ones that `partial_captions` mixes in.
+_SAID = [(True, True, True)] + [m for m in itertools.product((True, False), repeat=3) if not all(m) and any(m)]
+
+
+def caption_table(keys: list[tuple[str, str, str]]) -> tuple[list[str], torch.Tensor]:
+    """Every phrasing of every combination in `keys`, saying all or part of it, then ""
+    (the preset's negative prompt). Row (k * len(_SAID) + m) * NUM_PHRASINGS + v holds
+    phrasing v of keys[k] saying _SAID[m]; returns the prompts and, per prompt, the
+    (colour, shape, direction) indices it says (-100 where unsaid, cross entropy's ignore)."""
+    colours, shapes, directions = list(synthetic.COLOURS), list(synthetic.SHAPES), list(synthetic.DIRECTIONS)
+    prompts, labels = [], []
+    for c, s, d in keys:
+        for said in _SAID:
+            parts = [value if keep else None for value, keep in zip((c, s, d), said)]
+            for v in range(synthetic.NUM_PHRASINGS):
+                prompts.append(synthetic.caption(*parts, variant=v))
+                labels.append([names.index(value) if value else -100
+                               for names, value in zip((colours, shapes, directions), parts)])
+    return prompts + [""], torch.tensor(labels + [[-100, -100, -100]])
+
+
 def train_dit(transformer, text_encoder, tokenizer, latents: torch.Tensor, combos: list[tuple[str, str, str]],
               steps: int, generator: torch.Generator, *, batch: int = 32, lr: float = 5e-4,
-              caption_dropout: float = 0.1, shift: float = PRESET.defaults.shift, aux_weight: float = 0.1,
-              ema_decay: float = 0.998, log: Callable[[str], None] = print):
-    """latents: normalised (N, C, T', H', W'); combos[i] describes clip i."""
+              caption_dropout: float = 0.1, partial_captions: float = 0.3, shift: float = PRESET.defaults.shift,
+              aux_weight: float = 0.1, ema_decay: float = 0.998, log: Callable[[str], None] = print):
+    """latents: normalised (N, C, T', H', W'); combos[i] describes clip i. Each caption is
+    dropped to "" with probability `caption_dropout` (for classifier-free guidance), else
+    replaced by a partial one (one or two of its three attributes) with probability
+    `partial_captions`."""
     max_len = PRESET.defaults.max_sequence_length
-    colours, shapes, directions = list(synthetic.COLOURS), list(synthetic.SHAPES), list(synthetic.DIRECTIONS)
-    # Caption table: every phrasing of every combination present, then "" (the negative prompt).
     keys = sorted(set(combos))
-    prompts = [synthetic.caption(c, s, d, v) for c, s, d in keys for v in range(synthetic.NUM_PHRASINGS)] + [""]
+    prompts, labels = caption_table(keys)
     ids, mask = tokenize(tokenizer, prompts, max_len)
     key_index = {k: i for i, k in enumerate(keys)}
     clip_key = torch.tensor([key_index[c] for c in combos])
-    labels = torch.tensor([[colours.index(c), shapes.index(s), directions.index(d)] for c, s, d in keys])
     empty = len(prompts) - 1
 
     heads = TextHeads(text_encoder.config.d_model)
@@ -201,9 +224,12 @@ def train_dit(transformer, text_encoder, tokenizer, latents: torch.Tensor, combo
         idx = torch.randint(num, (batch,), generator=generator)
         x0 = latents[idx]
         phrasing = torch.randint(synthetic.NUM_PHRASINGS, (batch,), generator=generator)
+        partial = torch.randint(1, len(_SAID), (batch,), generator=generator)
+        said = torch.where(torch.rand(batch, generator=generator) < partial_captions, partial, 0)
         dropped = torch.rand(batch, generator=generator) < caption_dropout
         key = clip_key[idx]
-        prompt_idx = torch.where(dropped, torch.full_like(key, empty), key * synthetic.NUM_PHRASINGS + phrasing)
+        row = (key * len(_SAID) + said) * synthetic.NUM_PHRASINGS + phrasing
+        prompt_idx = torch.where(dropped, torch.full_like(key, empty), row)
         u = torch.rand(batch, generator=generator)
         s = shift * u / (1 + (shift - 1) * u)
         noise = torch.randn(x0.shape, generator=generator)
@@ -216,8 +242,9 @@ def train_dit(transformer, text_encoder, tokenizer, latents: torch.Tensor, combo
         m = mask[prompt_idx][kept].unsqueeze(-1).float()
         pooled = (embeds[kept] * F.pad(m, (0, 0, 0, embeds.shape[1] - m.shape[1]))).sum(1) / m.sum(1).clamp(min=1)
         logits = heads(pooled)
-        target = labels[key[kept]]
-        aux = sum(F.cross_entropy(lg, target[:, j]) for j, lg in enumerate(logits)) / 3
+        target = labels[prompt_idx[kept]]
+        aux = sum(F.cross_entropy(lg, target[:, j]) if (target[:, j] >= 0).any() else lg.sum() * 0
+                  for j, lg in enumerate(logits)) / 3
         loss = fm_loss + aux_weight * aux
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -245,27 +272,35 @@ def save_folder(out_dir: Path, tokenizer, text_encoder, vae, transformer) -> Non
 
 
 def train(out_dir: str | Path, seed: int = 0, *, num_clips: int = 1320, vae_steps: int = 2000, dit_steps: int = 5000,
-          dit_batch: int = 32, threads: int | None = None, log: Callable[[str], None] = print) -> Path:
+          dit_batch: int = 32, dit_lr: float = 5e-4, partial_captions: float = 0.3, vae_from: str | Path | None = None,
+          threads: int | None = None, log: Callable[[str], None] = print) -> Path:
     """Train the tiny preset from scratch and write a diffusers folder to `out_dir`.
 
     Deterministic for a given seed (and thread count). Returns the folder. `threads` sets
-    torch's intra-op threads (None leaves torch's setting alone)."""
+    torch's intra-op threads (None leaves torch's setting alone). `vae_from` takes the VAE
+    of an earlier run's folder instead of training one: the DiT stage draws from its own
+    seeded generator, so with the same seed this gives the same DiT as the full run, in
+    half the time."""
     if threads is not None:
         torch.set_num_threads(threads)
     out_dir = Path(out_dir)
     started = time.monotonic()
-    log(f"train-tiny: seed {seed}, {num_clips} clips, vae {vae_steps} steps, dit {dit_steps} steps x {dit_batch}, "
-        f"{torch.get_num_threads()} threads")
+    log(f"train-tiny: seed {seed}, {num_clips} clips, vae {f'from {vae_from}' if vae_from else f'{vae_steps} steps'}, "
+        f"dit {dit_steps} steps x {dit_batch}, {torch.get_num_threads()} threads")
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        generator = torch.Generator().manual_seed(seed)
         clips = synthetic.make_clips(num_clips, seed)
         videos = torch.stack([c.frames for c in clips])
         combos = [(c.colour, c.shape, c.direction) for c in clips]
         log(f"data: {len(clips)} clips of {len(set(combos))} training combinations "
             f"({len(synthetic.HELD_OUT)} held out) ({time.monotonic() - started:.0f} s)")
 
-        vae = train_vae(tiny.build_vae(seed), videos, vae_steps, generator, log=log)
+        if vae_from is not None:
+            from diffusers import AutoencoderKLWan
+
+            vae = AutoencoderKLWan.from_pretrained(Path(vae_from) / "vae").eval()
+        else:
+            torch.manual_seed(seed)
+            vae = train_vae(tiny.build_vae(seed), videos, vae_steps, torch.Generator().manual_seed(seed), log=log)
         raw = encode_latents(vae, videos)
         mean = raw.mean(dim=(0, 2, 3, 4))
         std = raw.std(dim=(0, 2, 3, 4)).clamp(min=1e-3)
@@ -278,14 +313,18 @@ def train(out_dir: str | Path, seed: int = 0, *, num_clips: int = 1320, vae_step
         log(f"latents {tuple(latents.shape[1:])}: raw std {raw.std().item():.3f}, per-channel std "
             f"{std.min().item():.3f}..{std.max().item():.3f} ({time.monotonic() - started:.0f} s)")
 
+        torch.manual_seed(seed + 1)
         tokenizer = tiny.build_tokenizer()
         transformer, text_encoder = train_dit(
             tiny.build_transformer(seed), tiny.build_text_encoder(seed), tokenizer, latents, combos,
-            dit_steps, generator, batch=dit_batch, log=log)
+            dit_steps, torch.Generator().manual_seed(seed + 1), batch=dit_batch, lr=dit_lr,
+            partial_captions=partial_captions, log=log)
 
     save_folder(out_dir, tokenizer, text_encoder, vae, transformer)
     elapsed = time.monotonic() - started
-    info = dict(seed=seed, num_clips=num_clips, vae_steps=vae_steps, dit_steps=dit_steps, dit_batch=dit_batch,
+    info = dict(seed=seed, num_clips=num_clips, vae_steps=None if vae_from else vae_steps,
+                vae_from=str(vae_from) if vae_from else None, dit_steps=dit_steps, dit_batch=dit_batch, dit_lr=dit_lr,
+                partial_captions=partial_captions, transformer=tiny.TRANSFORMER_CONFIG,
                 threads=torch.get_num_threads(), wall_seconds=round(elapsed), torch=torch.__version__,
                 held_out=[list(c) for c in synthetic.HELD_OUT])
     (out_dir / "training.json").write_text(json.dumps(info, indent=2) + "\n")
@@ -299,12 +338,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num-clips", type=int, default=1320)
     parser.add_argument("--vae-steps", type=int, default=2000)
+    parser.add_argument("--vae-from", default=None, help="take the VAE of this earlier run's folder instead of training one")
     parser.add_argument("--dit-steps", type=int, default=5000)
     parser.add_argument("--dit-batch", type=int, default=32)
+    parser.add_argument("--dit-lr", type=float, default=5e-4)
+    parser.add_argument("--partial-captions", type=float, default=0.3, help="share of captions saying 1-2 attributes")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = parser.parse_args(argv)
     train(args.out, seed=args.seed, num_clips=args.num_clips, vae_steps=args.vae_steps, dit_steps=args.dit_steps,
-          dit_batch=args.dit_batch, threads=args.threads, log=lambda m: print(m, flush=True))
+          dit_batch=args.dit_batch, dit_lr=args.dit_lr, partial_captions=args.partial_captions, vae_from=args.vae_from,
+          threads=args.threads, log=lambda m: print(m, flush=True))
 
 
 if __name__ == "__main__":
