@@ -185,7 +185,8 @@ def test_health_and_readiness(service):
 
 def test_held_out_prompts_over_http_show_what_the_model_makes(service):
     """The semantic check once end to end: the MP4s the service returns for held-out prompts
-    are judged as the same model's frames are in-process (tests/test_tiny_model.py)."""
+    meet issue #10's 80 % and are judged as the same model's frames are in-process
+    (tests/test_tiny_model.py)."""
     import io
 
     import av
@@ -208,4 +209,4 @@ def test_held_out_prompts_over_http_show_what_the_model_makes(service):
     in_process = [r["ok"] for r in semantic.score_pipeline(LocalPipeline(service.config), prompts, seeds=(0,)).results]
     print(f"\nheld-out prompts, seed 0: {sum(over_http)}/{len(prompts)} over HTTP, {sum(in_process)}/{len(prompts)} in process")
     assert sum(a == b for a, b in zip(over_http, in_process)) >= len(prompts) - 1  # H.264 may tip one borderline clip
-    assert sum(over_http) >= 2  # far above tiny-random's, which gets 1 of 12 in-process
+    assert sum(over_http) / len(prompts) >= 0.8  # issue #10's goal, here through the live API
