@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 
-def encode_mp4(frames: torch.Tensor | np.ndarray, fps: int, crf: int = 18) -> bytes:
+def encode_mp4(frames: torch.Tensor | np.ndarray, fps: int, qp: int = 18) -> bytes:
     """Encode frames (T, H, W, 3) uint8 RGB as H.264 (yuv420p, playable everywhere)."""
     array = frames.numpy() if isinstance(frames, torch.Tensor) else np.asarray(frames)
     if array.ndim != 4 or array.shape[-1] != 3 or array.dtype != np.uint8:
@@ -20,7 +20,11 @@ def encode_mp4(frames: torch.Tensor | np.ndarray, fps: int, crf: int = 18) -> by
         stream = container.add_stream("libx264", rate=Fraction(fps))
         stream.width, stream.height = array.shape[2], array.shape[1]
         stream.pix_fmt = "yuv420p"
-        stream.options = {"crf": str(crf)}
+        # A constant quantizer, not CRF: x264's CRF rate control works in floating point and
+        # gave different bytes for the same frames depending on the process's float state
+        # (e.g. after torch changed its thread count); the same seed must give the same MP4
+        # on every replica.
+        stream.options = {"qp": str(qp)}
         for image in array:
             for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
                 container.mux(packet)
