@@ -92,11 +92,18 @@ def build_parser() -> argparse.ArgumentParser:
                             "DITSERVE_MODEL__PATH, or copy it over serving/models/weights/tiny)")
     train.add_argument("--seed", type=int, default=0, help="the whole run follows from it (default 0)")
     train.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    train.add_argument("--vae-steps", type=int, default=None, help="(default: the shipped model's)")
-    train.add_argument("--dit-steps", type=int, default=None, help="(default: the shipped model's)")
+    # Recipe settings default to train()'s own (the shipped model's), so they are None here.
+    train.add_argument("--num-clips", type=int, default=None, help="synthetic clips to train on")
+    train.add_argument("--vae-steps", type=int, default=None)
     train.add_argument("--vae-from", type=Path, default=None,
                        help="take the VAE of an earlier run's folder (e.g. serving/models/weights/tiny) instead of "
                             "training one: same result for the same seed, in half the time")
+    train.add_argument("--dit-steps", type=int, default=None)
+    train.add_argument("--dit-batch", type=int, default=None)
+    train.add_argument("--dit-lr", type=float, default=None)
+    train.add_argument("--partial-captions", type=float, default=None,
+                       help="share of captions saying only 1-2 attributes (off by default: it lowered the held-out "
+                            "score)")
 
     keys = sub.add_parser("keys", help="make an API key or a webhook signing secret")
     keys_sub = keys.add_subparsers(dest="keys", required=True, parser_class=_Parser)
@@ -139,19 +146,27 @@ def main(argv: list[str] | None = None) -> int:
 
 def _train_tiny(args) -> int:
     _quiet_libraries()
+    counts = {"num_clips": args.num_clips, "vae_steps": args.vae_steps, "dit_steps": args.dit_steps,
+              "dit_batch": args.dit_batch}
+    recipe = {name: value for name, value in {**counts, "dit_lr": args.dit_lr,
+                                              "partial_captions": args.partial_captions}.items() if value is not None}
+    problems = [f"--{name.replace('_', '-')} must be at least 1" for name, value in counts.items()
+                if value is not None and value < 1]
+    if args.dit_lr is not None and not args.dit_lr > 0:
+        problems.append("--dit-lr must be above 0")
+    if args.partial_captions is not None and not 0 <= args.partial_captions <= 1:
+        problems.append("--partial-captions must be between 0 and 1")
+    if args.vae_from is not None and not (args.vae_from / "vae" / "config.json").is_file():
+        problems.append(f"--vae-from {args.vae_from}: no vae/config.json there; expected the folder an earlier "
+                        "train-tiny run wrote")
+    for problem in problems:
+        print(f"ditserve train-tiny: error: {problem}", file=sys.stderr)
+    if problems:
+        return EXIT_USAGE
     from serving.models.train_tiny import train
 
-    steps = {name: value for name, value in (("vae_steps", args.vae_steps), ("dit_steps", args.dit_steps))
-             if value is not None}
-    if any(value < 1 for value in steps.values()):
-        print("ditserve train-tiny: error: --vae-steps and --dit-steps must be at least 1", file=sys.stderr)
-        return EXIT_USAGE
-    if args.vae_from is not None and not (args.vae_from / "vae" / "config.json").is_file():
-        print(f"ditserve train-tiny: error: --vae-from {args.vae_from}: no vae/config.json there; expected the folder "
-              "an earlier train-tiny run wrote", file=sys.stderr)
-        return EXIT_USAGE
     train(args.out, seed=args.seed, threads=args.threads, vae_from=args.vae_from,
-          log=lambda line: print(line, flush=True), **steps)
+          log=lambda line: print(line, flush=True), **recipe)
     return 0
 
 

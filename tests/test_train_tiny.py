@@ -27,12 +27,14 @@ def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, Path]:
-    from serving.models.train_tiny import main as train_main
+    from serving.models.train_tiny import main as module_main  # python -m serving.models.train_tiny
 
     root = tmp_path_factory.mktemp("train-tiny")
-    for name, seed in (("a", "0"), ("b", "0"), ("c", "1")):
-        train_main(["--out", str(root / name), "--seed", seed, *SMOKE])
-    train_main(["--out", str(root / "dit-only"), "--seed", "0", "--vae-from", str(root / "a"), *SMOKE])
+    for name, seed in (("a", "0"), ("b", "0")):
+        assert cli_main(["train-tiny", "--out", str(root / name), "--seed", seed, *SMOKE]) == 0
+    assert module_main(["--out", str(root / "c"), "--seed", "1", *SMOKE]) == 0
+    assert cli_main(["train-tiny", "--out", str(root / "dit-only"), "--seed", "0", "--vae-from", str(root / "a"),
+                     *SMOKE]) == 0
     return {name: root / name for name in ("a", "b", "c", "dit-only")}
 
 
@@ -71,3 +73,8 @@ def test_caption_table_labels_only_what_each_caption_says():
 def test_cli_rejects_a_step_count_under_one(capsys):
     assert cli_main(["train-tiny", "--out", "unused", "--dit-steps", "0"]) == 2
     assert "--dit-steps" in capsys.readouterr().err
+
+
+def test_cli_names_a_vae_folder_that_is_not_one(tmp_path, capsys):
+    assert cli_main(["train-tiny", "--out", str(tmp_path / "out"), "--vae-from", str(tmp_path)]) == 2
+    assert "--vae-from" in capsys.readouterr().err and not (tmp_path / "out").exists()

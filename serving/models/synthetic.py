@@ -72,11 +72,11 @@ NUM_PHRASINGS = len(_PATTERNS)
 def caption(colour: str | None, shape: str | None, direction: str | None, variant: int = 0) -> str:
     """Phrasing `variant` (0..NUM_PHRASINGS-1) of a combination; variant 0 is the plain one,
     e.g. "a red circle moving right". An attribute given as None is left unsaid
-    ("a red shape", "a circle moving right", "a shape moving up"): training mixes in such
-    partial captions so that each word's effect is learned on its own, which is what lets
-    unseen combinations of the words work."""
-    opening, connector = _PATTERNS[variant % NUM_PHRASINGS]
-    motion = connector + _DIRECTION_WORDS[direction][variant % NUM_PHRASINGS] if direction else None
+    ("a red shape", "a circle moving right", "a shape moving up"), for train-tiny's
+    optional partial captions."""
+    i = variant % NUM_PHRASINGS
+    opening, connector = _PATTERNS[i]
+    motion = connector + _DIRECTION_WORDS[direction][i] if direction else None
     return " ".join(word for word in (opening, colour, shape or "shape", motion) if word)
 
 

@@ -32,10 +32,10 @@ Everything is drawn from `seed`; runs with the same seed and thread count are id
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -334,24 +334,12 @@ def train(out_dir: str | Path, seed: int = 0, *, num_clips: int = 1320, vae_step
     return out_dir
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Train the tiny preset on synthetic shape clips")
-    parser.add_argument("--out", required=True, help="folder to write (diffusers layout)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--num-clips", type=int, default=1320)
-    parser.add_argument("--vae-steps", type=int, default=2000)
-    parser.add_argument("--vae-from", default=None, help="take the VAE of this earlier run's folder instead of training one")
-    parser.add_argument("--dit-steps", type=int, default=6000)
-    parser.add_argument("--dit-batch", type=int, default=32)
-    parser.add_argument("--dit-lr", type=float, default=1.5e-3)
-    parser.add_argument("--partial-captions", type=float, default=0.0,
-                        help="share of captions saying only 1-2 attributes (off: it lowered the held-out score)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    args = parser.parse_args(argv)
-    train(args.out, seed=args.seed, num_clips=args.num_clips, vae_steps=args.vae_steps, dit_steps=args.dit_steps,
-          dit_batch=args.dit_batch, dit_lr=args.dit_lr, partial_captions=args.partial_captions, vae_from=args.vae_from,
-          threads=args.threads, log=lambda m: print(m, flush=True))
+def main(argv: list[str] | None = None) -> int:
+    """`python -m serving.models.train_tiny ARGS` is `ditserve train-tiny ARGS` (one parser)."""
+    from serving.cli import main as cli_main
+
+    return cli_main(["train-tiny", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
