@@ -381,15 +381,15 @@ ditserve is serving {config.model.preset!r} at {url}
 
 Try it:
   curl -s {url}/v1/videos -H 'Content-Type: application/json' \\
-       -d '{{"prompt": "a red fox running through snow", "seconds": "1", "size": "64x64", "seed": 7}}'
+       -d '{{"prompt": "a yellow circle moving right", "seconds": "1", "size": "64x64", "seed": 7}}'
   curl -s {url}/v1/videos/VIDEO_ID                      # poll until "status": "completed"
-  curl -s {url}/v1/videos/VIDEO_ID/content -o fox.mp4
+  curl -s {url}/v1/videos/VIDEO_ID/content -o circle.mp4
 
 or with the openai SDK:
   from openai import OpenAI
   client = OpenAI(base_url="{url}/v1", api_key="unused")
-  video = client.videos.create_and_poll(prompt="a red fox running through snow", seconds="1", size="64x64")
-  client.videos.download_content(video.id).write_to_file("fox.mp4")
+  video = client.videos.create_and_poll(prompt="a yellow circle moving right", seconds="1", size="64x64")
+  client.videos.download_content(video.id).write_to_file("circle.mp4")
 
 Ctrl-C stops the service.
 """
