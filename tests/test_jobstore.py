@@ -185,3 +185,106 @@ def test_a_store_made_before_owners_and_webhooks_is_upgraded_in_place(tmp_path):
     store.create(record)
     assert store.get(record.id).owner == "alpha"
     store.close()
+
+
+# ---- terminal states are final; transient database faults are retried (issue 15, items 5 and 7)
+
+
+def test_a_cancel_racing_a_claim_stays_cancelled_with_one_event(store):
+    record = job()
+    record.webhook_url = "http://127.0.0.1:9/hook"
+    store.create(record)
+    [claimed] = store.claim("director-1", lease_seconds=30, limit=1)  # claimed, not yet started...
+    assert store.request_cancel(claimed.id).status == JobStatus.CANCELLED  # ...when the client cancels
+    with pytest.raises(LeaseLost):  # the driver's first write is refused: the job never comes back
+        store.stamp(claimed.id, "director-1", ["text_encoder_started_at"], status=JobStatus.IN_PROGRESS)
+    with pytest.raises(LeaseLost):
+        store.update(claimed.id, "director-1", status=JobStatus.CANCELLED, error_code="cancelled")
+    assert store.get(claimed.id).status == JobStatus.CANCELLED
+    assert [e.type for e in store.webhook_events_of(claimed.id)] == ["video.failed"]  # exactly one
+    assert store.claim("director-2", lease_seconds=30, limit=5) == []
+
+
+def test_a_finished_job_is_never_written_again(store):
+    record, _ = store.create(job())
+    store.claim("d", 30, 1)
+    store.update(record.id, "d", status=JobStatus.COMPLETED, lease_owner=None)
+    for owner in ("d", None):
+        with pytest.raises(LeaseLost):
+            store.update(record.id, owner, status=JobStatus.FAILED, error_code="late")
+    later = time.time() + 3600
+    assert store.claim("other", 30, 5, now=later) == []
+    assert store.get(record.id).status == JobStatus.COMPLETED and store.get(record.id).error_code is None
+
+
+def test_transient_errors_are_recognised():
+    import sqlalchemy as sa
+
+    from serving.jobs.store import is_transient
+
+    assert is_transient(sa.exc.OperationalError("UPDATE jobs", {}, Exception("server closed the connection")))
+    assert not is_transient(sa.exc.IntegrityError("INSERT", {}, Exception("duplicate key")))
+    assert not is_transient(ValueError("bad spec"))
+
+
+def _postgres_admin_url() -> str:
+    url = os.environ.get(POSTGRES_ENV)
+    if not url:
+        if os.environ.get("CI"):
+            pytest.fail(f"{POSTGRES_ENV} is not set: .ci/run must start PostgreSQL")
+        pytest.skip(f"set {POSTGRES_ENV} (see .ci/postgres.sh) to test a Postgres outage")
+    return url
+
+
+def test_a_postgres_outage_shorter_than_the_retry_window_loses_no_write():
+    """The database refuses connections and drops every open one for ~1.5 s (a failover): the
+    store's writes wait it out instead of failing the job."""
+    import threading
+    import uuid
+
+    import sqlalchemy as sa
+
+    admin_url = _postgres_admin_url()
+    name = f"ditserve_outage_{uuid.uuid4().hex[:8]}"
+    admin = sa.create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sa.text(f"CREATE DATABASE {name}"))
+    store = JobStore(admin_url.rsplit("/", 1)[0] + f"/{name}")
+    try:
+        record, _ = store.create(job())
+        store.claim("d", 30, 1)
+
+        def set_allowed(allowed: bool) -> None:
+            with admin.connect() as conn:
+                conn.execute(sa.text(f"ALTER DATABASE {name} ALLOW_CONNECTIONS {str(allowed).lower()}"))
+                if not allowed:
+                    conn.execute(sa.text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                                         "WHERE datname = :db"), {"db": name})
+
+        set_allowed(False)
+        threading.Timer(1.5, set_allowed, args=(True,)).start()
+        started = time.monotonic()
+        written = store.stamp(record.id, "d", ["denoiser_started_at"], status=JobStatus.IN_PROGRESS,
+                              stage=Stage.DENOISER, step=3)
+        assert time.monotonic() - started >= 1.0  # it really met the outage
+        assert written.step == 3 and store.get(record.id).stage == Stage.DENOISER
+        assert store.create(job())[1]  # a new job is accepted once the database is back
+    finally:
+        store.close()
+        with admin.connect() as conn:
+            conn.execute(sa.text(f"ALTER DATABASE {name} ALLOW_CONNECTIONS true"))
+            conn.execute(sa.text(f"DROP DATABASE {name} WITH (FORCE)"))
+        admin.dispose()
+
+
+def test_a_retried_write_whose_first_try_committed_is_not_mistaken_for_a_lost_lease(store):
+    """After an ambiguous failure (the commit landed, its answer did not) the retry's
+    conditional write matches nothing; the store recognises its own write."""
+    record, _ = store.create(job())
+    store.claim("d", 30, 1)
+    store.update(record.id, "d", status=JobStatus.COMPLETED, lease_owner=None)
+    second_try = JobStore.stamp.__wrapped__  # what the retry loop runs after a transient error
+    done = second_try(store, record.id, "d", (), _attempt=1, status=JobStatus.COMPLETED, lease_owner=None)
+    assert done.status == JobStatus.COMPLETED
+    with pytest.raises(LeaseLost):  # a different write is still refused
+        second_try(store, record.id, "d", (), _attempt=1, status=JobStatus.FAILED, lease_owner=None)

@@ -8,8 +8,11 @@ so a job taken over after a crash is never finished twice.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
+import logging
 import time
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy import event
@@ -73,10 +76,54 @@ webhook_events = sa.Table(
 )
 
 _FIELDS = [f.name for f in dataclasses.fields(JobRecord)]
+_TERMINAL = [s.value for s in JobStatus if s.terminal]
+
+logger = logging.getLogger("ray.serve")
+
+# A database blip (a dropped connection, a failover, a lock held too long) is retried with
+# doubling waits for about this long before the caller sees it.
+TRANSIENT_RETRY_SECONDS = 10.0
+_FIRST_WAIT_SECONDS = 0.1
+
+_T = TypeVar("_T")
+
+
+def is_transient(exc: BaseException) -> bool:
+    """A database error that says nothing about the request: trying again may succeed."""
+    if isinstance(exc, sa.exc.DBAPIError) and exc.connection_invalidated:
+        return True
+    return isinstance(exc, (sa.exc.OperationalError, sa.exc.InterfaceError, sa.exc.TimeoutError))
+
+
+def _retry_transient(method: Callable[..., _T]) -> Callable[..., _T]:
+    """Run a store method again after a transient database error. Every method so wrapped
+    is safe to repeat: reads, conditional updates, and inserts that look for their own row.
+    A method with an `_attempt` parameter is told which try it is (0 first)."""
+    wants_attempt = "_attempt" in inspect.signature(method).parameters
+
+    @functools.wraps(method)
+    def retrying(self: "JobStore", *args: Any, **kwargs: Any) -> _T:
+        deadline = time.monotonic() + self.transient_retry_seconds
+        wait, attempt = _FIRST_WAIT_SECONDS, 0
+        while True:
+            try:
+                if wants_attempt:
+                    kwargs["_attempt"] = attempt
+                return method(self, *args, **kwargs)
+            except Exception as exc:
+                if not is_transient(exc) or time.monotonic() + wait > deadline:
+                    raise
+                logger.warning("job store: %s failed (%s); retrying in %.1f s", method.__name__,
+                               type(exc).__name__, wait)
+            time.sleep(wait)
+            wait, attempt = wait * 2, attempt + 1
+
+    return retrying
 
 
 class LeaseLost(Exception):
-    """The driver no longer holds this job (it was taken over or deleted)."""
+    """The driver no longer holds this job (it was taken over, deleted, or already ended:
+    a finished job is never written again)."""
 
 
 class IdempotencyConflict(Exception):
@@ -98,8 +145,9 @@ class WebhookEvent:
 
 
 class JobStore:
-    def __init__(self, url: str):
+    def __init__(self, url: str, transient_retry_seconds: float = TRANSIENT_RETRY_SECONDS):
         self.url = url
+        self.transient_retry_seconds = transient_retry_seconds
         kwargs: dict[str, Any] = {"future": True}
         if url.startswith("sqlite"):
             _ensure_sqlite_folder(url)
@@ -121,10 +169,13 @@ class JobStore:
 
     # ---- creating and reading -------------------------------------------------------
 
-    def create(self, record: JobRecord) -> tuple[JobRecord, bool]:
+    @_retry_transient
+    def create(self, record: JobRecord, *, _attempt: int = 0) -> tuple[JobRecord, bool]:
         """Insert a queued job. With an idempotency key already used for the same request
         hash, return the earlier job instead (created=False); with another hash, raise."""
         row = _to_row(record)
+        if _attempt and self.get(record.id) is not None:
+            return record, True  # the earlier try committed before its connection broke
         with self.engine.begin() as conn:
             if record.idempotency_key:
                 existing = conn.execute(
@@ -150,16 +201,19 @@ class JobStore:
             raise IdempotencyConflict(record.idempotency_key)
         return existing, False
 
+    @_retry_transient
     def get(self, job_id: str) -> JobRecord | None:
         with self.engine.connect() as conn:
             row = conn.execute(sa.select(jobs).where(jobs.c.id == job_id)).mappings().first()
         return _from_row(row) if row else None
 
+    @_retry_transient
     def get_by_idempotency_key(self, key: str) -> JobRecord | None:
         with self.engine.connect() as conn:
             row = conn.execute(sa.select(jobs).where(jobs.c.idempotency_key == key)).mappings().first()
         return _from_row(row) if row else None
 
+    @_retry_transient
     def list(self, *, after: str | None = None, limit: int = 20, order: str = "desc",
              owner: str | None = None) -> tuple[list[JobRecord], bool]:
         """A page of jobs by creation order, starting after the job `after`; and whether more
@@ -176,6 +230,7 @@ class JobStore:
             rows = conn.execute(query).mappings().all()
         return [_from_row(r) for r in rows[:limit]], len(rows) > limit
 
+    @_retry_transient
     def delete(self, job_id: str) -> JobRecord | None:
         with self.engine.begin() as conn:
             row = conn.execute(sa.select(jobs).where(jobs.c.id == job_id)).mappings().first()
@@ -184,6 +239,7 @@ class JobStore:
             conn.execute(jobs.delete().where(jobs.c.id == job_id))
         return _from_row(row)
 
+    @_retry_transient
     def queue_ahead(self, job_id: str) -> tuple[int, int] | None:
         """(1-based queue position, denoise steps of the queued jobs ahead) of a job."""
         with self.engine.connect() as conn:
@@ -202,6 +258,7 @@ class JobStore:
         ahead = self.queue_ahead(job_id)
         return ahead[0] if ahead else None
 
+    @_retry_transient
     def queued_steps(self) -> int:
         """Denoise steps of every job still waiting for a Director."""
         with self.engine.connect() as conn:
@@ -210,6 +267,7 @@ class JobStore:
 
     _waiting = sa.and_(jobs.c.status == JobStatus.QUEUED.value, jobs.c.lease_owner.is_(None))
 
+    @_retry_transient
     def count_active(self, owner: str) -> int:
         """Queued and running jobs of one API key (its concurrent-job quota counts these)."""
         active = [JobStatus.QUEUED.value, JobStatus.IN_PROGRESS.value]
@@ -217,11 +275,13 @@ class JobStore:
             return int(conn.execute(sa.select(sa.func.count()).where(jobs.c.owner == owner,
                                                                       jobs.c.status.in_(active))).scalar())
 
+    @_retry_transient
     def count_by_status(self) -> dict[str, int]:
         with self.engine.connect() as conn:
             rows = conn.execute(sa.select(jobs.c.status, sa.func.count()).group_by(jobs.c.status)).all()
         return {status: count for status, count in rows}
 
+    @_retry_transient
     def expired(self, now: float | None = None) -> list[JobRecord]:
         now = time.time() if now is None else now
         with self.engine.connect() as conn:
@@ -230,6 +290,7 @@ class JobStore:
 
     # ---- driving (the Director) -----------------------------------------------------
 
+    @_retry_transient
     def claim(self, owner: str, lease_seconds: float, limit: int, now: float | None = None) -> list[JobRecord]:
         """Take up to `limit` runnable jobs: queued ones, and in-progress ones whose driver's
         lease ran out. Highest priority first, then oldest. Safe with several Directors: each row is taken by a
@@ -266,14 +327,18 @@ class JobStore:
         """Write `changes` if `owner` still holds the lease (None: no lease needed)."""
         return self.stamp(job_id, owner, (), **changes)
 
-    def stamp(self, job_id: str, owner: str | None, names: Iterable[str], **changes: Any) -> JobRecord:
+    @_retry_transient
+    def stamp(self, job_id: str, owner: str | None, names: Iterable[str], *, _attempt: int = 0,
+              **changes: Any) -> JobRecord:
         """Write `changes` and record timestamps now (e.g. 'denoiser_started_at'), in one
-        transaction, if `owner` still holds the lease. Without names the timestamps column is
-        left alone: the per-step progress write stays one UPDATE and one read."""
+        transaction, if `owner` still holds the lease and the job has not ended. Without names
+        the timestamps column is left alone: the per-step progress write stays one UPDATE and
+        one read. A terminal status is final: no write reaches the row after it (so a job
+        cancelled while being claimed never comes back, and emits one terminal event)."""
         if "timestamps" in changes:
             raise ValueError("pass timestamp names, not a timestamps dict")
         names = list(names)
-        condition = [jobs.c.id == job_id]
+        condition = [jobs.c.id == job_id, jobs.c.status.notin_(_TERMINAL)]
         if owner is not None:
             condition.append(jobs.c.lease_owner == owner)
         values = _to_row_fields(changes)
@@ -281,16 +346,27 @@ class JobStore:
             if names:
                 row = conn.execute(sa.select(jobs.c.timestamps).where(*condition)).first()
                 if row is None:
-                    raise LeaseLost(job_id)
+                    return self._landed_before(conn, job_id, values, _attempt)
                 now = time.time()
                 values["timestamps"] = dict(row[0] or {}, **{name: now for name in names})
             if not conn.execute(jobs.update().where(*condition).values(**values)).rowcount:
-                raise LeaseLost(job_id)
+                return self._landed_before(conn, job_id, values, _attempt)
             current = _from_row(conn.execute(sa.select(jobs).where(jobs.c.id == job_id)).mappings().first())
             if "status" in changes:
                 _queue_webhook(conn, current)
         return current
 
+    @staticmethod
+    def _landed_before(conn, job_id: str, values: dict[str, Any], attempt: int) -> JobRecord:
+        """A conditional write matched no row. On a retry that can mean the first try committed
+        and only its answer was lost: if the row holds exactly what was written, that is success."""
+        if attempt:
+            row = conn.execute(sa.select(jobs).where(jobs.c.id == job_id)).mappings().first()
+            if row is not None and all(row[k] == v for k, v in values.items() if k != "timestamps"):
+                return _from_row(row)
+        raise LeaseLost(job_id)
+
+    @_retry_transient
     def request_cancel(self, job_id: str) -> JobRecord | None:
         """Cancel a queued job at once; flag a running one for its driver to stop.
         Both are conditional updates, so a job claimed mid-call is still flagged."""
@@ -301,7 +377,9 @@ class JobStore:
             stamps = dict(row[0] or {}, cancelled_at=time.time())
             queued = conn.execute(
                 jobs.update().where(jobs.c.id == job_id, jobs.c.status == JobStatus.QUEUED.value).values(
+                    # A Director that claimed it a moment ago loses the lease: its first write fails.
                     status=JobStatus.CANCELLED.value, cancel_requested=True, timestamps=stamps,
+                    lease_owner=None, lease_expires_at=None,
                     error_code="cancelled", error_message="cancelled at the client's request")).rowcount
             if queued:
                 _queue_webhook(conn, _from_row(conn.execute(sa.select(jobs).where(jobs.c.id == job_id))
@@ -314,6 +392,7 @@ class JobStore:
 
     # ---- the webhook outbox ----------------------------------------------------------
 
+    @_retry_transient
     def claim_webhooks(self, limit: int, hold_seconds: float, now: float | None = None) -> list[WebhookEvent]:
         """Events due for an attempt. Each is held for `hold_seconds` by moving its next
         attempt forward (a conditional UPDATE), so two senders never post it at once, and
@@ -334,6 +413,7 @@ class JobStore:
                     claimed.append(_event_from_row(row))
         return claimed
 
+    @_retry_transient
     def webhook_attempted(self, event_id: str, *, delivered: bool, error: str | None = None,
                           retry_at: float | None = None) -> None:
         """Record an attempt: delivered, retry at `retry_at`, or (neither) given up."""
@@ -343,12 +423,14 @@ class JobStore:
         with self.engine.begin() as conn:
             conn.execute(webhook_events.update().where(webhook_events.c.id == event_id).values(**values))
 
+    @_retry_transient
     def prune_webhook_events(self, older_than: float) -> int:
         """Forget events that are settled (delivered or given up) and older than `older_than`."""
         with self.engine.begin() as conn:
             return conn.execute(webhook_events.delete().where(webhook_events.c.next_attempt_at.is_(None),
                                                               webhook_events.c.created_at < older_than)).rowcount
 
+    @_retry_transient
     def webhook_events_of(self, job_id: str) -> list[WebhookEvent]:
         with self.engine.connect() as conn:
             rows = conn.execute(sa.select(webhook_events).where(webhook_events.c.job_id == job_id)
