@@ -125,3 +125,73 @@ def test_async_engine_streams_events_and_cancels_on_close(tiny_pipeline):
     kinds, first, idle = asyncio.run(scenario())
     assert kinds == ["started", "step", "step", "step", "finished"]
     assert first == "started" and idle
+
+
+def test_a_failure_outside_the_forward_fails_no_stream_and_stops_no_loop(tiny_pipeline):
+    """A step-boundary error that is not the forward's (here the metrics callback) used to end
+    the engine's loop and leave every open stream waiting forever."""
+    p = tiny_pipeline
+    broken = {"times": 1}
+
+    def flaky_metrics(batch_size: int, seconds: float) -> None:
+        if broken["times"]:
+            broken["times"] -= 1
+            raise RuntimeError("metrics backend unavailable")
+
+    async def scenario():
+        engine = AsyncDenoiseEngine(DenoiseEngine(p.transformer, max_batch=2, on_forward=flaky_metrics))
+
+        async def kinds(req):
+            return [e.kind async for e in engine.submit(req)]
+
+        runs = asyncio.gather(kinds(request(p, "a", "x", seed=1, steps=3)), kinds(request(p, "b", "y", seed=2, steps=3)))
+        return await asyncio.wait_for(runs, timeout=120)
+
+    for kinds in asyncio.run(scenario()):
+        assert kinds[-1] == "finished" and kinds.count("step") == 3
+
+
+def test_a_request_whose_hand_back_fails_fails_alone(tiny_pipeline):
+    p = tiny_pipeline
+    good = request(p, "good", "x", seed=1, steps=2)
+    bad = request(p, "bad", "y", seed=2, steps=2)
+    import threading
+
+    bad.state.scheduler.unpicklable = threading.Lock()  # its checkpoint cannot be written; its forward runs
+    engine = DenoiseEngine(p.transformer, max_batch=1, checkpoint_every=1)
+    engine.add(good)
+    engine.add(bad)
+    events = run_until_idle(engine)
+    ends = {e.request_id: e.kind for e in events if e.kind in ("finished", "failed")}
+    assert ends == {"good": "finished", "bad": "failed"}
+
+
+def test_a_request_waiting_for_a_slot_hears_from_the_engine(tiny_pipeline):
+    p = tiny_pipeline
+    engine = DenoiseEngine(p.transformer, max_batch=1, waiting_event_seconds=0.0)
+    engine.add(request(p, "first", "x", seed=1, steps=3))
+    engine.add(request(p, "second", "y", seed=2, steps=3))
+    events = run_until_idle(engine)
+    second = [e.kind for e in events if e.request_id == "second"]
+    assert second[:3] == ["waiting", "waiting", "waiting"] and second[3] == "started"
+    assert not [e for e in events if e.request_id == "first" and e.kind == "waiting"]
+
+
+def test_the_forward_in_flight_is_timed_for_the_hang_watchdog(tiny_pipeline):
+    p = tiny_pipeline
+    seen = []
+    engine = DenoiseEngine(p.transformer, max_batch=1)
+    original = p.transformer.forward
+
+    def watched(*args, **kwargs):
+        seen.append(engine.forward_started_at is not None and engine.forward_running_seconds() >= 0)
+        return original(*args, **kwargs)
+
+    p.transformer.forward = watched
+    try:
+        engine.add(request(p, "a", "x", seed=1, steps=2))
+        run_until_idle(engine)
+    finally:
+        del p.transformer.forward
+    assert seen and all(seen)  # timed while it ran...
+    assert engine.forward_started_at is None and engine.forward_running_seconds() == 0.0  # ...and not after

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import threading
 import time
 from dataclasses import dataclass, field
@@ -23,6 +24,12 @@ from typing import AsyncIterator, Callable
 import torch
 
 from serving.pipeline.denoise import DenoiseState, batch_key, denoise_batch_step, save_state
+
+logger = logging.getLogger("ray.serve")
+
+# A request still waiting for a slot hears from a live engine this often, so its caller can
+# tell "queued behind others" from "the engine is stuck".
+WAITING_EVENT_SECONDS = 2.0
 
 
 @dataclass
@@ -36,12 +43,13 @@ class EngineRequest:
     started: bool = False
     added_at: float = 0.0  # monotonic time it joined the engine
     device_seconds: float = 0.0  # its share of every forward it rode in
+    told_waiting_at: float = 0.0  # monotonic time of its last "waiting" event
 
 
 @dataclass
 class EngineEvent:
     request_id: str
-    kind: str  # "started" | "step" | "checkpoint" | "finished" | "failed"
+    kind: str  # "waiting" | "started" | "step" | "checkpoint" | "finished" | "failed"
     step: int = 0
     total_steps: int = 0
     batch_size: int = 0
@@ -60,6 +68,8 @@ class DenoiseEngine:
     active: dict[str, EngineRequest] = field(default_factory=dict)
     _arrivals: itertools.count = field(default_factory=itertools.count)
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    waiting_event_seconds: float = WAITING_EVENT_SECONDS
+    forward_started_at: float | None = None  # monotonic; set while a forward runs (the hang watchdog reads it)
 
     def add(self, request: EngineRequest) -> None:
         with self._lock:
@@ -98,7 +108,9 @@ class DenoiseEngine:
         return [r for r in queue if batch_key(r.state) == key][: self.max_batch]
 
     def step_batch(self) -> list[EngineEvent]:
-        """Run one step boundary: one forward for the selected batch. Returns what happened."""
+        """Run one step boundary: one forward for the selected batch. Returns what happened.
+        Whatever goes wrong fails only the requests it concerns: a failed forward its batch,
+        a failed hand-back (checkpoint, latents) its own request; the engine goes on."""
         batch = self.select_batch()
         if not batch:
             return []
@@ -106,32 +118,69 @@ class DenoiseEngine:
                   for r in batch if not r.started]
         for request in batch:
             request.started = True
+        events += self._waiting_events(batch)
         started = time.perf_counter()
+        self.forward_started_at = time.monotonic()
         try:
             denoise_batch_step(self.transformer, [r.state for r in batch], [r.prompt_embeds for r in batch],
                                [r.negative_embeds for r in batch])
         except Exception as exc:  # a failed forward fails its batch, not the engine
-            for request in batch:
-                self.cancel(request.id)
-            return events + [EngineEvent(r.id, "failed", error=exc) for r in batch]
+            return events + [self._fail(r, exc) for r in batch]
+        finally:
+            self.forward_started_at = None
         seconds = time.perf_counter() - started
         rows = [2 if r.negative_embeds is not None and r.state.spec.guidance_scale > 1.0 else 1 for r in batch]
         for request, share in zip(batch, rows):
             request.device_seconds += seconds * share / sum(rows)
         if self.on_forward is not None:
-            self.on_forward(len(batch), seconds)
+            try:
+                self.on_forward(len(batch), seconds)
+            except Exception:  # bookkeeping (metrics) must never cost a request its video
+                logger.exception("on_forward callback failed")
         for request in batch:
-            state = request.state
-            events.append(EngineEvent(request.id, "step", step=state.step, total_steps=state.total_steps,
-                                      batch_size=len(batch)))
-            if state.done:
-                self.cancel(request.id)
-                events.append(EngineEvent(request.id, "finished", step=state.step, total_steps=state.total_steps,
-                                          latents=state.latents.cpu(), device_seconds=request.device_seconds))
-            elif self.checkpoint_every and state.step % self.checkpoint_every == 0:
-                events.append(EngineEvent(request.id, "checkpoint", step=state.step, total_steps=state.total_steps,
-                                          checkpoint=save_state(state)))
+            try:
+                events += self._after_step(request, len(batch))
+            except Exception as exc:
+                events.append(self._fail(request, exc))
         return events
+
+    def _after_step(self, request: EngineRequest, batch_size: int) -> list[EngineEvent]:
+        state = request.state
+        events = [EngineEvent(request.id, "step", step=state.step, total_steps=state.total_steps,
+                              batch_size=batch_size)]
+        if state.done:
+            events.append(EngineEvent(request.id, "finished", step=state.step, total_steps=state.total_steps,
+                                      latents=state.latents.cpu(), device_seconds=request.device_seconds))
+            self.cancel(request.id)
+        elif self.checkpoint_every and state.step % self.checkpoint_every == 0:
+            events.append(EngineEvent(request.id, "checkpoint", step=state.step, total_steps=state.total_steps,
+                                      checkpoint=save_state(state)))
+        return events
+
+    def _fail(self, request: EngineRequest, error: BaseException) -> EngineEvent:
+        self.cancel(request.id)
+        return EngineEvent(request.id, "failed", error=error)
+
+    def fail_all(self, error: BaseException) -> list[EngineEvent]:
+        """The last resort when a step boundary broke in a way no request can be blamed for."""
+        with self._lock:
+            requests = list(self.active.values())
+        return [self._fail(r, error) for r in requests]
+
+    def _waiting_events(self, batch: list[EngineRequest]) -> list[EngineEvent]:
+        now = time.monotonic()
+        chosen = {r.id for r in batch}
+        with self._lock:
+            waiting = [r for r in self.active.values() if r.id not in chosen and not r.started
+                       and now - r.told_waiting_at >= self.waiting_event_seconds]
+        for request in waiting:
+            request.told_waiting_at = now
+        return [EngineEvent(r.id, "waiting", step=r.state.step, total_steps=r.state.total_steps) for r in waiting]
+
+    def forward_running_seconds(self) -> float:
+        """How long the forward in flight has run (0 between forwards)."""
+        started = self.forward_started_at
+        return time.monotonic() - started if started is not None else 0.0
 
 
 class AsyncDenoiseEngine:
@@ -166,7 +215,12 @@ class AsyncDenoiseEngine:
             if self.engine.idle:
                 self.work.clear()
                 await self.work.wait()
-            for event in await asyncio.to_thread(self.engine.step_batch):
+            try:
+                events = await asyncio.to_thread(self.engine.step_batch)
+            except Exception as exc:  # never let the loop die with streams waiting on it
+                logger.exception("denoise step boundary failed; failing the requests it held")
+                events = self.engine.fail_all(exc)
+            for event in events:
                 queue = self.streams.get(event.request_id)
                 if queue is not None:
                     queue.put_nowait(event)
