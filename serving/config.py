@@ -104,6 +104,10 @@ class StageConfig(_Section):
     torch_threads: int = Field(default=1, ge=1, description="torch intra-op threads per replica.")
     resources: dict[str, float] = Field(
         default_factory=dict, description="Custom Ray resources per replica, e.g. to pin a stage to a worker group.")
+    timeout_seconds: float | None = Field(
+        default=None, gt=0,
+        description="Longest one call may run (the Denoiser: one step, or one wait for a batch slot) before the "
+        "job is retried and the replica restarted as hung. None: 10x the measured time, at least 60 s.")
 
 
 class StagesConfig(_Section):
@@ -134,6 +138,9 @@ class ServerConfig(_Section):
     max_running_jobs: int = Field(default=64, ge=1, description="Jobs one Director drives at once (cheap: async tasks).")
     lease_seconds: float = Field(default=30.0, gt=0, description="A job whose driver is silent this long is taken over.")
     director_poll_seconds: float = Field(default=1.0, gt=0)
+    max_job_attempts: int = Field(
+        default=5, ge=1, description="Tries of one job (each resumes from its checkpoint) before it fails: a "
+        "stage that hung or died, or a storage or database outage, costs a try.")
 
 
 class AdmissionConfig(_Section):

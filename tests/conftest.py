@@ -119,6 +119,8 @@ def service(tmp_path_factory):
 
     data = tmp_path_factory.mktemp("service")
     port = _free_port()
+    # Fault-injection points the fault tests arm (serving/failpoints.py); replicas inherit it.
+    os.environ["DITSERVE_FAILPOINTS_DIR"] = str(tmp_path_factory.mktemp("failpoints"))
     config = load_config(None, environ={
         "DITSERVE_STORAGE__JOB_STORE_URL": f"sqlite:///{data}/jobs.db",
         "DITSERVE_STORAGE__ARTIFACTS_URL": str(data / "artifacts"),
@@ -131,6 +133,9 @@ def service(tmp_path_factory):
         # Webhooks signed with a test secret; a failed post is retried within a second.
         "DITSERVE_WEBHOOKS__SECRET": WEBHOOK_SECRET,
         "DITSERVE_WEBHOOKS__INITIAL_BACKOFF_SECONDS": "0.5",
+        # A decode hung this long is retried and its replica replaced (the hung-stage test).
+        "DITSERVE_STAGES__VAE_DECODER__TIMEOUT_SECONDS": "20",
+        "DITSERVE_SERVER__MAX_JOB_ATTEMPTS": "4",
     })
     metrics_port = _free_port()
     ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False,

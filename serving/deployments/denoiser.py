@@ -16,6 +16,7 @@ from ray import serve
 
 from serving.config import ServiceConfig
 from serving.deployments._replica import prepare_replica
+from serving.deployments.watchdog import StageClock
 
 logger = logging.getLogger("ray.serve")
 
@@ -43,11 +44,24 @@ class Denoiser:
         self.engine = AsyncDenoiseEngine(DenoiseEngine(
             self.transformer, max_batch=config.engine.max_batch, checkpoint_every=config.engine.checkpoint_every,
             on_forward=self._on_forward))
+        self.clock = StageClock("denoiser", config.stages.denoiser.timeout_seconds,
+                                preset_of(config.model).typical_step_seconds * config.engine.max_batch)
 
     def _on_forward(self, batch_size: int, seconds: float) -> None:
         self.metrics.step_time.observe(seconds)
         self.metrics.batch_size.observe(batch_size)
         self.step_seconds = seconds if not self.step_seconds else 0.8 * self.step_seconds + 0.2 * seconds
+        self.clock.observe(seconds)
+
+    def check_health(self) -> None:
+        # Alive but stuck (a hung forward, a dead engine loop): Serve replaces the replica, and
+        # the Director retries its jobs elsewhere from their checkpoints.
+        running = self.engine.engine.forward_running_seconds()
+        if running > self.clock.timeout():
+            raise RuntimeError(f"a denoise forward has run {running:.0f} s, over its {self.clock.timeout():.0f} s timeout")
+        loop = self.engine.loop_task
+        if loop is not None and loop.done() and not loop.cancelled() and loop.exception() is not None:
+            raise RuntimeError(f"the denoise loop stopped: {loop.exception()!r}")
 
     async def record_autoscaling_stats(self) -> dict[str, float]:
         """Custom metrics Serve hands to `serving.autoscaling.denoiser_policy`."""
@@ -56,9 +70,10 @@ class Denoiser:
 
     async def denoise(self, job_id: str, spec: dict, embeddings, priority: int = 0, resume: bool = False):
         """`embeddings` holds the prompt's row, then the negative prompt's when guidance is on.
-        Yields {"started", "step"} when the engine takes the job, {"step", "total_steps",
-        "batch_size"} after each step, {"checkpoint_step"} after each saved checkpoint, and
-        finally {"latents": tensor}."""
+        Yields {"accepted"} once this replica has the request, {"waiting", "step"} every few
+        seconds while it waits for a batch slot, {"started", "step"} when the engine takes the
+        job, {"step", "total_steps", "batch_size"} after each step, {"checkpoint_step"} after
+        each saved checkpoint, and finally {"latents": tensor}."""
         from serving.engine.scheduler import EngineRequest
         from serving.pipeline.denoise import start_denoise
         from serving.pipeline.spec import VideoSpec
@@ -72,8 +87,11 @@ class Denoiser:
         request = EngineRequest(id=f"{job_id}/{uuid.uuid4().hex[:8]}", state=state, prompt_embeds=embeddings[:1],
                                 negative_embeds=embeddings[1:] if embeddings.shape[0] > 1 else None,
                                 priority=priority)
+        yield {"accepted": True}  # the replica has it: from here the Director times every silence
         async for event in self.engine.submit(request):
-            if event.kind == "started":
+            if event.kind == "waiting":
+                yield {"waiting": True, "step": event.step}
+            elif event.kind == "started":
                 yield {"started": True, "step": event.step}
             elif event.kind == "step":
                 yield {"step": event.step, "total_steps": event.total_steps, "batch_size": event.batch_size}

@@ -10,6 +10,7 @@ from ray import serve
 
 from serving.config import ServiceConfig
 from serving.deployments._replica import prepare_replica
+from serving.deployments.watchdog import PRIOR_ENCODE_SECONDS, StageClock
 from serving.metrics import metrics
 
 
@@ -23,9 +24,23 @@ class TextEncoder:
 
         self.parts = load_text_encoder(config.model)
         self.cache: OrderedDict[tuple[str, int], object] = OrderedDict()
+        self.clock = StageClock("text_encoder", config.stages.text_encoder.timeout_seconds, PRIOR_ENCODE_SECONDS)
+
+    def check_health(self) -> None:
+        # Alive but stuck: Serve replaces the replica; the Director retries the job.
+        hung = self.clock.overdue()
+        if hung is not None:
+            raise RuntimeError(hung)
 
     async def encode(self, prompts: list[str], max_sequence_length: int):
         """Return a (len(prompts), max_sequence_length, dim) CPU tensor."""
+        call = self.clock.start()
+        try:
+            return await self._encode(prompts, max_sequence_length)
+        finally:
+            self.clock.finish(call)
+
+    async def _encode(self, prompts: list[str], max_sequence_length: int):
         import torch
 
         rows = []

@@ -8,8 +8,10 @@ import time
 
 from ray import serve
 
+from serving import failpoints
 from serving.config import ServiceConfig
 from serving.deployments._replica import prepare_replica
+from serving.deployments.watchdog import PRIOR_DECODE_SECONDS_PER_MEGAPIXEL_FRAME, StageClock
 
 
 @serve.deployment(name="VAEDecoder")
@@ -22,17 +24,34 @@ class VAEDecoder:
         # The Wan VAE keeps a causal feature cache inside the module while it decodes, so two
         # decodes must never overlap on one replica.
         self.decode_lock = asyncio.Lock()
+        self.clock = StageClock("vae_decoder", config.stages.vae_decoder.timeout_seconds,
+                                PRIOR_DECODE_SECONDS_PER_MEGAPIXEL_FRAME)
 
-    async def decode(self, latents, fps: int) -> dict:
-        from serving.pipeline.decode import decode
-
+    async def decode(self, latents, fps: int, units: float = 1.0) -> dict:
+        """`units`: the decode's megapixel-frames (see watchdog.decode_units), for its timeout."""
         from serving.metrics import metrics
 
         async with self.decode_lock:
             started = time.perf_counter()
-            frames = await asyncio.to_thread(decode, self.vae, latents)
+            call = self.clock.start(units)
+            try:
+                frames = await asyncio.to_thread(self._decode, latents)
+            finally:
+                self.clock.finish(call)
             metrics().accelerator_seconds.observe(time.perf_counter() - started, tags={"stage": "vae_decoder"})
         return await asyncio.to_thread(self._package, frames, fps)
+
+    def _decode(self, latents):
+        from serving.pipeline.decode import decode
+
+        failpoints.hit("vae_decoder.decode")
+        return decode(self.vae, latents)
+
+    def check_health(self) -> None:
+        # Alive but stuck (a hung kernel): Serve replaces the replica; the Director retries the job.
+        hung = self.clock.overdue()
+        if hung is not None:
+            raise RuntimeError(hung)
 
     @staticmethod
     def _package(frames, fps: int) -> dict:
