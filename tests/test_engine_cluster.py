@@ -72,5 +72,5 @@ def test_unreadable_checkpoint_makes_the_denoiser_start_over(service):
         [spec.prompt], spec.max_sequence_length).result()
     denoiser = serve.get_deployment_handle("Denoiser", "ditserve")
     events = list(denoiser.options(stream=True).denoise.remote(job_id, dataclasses.asdict(spec), embeddings, 0, True))
-    assert events[0] == {"started": True, "step": 0}
+    assert events[:2] == [{"accepted": True}, {"started": True, "step": 0}]
     assert events[-1]["latents"].shape[0] == 1
