@@ -90,25 +90,22 @@ class AddressPolicy:
             return None
         return f"{address} is {kind}" + (f" (it reaches {target})" if target != address else "")
 
-    def check(self, address: IPAddress) -> None:
-        reason = self.refusal(address)
-        if reason is not None:
-            raise ForbiddenAddress(reason)
-
 
 def literal_address(host: str) -> IPAddress | None:
-    """The address `host` spells, in any form the system's parser accepts (`2130706433`,
-    `0177.0.0.1`, `0x7f.1`, `127.1`, `::ffff:127.0.0.1`, `fe80::1%eth0`); None for a name."""
-    host = host.removesuffix(".") if ":" not in host else host
+    """The address `host` spells, or None for a name. IPv4 in any form the system's parser
+    accepts (`2130706433`, `0177.0.0.1`, `0x7f.1`, `127.1`, `0`), the form `connect` would see;
+    IPv6 as written (`::ffff:127.0.0.1`, `fe80::1%eth0`), whose syntax has no such variants."""
+    if ":" in host:
+        try:
+            return ipaddress.IPv6Address(host)
+        except ValueError:
+            return None
     try:
-        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM, flags=socket.AI_NUMERICHOST)
+        infos = socket.getaddrinfo(host.removesuffix("."), None, socket.AF_INET, socket.SOCK_STREAM,
+                                   flags=socket.AI_NUMERICHOST)  # numeric only: never a DNS query
     except (socket.gaierror, UnicodeError, ValueError):
         return None
-    family, _, _, _, sockaddr = infos[0]
-    address = ipaddress.ip_address(sockaddr[0])
-    if family == socket.AF_INET6 and "%" in host:  # keep the zone: fe80::1%eth0 is still link-local
-        address = ipaddress.ip_address(f"{address}%{host.split('%', 1)[1]}")
-    return address
+    return ipaddress.IPv4Address(infos[0][4][0])
 
 
 def is_loopback_name(host: str) -> bool:
