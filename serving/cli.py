@@ -12,6 +12,8 @@ import sys
 import time
 from pathlib import Path
 
+from serving.cli_keys import add_keys_commands, run_keys
+
 EXIT_USAGE = 2
 
 
@@ -105,11 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="share of captions saying only 1-2 attributes (off by default: it lowered the held-out "
                             "score)")
 
-    keys = sub.add_parser("keys", help="make an API key or a webhook signing secret")
-    keys_sub = keys.add_subparsers(dest="keys", required=True, parser_class=_Parser)
-    create = keys_sub.add_parser("create", help="a new API key, and the auth.keys entry that admits it")
-    create.add_argument("name", help="the tenant this key acts for (letters, digits, _ . -)")
-    keys_sub.add_parser("webhook-secret", help="a new webhooks.secret (whsec_...)")
+    add_keys_commands(sub)
     return parser
 
 
@@ -122,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "loadtest":  # talks HTTP only: no config, no models
         return _loadtest(args)
     if args.command == "keys":  # makes secrets: no config needed
-        return _keys(args)
+        return run_keys(args)
     if args.command == "train-tiny":  # its own fixed recipe: no config needed
         return _train_tiny(args)
     from serving.config import ConfigError, load_config
@@ -167,30 +165,6 @@ def _train_tiny(args) -> int:
 
     train(args.out, seed=args.seed, threads=args.threads, vae_from=args.vae_from,
           log=lambda line: print(line, flush=True), **recipe)
-    return 0
-
-
-def _keys(args) -> int:
-    import re
-
-    import yaml
-
-    if args.keys == "webhook-secret":
-        from serving.webhooks import new_secret
-
-        print(yaml.safe_dump({"webhooks": {"secret": new_secret()}}, sort_keys=False), end="")
-        return 0
-    from serving.auth import key_digest, new_key
-
-    if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", args.name):
-        print(f"ditserve keys create: error: NAME must be 1-64 letters, digits, '_', '.' or '-', found {args.name!r}",
-              file=sys.stderr)
-        return EXIT_USAGE
-    key = new_key()
-    print(f"# API key for {args.name!r}: give it to the client; it is shown only now.\n# {key}", file=sys.stderr)
-    print("# Add this entry to auth.keys in the config (only the hash is kept):", file=sys.stderr)
-    print(yaml.safe_dump({"auth": {"enabled": True, "keys": [{"name": args.name, "sha256": key_digest(key)}]}},
-                         sort_keys=False), end="")
     return 0
 
 

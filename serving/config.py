@@ -180,6 +180,9 @@ class ContentPolicyConfig(_Section):
     rules: list[PolicyRule] = Field(default_factory=list)
 
 
+WEBHOOK_SECRET_PATTERN = r"^whsec_[A-Za-z0-9+/=]+$"
+
+
 class ApiKey(_Section):
     """One client key. Only its SHA-256 is kept: a leaked config does not leak the key
     (`ditserve keys create NAME` makes a key and prints this entry)."""
@@ -189,6 +192,10 @@ class ApiKey(_Section):
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="Hex SHA-256 of the key.")
     requests_per_minute: int | None = Field(default=None, ge=1, description="Overrides auth.requests_per_minute.")
     max_concurrent_jobs: int | None = Field(default=None, ge=1, description="Overrides auth.max_concurrent_jobs.")
+    webhook_secret: str | None = Field(
+        default=None, pattern=WEBHOOK_SECRET_PATTERN,
+        description="Signs this key's webhook events (whsec_...; `ditserve keys create` makes one), so no other "
+        "tenant can forge them. Unset: webhooks.secret signs them.")
 
 
 class AuthConfig(_Section):
@@ -209,6 +216,9 @@ class AuthConfig(_Section):
         hashes = [key.sha256 for key in self.keys]
         if len(set(hashes)) != len(hashes):
             raise ValueError("two keys have the same sha256: one key would belong to two tenants")
+        secrets = [key.webhook_secret for key in self.keys if key.webhook_secret]
+        if len(set(secrets)) != len(secrets):
+            raise ValueError("two keys have the same webhook_secret: each tenant could forge the other's events")
         if self.enabled and not self.keys:
             raise ValueError("auth is enabled but auth.keys is empty, so no request could get in; "
                              "make a key with `ditserve keys create NAME`")
@@ -216,20 +226,41 @@ class AuthConfig(_Section):
 
 
 class WebhooksConfig(_Section):
-    """Per-job callbacks (`webhook_url` on create), signed the Standard Webhooks way."""
+    """Per-job callbacks (`webhook_url` on create), signed the Standard Webhooks way, sent only
+    to public addresses unless the operator trusts a network (see serving/egress.py)."""
 
     secret: str | None = Field(
-        default=None, pattern=r"^whsec_[A-Za-z0-9+/=]+$",
-        description="Signing secret (whsec_ + base64; `ditserve keys webhook-secret` makes one). "
-        "Without it, requests that ask for a webhook are refused.")
+        default=None, pattern=WEBHOOK_SECRET_PATTERN,
+        description="Signs the events of jobs made without an API key, or by a key with no webhook_secret of its "
+        "own (whsec_ + base64; `ditserve keys webhook-secret` makes one). A job nobody can sign for may not ask "
+        "for a webhook.")
+    allowed_networks: list[str] = Field(
+        default_factory=list,
+        description="Networks (CIDR, e.g. 10.0.0.0/8) webhooks may reach although they are not public. Otherwise "
+        "loopback, private, link-local, unique-local, CGNAT, multicast and reserved addresses are refused, "
+        "however the URL spells them and whatever a host name resolves to.")
     allowed_hosts: list[str] = Field(
         default_factory=list,
-        description="Host names (fnmatch patterns) webhooks may call; empty allows any. Restrict it when "
-        "tenants are not trusted, so the service cannot be made to POST into your network.")
+        description="Host names (fnmatch patterns) webhooks may call; empty allows any host with a public "
+        "address. Restrict it further when tenants are not trusted.")
     max_attempts: int = Field(default=10, ge=1)
     initial_backoff_seconds: float = Field(default=5.0, gt=0, description="Doubles after each failed attempt.")
     max_backoff_seconds: float = Field(default=3600.0, gt=0)
     timeout_seconds: float = Field(default=10.0, gt=0)
+
+    @field_validator("allowed_networks")
+    @classmethod
+    def _cidrs(cls, value: list[str]) -> list[str]:
+        import ipaddress
+
+        networks = []
+        for text in value:
+            try:
+                networks.append(str(ipaddress.ip_network(text.strip())))
+            except ValueError as exc:
+                raise ValueError(f"{text!r} is not a network in CIDR form such as 10.0.0.0/8 or fd00::/8 "
+                                 f"({exc})") from None
+        return networks
 
 
 class StorageConfig(_Section):

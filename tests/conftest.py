@@ -133,6 +133,7 @@ def service(tmp_path_factory):
         # Webhooks signed with a test secret; a failed post is retried within a second.
         "DITSERVE_WEBHOOKS__SECRET": WEBHOOK_SECRET,
         "DITSERVE_WEBHOOKS__INITIAL_BACKOFF_SECONDS": "0.5",
+        "DITSERVE_WEBHOOKS__ALLOWED_NETWORKS": "[127.0.0.0/8]",  # the tests' receivers listen on loopback
         # A decode hung this long is retried and its replica replaced (the hung-stage test).
         "DITSERVE_STAGES__VAE_DECODER__TIMEOUT_SECONDS": "20",
         "DITSERVE_SERVER__MAX_JOB_ATTEMPTS": "4",

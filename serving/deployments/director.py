@@ -89,7 +89,7 @@ class Director:
         self.wakeup = asyncio.Event()
         self.claim_loop = asyncio.create_task(self._claim_forever())
         self.heartbeat_loop = asyncio.create_task(self._heartbeat_forever())
-        self.webhooks = WebhookSender(self.store, config.webhooks,
+        self.webhooks = WebhookSender(self.store, config.webhooks, config.auth,
                                       on_attempt=lambda outcome: self.metrics.webhook_attempts.inc(
                                           tags={"outcome": outcome}))
         self.webhook_loop = asyncio.create_task(self._deliver_webhooks_forever())

@@ -66,6 +66,8 @@ webhook_events = sa.Table(
     sa.Column("id", sa.String(64), nullable=False, unique=True),  # the webhook-id of every attempt
     sa.Column("job_id", sa.String(64), nullable=False, index=True),
     sa.Column("url", sa.Text, nullable=False),
+    # The job's API key: its webhook secret signs the event (looked up at send time, never stored).
+    sa.Column("owner", sa.String(64)),
     sa.Column("type", sa.String(32), nullable=False),
     sa.Column("body", sa.Text, nullable=False),  # the exact bytes signed and sent, every attempt
     sa.Column("created_at", sa.Float, nullable=False),
@@ -135,6 +137,7 @@ class WebhookEvent:
     id: str
     job_id: str
     url: str
+    owner: str | None
     type: str
     body: str
     created_at: float
@@ -444,8 +447,8 @@ def _queue_webhook(conn, job: JobRecord) -> None:
         return
     now = time.time()
     event_id, kind, body = terminal_event(job, now)
-    conn.execute(webhook_events.insert().values(id=event_id, job_id=job.id, url=job.webhook_url, type=kind, body=body,
-                                                created_at=now, attempts=0, next_attempt_at=now))
+    conn.execute(webhook_events.insert().values(id=event_id, job_id=job.id, url=job.webhook_url, owner=job.owner,
+                                                type=kind, body=body, created_at=now, attempts=0, next_attempt_at=now))
 
 
 def _event_from_row(row) -> WebhookEvent:

@@ -18,7 +18,7 @@ from serving.models.presets import PRESETS
 from serving.pipeline.spec import SpecError, build_spec
 from serving.policy import ContentPolicy, PolicyViolation
 from serving.storage import ArtifactStore
-from serving.webhooks import WebhookURLError, check_webhook_url
+from serving.webhooks import WebhookURLError, check_webhook_url, signing_secret
 
 # Request fields that pass straight through to `build_spec`.
 SPEC_FIELDS = ("size", "seconds", "fps", "num_inference_steps", "guidance_scale", "negative_prompt", "seed")
@@ -68,7 +68,8 @@ class VideoJobs:
         webhook_url = request.get("webhook_url")
         if webhook_url is not None:
             try:
-                webhook_url = check_webhook_url(webhook_url, self.config.webhooks)
+                secret = signing_secret(owner, self.config.webhooks, self.config.auth)
+                webhook_url = check_webhook_url(webhook_url, self.config.webhooks, secret)
             except WebhookURLError as exc:
                 raise SpecError("webhook_url", str(exc)) from None
         violation = self.policy.check(spec.prompt, "prompt")
