@@ -27,7 +27,7 @@ class ArtifactStoreError(Exception):
 class ArtifactStore:
     def __init__(self, url: str, options: dict[str, Any] | None = None):
         self.url = url.rstrip("/")
-        self.fs, self.root = fsspec.core.url_to_fs(self.url, **(options or {}), use_listings_cache=False)
+        self.fs, self.root = fsspec.core.url_to_fs(self.url, **{**(options or {}), "use_listings_cache": False})
         self.local = isinstance(self.fs, LocalFileSystem)
         if self.local:
             try:

@@ -102,7 +102,7 @@ def test_delete_after_a_readiness_ping_removes_every_object(s3, bucket):
     store.delete_prefix(victim)  # deleting again is fine: nothing there
 
 
-def test_delete_raises_when_objects_survive_it(s3, bucket):
+def test_delete_raises_when_the_store_is_unreachable(s3, bucket):
     store = ArtifactStore(f"s3://{bucket}/videos", s3.options())
     victim = job_id()
     store.put(f"{victim}/video.mp4", b"mp4")

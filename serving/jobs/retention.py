@@ -100,8 +100,9 @@ class StorageSweeper:
                 if delete_job(self.store, self.artifacts, job.id) is not None:
                     result.expired.append(job.id)
         for job_id in self.store.files_pending():
-            if remove_files(self.store, self.artifacts, job_id):
-                result.files_deleted.append(job_id)
+            if not remove_files(self.store, self.artifacts, job_id):
+                break  # the store is likely down: the next sweep tries again, the claim loop waits not
+            result.files_deleted.append(job_id)
         result.tombstones_dropped = self.store.drop_tombstones(now - TOMBSTONE_KEEP_SECONDS)
         if now >= self.next_store_sweep:
             self.next_store_sweep = now + self.store_sweep_seconds
