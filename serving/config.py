@@ -269,7 +269,12 @@ class StorageConfig(_Section):
 
     job_store_url: str = Field(default="sqlite:///ditserve-data/jobs.db", description="SQLAlchemy URL.")
     artifacts_url: str = Field(default="ditserve-data/artifacts", description="Local folder or fsspec URL.")
-    retention_hours: float | None = Field(default=None, gt=0, description="Delete videos after this long; none by default.")
+    artifacts_options: dict[str, Any] = Field(
+        default_factory=dict, description="fsspec storage options for artifacts_url, e.g. {endpoint_url: ...} for "
+        "an S3-compatible store; leave credentials to the backend's environment variables.")
+    retention_hours: float | None = Field(
+        default=None, gt=0, description="Delete videos after this long once they end (completed, failed or cancelled); "
+        "none by default.")
 
     @field_validator("job_store_url")
     @classmethod

@@ -1,13 +1,20 @@
-"""`ArtifactStore`: finished videos and thumbnails, through fsspec.
+"""`ArtifactStore`: finished videos, thumbnails and checkpoints, through fsspec.
 
-A local folder by default; any fsspec URL (s3://, gs://, memory://, ...) from config.
-Keys are built from validated job ids only, so no request can name a path.
+A local folder by default; any fsspec URL (s3://, gs://, memory://, ...) from config, with
+that backend's storage options (`storage.artifacts_options`). Keys are built from validated
+job ids only, so no request can name a path.
+
+Every read here reaches the store: fsspec's listings cache is off, because a listing cached
+by one call (a readiness ping) would answer a later one (a delete) with files that have
+changed since, written by another process.
 """
 
 from __future__ import annotations
 
 import os
 import uuid
+from datetime import datetime
+from typing import Any
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
@@ -18,9 +25,9 @@ class ArtifactStoreError(Exception):
 
 
 class ArtifactStore:
-    def __init__(self, url: str):
+    def __init__(self, url: str, options: dict[str, Any] | None = None):
         self.url = url.rstrip("/")
-        self.fs, self.root = fsspec.core.url_to_fs(self.url)
+        self.fs, self.root = fsspec.core.url_to_fs(self.url, **{**(options or {}), "use_listings_cache": False})
         self.local = isinstance(self.fs, LocalFileSystem)
         if self.local:
             try:
@@ -66,10 +73,47 @@ class ArtifactStore:
     def exists(self, key: str) -> bool:
         return self.fs.exists(self._path(key))
 
+    def keys(self, prefix: str = "") -> list[str]:
+        """Every key under `prefix` (a job id, or "" for the whole store), listed afresh."""
+        path = self._path(prefix) if prefix else self.root
+        try:
+            found = self.fs.find(path)
+        except FileNotFoundError:
+            return []
+        except Exception as exc:
+            raise ArtifactStoreError(f"could not list {prefix or 'the store'} in {self.url}: {exc}") from exc
+        return sorted(name[len(self.root) + 1:] for name in found if name.startswith(self.root + "/"))
+
+    def modified(self, key: str) -> float:
+        """When the artifact was last written (seconds since the epoch)."""
+        stamp = self.fs.modified(self._path(key))
+        return stamp.timestamp() if isinstance(stamp, datetime) else float(stamp)
+
+    def remove(self, key: str) -> None:
+        """Remove one artifact; one that is already gone is fine."""
+        try:
+            self.fs.rm_file(self._path(key))
+        except FileNotFoundError:
+            pass
+        except Exception as exc:
+            raise ArtifactStoreError(f"could not remove {key} from {self.url}: {exc}") from exc
+
     def delete_prefix(self, prefix: str) -> None:
-        path = self._path(prefix)
-        if self.fs.exists(path):
-            self.fs.rm(path, recursive=True)
+        """Remove every file under `prefix`, then list it again: anything left (a failed
+        removal, a write racing this one) raises ArtifactStoreError, so no caller ever
+        believes a job's files gone while some remain."""
+        try:
+            self.fs.rm(self._path(prefix), recursive=True)
+        except FileNotFoundError:
+            pass  # nothing there: no listing (cached or not) decides whether to try
+        except Exception as exc:
+            raise ArtifactStoreError(f"could not delete {prefix} from {self.url}: {exc}") from exc
+        left = self.keys(prefix)
+        if left:
+            raise ArtifactStoreError(f"{len(left)} files still under {prefix} in {self.url} after deleting: {left[:3]}")
 
     def ping(self) -> None:
-        self.fs.ls(self.root)  # raises if the folder or bucket is unreachable
+        """Raise unless the store answers now: the folder (a disk) or the bucket (an object
+        store, where an empty prefix is no error)."""
+        self.fs.invalidate_cache()
+        self.fs.info(self.root if self.local else self.root.split("/", 1)[0] or self.root)

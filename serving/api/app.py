@@ -206,7 +206,7 @@ def create_api(config: ServiceConfig, jobs: VideoJobs,
                                                     description="A video id: the page starts after it."),
                           limit: int = Query(default=20, ge=1, le=100),
                           order: Literal["asc", "desc"] = "desc", who: Caller | None = Depends(caller)):
-        if after is not None and await asyncio.to_thread(jobs.get, after, owner_of(who)) is None:
+        if after is not None and not await asyncio.to_thread(jobs.is_cursor, after, owner_of(who)):
             raise APIError(404, f"after: no video with id {after!r}", param="after", code="video_not_found")
         records, has_more = await asyncio.to_thread(jobs.list, after, limit, order, owner_of(who))
         data = [video_from_job(job) for job in records]
@@ -222,11 +222,14 @@ def create_api(config: ServiceConfig, jobs: VideoJobs,
         video = await shaped(job)
         return JSONResponse(video.model_dump(mode="json"), headers=headers)
 
-    @app.delete("/v1/videos/{video_id}", response_model=VideoDeleted, responses={**errors, **not_found_doc})
+    pending = {202: {"model": VideoDeleted, "description": "Deleted; some files are removed in the background."}}
+
+    @app.delete("/v1/videos/{video_id}", response_model=VideoDeleted, responses={**errors, **not_found_doc, **pending})
     async def delete_video(video_id: str, who: Caller | None = Depends(caller)):
-        if await asyncio.to_thread(jobs.delete, video_id, owner_of(who)) is None:
+        files_gone = await asyncio.to_thread(jobs.delete, video_id, owner_of(who))
+        if files_gone is None:
             raise not_found(video_id)
-        return VideoDeleted(id=video_id)
+        return JSONResponse(VideoDeleted(id=video_id).model_dump(mode="json"), status_code=200 if files_gone else 202)
 
     @app.post("/v1/videos/{video_id}/cancel", response_model=Video, responses={**errors, **not_found_doc})
     async def cancel_video(video_id: str, who: Caller | None = Depends(caller)):

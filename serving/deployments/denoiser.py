@@ -36,7 +36,7 @@ class Denoiser:
         self.transformer = load_transformer(config.model)
         self.scheduler_config = load_scheduler_config(config.model)
         self.geometry = preset_of(config.model).geometry
-        self.artifacts = ArtifactStore(config.storage.artifacts_url)
+        self.artifacts = ArtifactStore(config.storage.artifacts_url, config.storage.artifacts_options)
         from serving.metrics import metrics
 
         self.metrics = metrics()

@@ -23,7 +23,7 @@ from serving.config import ServiceConfig
 from serving.deployments.watchdog import (PRIOR_DECODE_SECONDS_PER_MEGAPIXEL_FRAME, PRIOR_ENCODE_SECONDS, StageClock,
                                           StageTimeout, decode_units)
 from serving.jobs.records import PROGRESS_SPAN, JobRecord, JobStatus, Stage
-from serving.jobs.retention import sweep_expired
+from serving.jobs.retention import StorageSweeper, expiry, tidy_after_run
 from serving.jobs.store import JobStore, LeaseLost, is_transient
 from serving.metrics import JOB_STATES, metrics
 from serving.models.presets import PRESETS
@@ -70,7 +70,8 @@ class Director:
         self.config = config
         self.text_encoder, self.denoiser, self.vae_decoder = text_encoder, denoiser, vae_decoder
         self.store = JobStore(config.storage.job_store_url)
-        self.artifacts = ArtifactStore(config.storage.artifacts_url)
+        self.artifacts = ArtifactStore(config.storage.artifacts_url, config.storage.artifacts_options)
+        self.sweeper = StorageSweeper(self.store, self.artifacts, config.storage.retention_hours)
         self.owner = f"director-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.lease = config.server.lease_seconds
         self.metrics = metrics()
@@ -138,12 +139,12 @@ class Director:
                         self.metrics.jobs.set(counts.get(state, 0), tags={"state": state})
                 except Exception:
                     logger.exception("counting jobs failed")
-            if self.config.storage.retention_hours and time.monotonic() >= next_sweep:
+            if time.monotonic() >= next_sweep:  # retention, deleted jobs' files, orphans: always
                 next_sweep = time.monotonic() + RETENTION_SWEEP_SECONDS
                 try:
-                    await asyncio.to_thread(sweep_expired, self.store, self.artifacts)
+                    await asyncio.to_thread(self.sweeper.run)
                 except Exception:
-                    logger.exception("retention sweep failed; retrying later")
+                    logger.exception("storage sweep failed; retrying later")
             try:
                 free = self.config.server.max_running_jobs - len(self.running)
                 if free > 0:
@@ -246,6 +247,14 @@ class Director:
                             f"under {job.id}")
         finally:
             self.steps_left.pop(job.id, None)
+            await self._tidy(job.id)
+
+    async def _tidy(self, job_id: str) -> None:
+        """Files the job no longer needs (see `tidy_after_run`); the storage sweep catches a miss."""
+        try:
+            await asyncio.to_thread(tidy_after_run, self.store, self.artifacts, job_id)
+        except Exception:
+            logger.exception("tidying the files of %s failed; the storage sweep retries", job_id)
 
     async def _run_stages(self, job: JobRecord) -> None:
         spec = job.spec
@@ -274,11 +283,10 @@ class Director:
         await self._put(video_key, result["mp4"])
         await self._put(thumbnail_key, result["thumbnail"])
         now = time.time()
-        retention = self.config.storage.retention_hours
         await self._write(job.id, [f"{Stage.VAE_DECODER.value}_finished_at", "completed_at"],
                           status=JobStatus.COMPLETED, stage=None, progress=100, completed_at=now,
                           video_key=video_key, thumbnail_key=thumbnail_key,
-                          expires_at=now + retention * 3600 if retention else None, lease_owner=None)
+                          expires_at=expiry(self.config.storage.retention_hours, now), lease_owner=None)
 
     async def _denoise(self, job: JobRecord, embeddings):
         """Stream the job through a Denoiser; every silence longer than one step's timeout
@@ -371,7 +379,8 @@ class Director:
     async def _end(self, job: JobRecord, status: JobStatus, code: str, message: str) -> None:
         try:
             await self._write(job.id, [f"{status.value}_at"], status=status, stage=None,
-                              error_code=code, error_message=message, lease_owner=None)
+                              error_code=code, error_message=message, lease_owner=None,
+                              expires_at=expiry(self.config.storage.retention_hours, time.time()))
         except (LeaseLost, RetryLater):
             pass  # taken over, ended already, or the database is down: its next driver ends it
 

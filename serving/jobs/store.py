@@ -55,6 +55,10 @@ jobs = sa.Table(
     sa.Column("resumed_from_step", sa.Integer),
     sa.Column("owner", sa.String(64), index=True),
     sa.Column("webhook_url", sa.Text),
+    # A deleted job is first a tombstone: hidden from every read, its lease taken from its
+    # driver, its files then removed (files_deleted_at), the row dropped later (see retention).
+    sa.Column("deleted_at", sa.Float),
+    sa.Column("files_deleted_at", sa.Float),
 )
 
 # The webhook outbox: one row per event, written in the same transaction as the job's
@@ -121,6 +125,16 @@ def _retry_transient(method: Callable[..., _T]) -> Callable[..., _T]:
             wait, attempt = wait * 2, attempt + 1
 
     return retrying
+
+
+_live = jobs.c.deleted_at.is_(None)  # not tombstoned: the only rows any reader sees
+
+# The lease owner of a tombstone: no Director holds it, none can claim it (it never expires).
+DELETED = "deleted"
+
+# Columns that hold what the user asked for: emptied when the job is deleted.
+_CONTENT_CLEARED = {"spec": {}, "idempotency_key": None, "request_hash": None, "webhook_url": None,
+                    "error_message": None}
 
 
 class LeaseLost(Exception):
@@ -207,21 +221,41 @@ class JobStore:
     @_retry_transient
     def get(self, job_id: str) -> JobRecord | None:
         with self.engine.connect() as conn:
-            row = conn.execute(sa.select(jobs).where(jobs.c.id == job_id)).mappings().first()
+            row = conn.execute(sa.select(jobs).where(jobs.c.id == job_id, _live)).mappings().first()
         return _from_row(row) if row else None
 
     @_retry_transient
     def get_by_idempotency_key(self, key: str) -> JobRecord | None:
         with self.engine.connect() as conn:
-            row = conn.execute(sa.select(jobs).where(jobs.c.idempotency_key == key)).mappings().first()
+            row = conn.execute(sa.select(jobs).where(jobs.c.idempotency_key == key, _live)).mappings().first()
         return _from_row(row) if row else None
+
+    @_retry_transient
+    def get_many(self, job_ids: Iterable[str]) -> dict[str, JobRecord]:
+        """The live jobs among `job_ids`, by id (deleted and unknown ones are absent)."""
+        ids, found = list(job_ids), {}
+        with self.engine.connect() as conn:
+            for start in range(0, len(ids), 500):  # bounded IN lists
+                rows = conn.execute(sa.select(jobs).where(jobs.c.id.in_(ids[start:start + 500]), _live)).mappings()
+                found.update((row["id"], _from_row(row)) for row in rows)
+        return found
+
+    @_retry_transient
+    def is_cursor(self, job_id: str, owner: str | None = None) -> bool:
+        """Whether `job_id` can start a list page: a live job, or a deleted one whose
+        tombstone still holds its place (so paging on past a deleted video works)."""
+        query = sa.select(jobs.c.seq).where(jobs.c.id == job_id)
+        if owner is not None:
+            query = query.where(jobs.c.owner == owner)
+        with self.engine.connect() as conn:
+            return conn.execute(query).first() is not None
 
     @_retry_transient
     def list(self, *, after: str | None = None, limit: int = 20, order: str = "desc",
              owner: str | None = None) -> tuple[list[JobRecord], bool]:
         """A page of jobs by creation order, starting after the job `after`; and whether more
-        follow. With `owner`, only that API key's jobs."""
-        query = sa.select(jobs)
+        follow. With `owner`, only that API key's jobs. `after` may be a deleted job (see `is_cursor`)."""
+        query = sa.select(jobs).where(_live)
         if owner is not None:
             query = query.where(jobs.c.owner == owner)
         descending = order == "desc"
@@ -234,7 +268,48 @@ class JobStore:
         return [_from_row(r) for r in rows[:limit]], len(rows) > limit
 
     @_retry_transient
+    def tombstone(self, job_id: str, now: float | None = None, *, _attempt: int = 0) -> JobRecord | None:
+        """Delete a job as far as anyone can see, in one conditional UPDATE: every read, list
+        and count skips it from now on, its driver's next write or renewal raises LeaseLost,
+        no Director can claim it, its idempotency key is free again and its prompt is gone.
+        The row stays, holding its list position and the fact that its files must go.
+        Returns the job as it was; None if it is absent or already deleted."""
+        now = time.time() if now is None else now
+        with self.engine.begin() as conn:
+            row = conn.execute(sa.select(jobs).where(jobs.c.id == job_id, _live)).mappings().first()
+            if row is None:
+                # On a retry, our first try may have committed before its connection dropped.
+                gone = _attempt and conn.execute(sa.select(jobs).where(jobs.c.id == job_id)).mappings().first()
+                return _from_row(gone) if gone else None
+            hidden = conn.execute(jobs.update().where(jobs.c.id == job_id, _live).values(
+                deleted_at=now, lease_owner=DELETED, lease_expires_at=None, **_CONTENT_CLEARED)).rowcount
+        return _from_row(row) if hidden else None
+
+    @_retry_transient
+    def files_deleted(self, job_id: str, now: float | None = None) -> None:
+        """Record that every file of a tombstoned job is gone."""
+        with self.engine.begin() as conn:
+            conn.execute(jobs.update().where(jobs.c.id == job_id, jobs.c.deleted_at.is_not(None))
+                         .values(files_deleted_at=time.time() if now is None else now))
+
+    @_retry_transient
+    def files_pending(self, limit: int = 100) -> list[str]:
+        """Tombstoned jobs whose files are not known to be gone yet (oldest first)."""
+        with self.engine.connect() as conn:
+            return list(conn.execute(sa.select(jobs.c.id).where(jobs.c.deleted_at.is_not(None),
+                                                                jobs.c.files_deleted_at.is_(None))
+                                     .order_by(jobs.c.deleted_at).limit(limit)).scalars())
+
+    @_retry_transient
+    def drop_tombstones(self, deleted_before: float) -> int:
+        """Drop tombstones deleted before `deleted_before` whose files are gone."""
+        with self.engine.begin() as conn:
+            return conn.execute(jobs.delete().where(jobs.c.deleted_at < deleted_before,
+                                                    jobs.c.files_deleted_at.is_not(None))).rowcount
+
+    @_retry_transient
     def delete(self, job_id: str) -> JobRecord | None:
+        """Drop the row at once, tombstone or not (the API deletes through `tombstone`)."""
         with self.engine.begin() as conn:
             row = conn.execute(sa.select(jobs).where(jobs.c.id == job_id)).mappings().first()
             if row is None:
@@ -268,28 +343,39 @@ class JobStore:
             return int(conn.execute(sa.select(sa.func.coalesce(sa.func.sum(jobs.c.num_steps), 0))
                                     .where(self._waiting)).scalar())
 
-    _waiting = sa.and_(jobs.c.status == JobStatus.QUEUED.value, jobs.c.lease_owner.is_(None))
+    _waiting = sa.and_(jobs.c.status == JobStatus.QUEUED.value, jobs.c.lease_owner.is_(None), _live)
 
     @_retry_transient
     def count_active(self, owner: str) -> int:
         """Queued and running jobs of one API key (its concurrent-job quota counts these)."""
         active = [JobStatus.QUEUED.value, JobStatus.IN_PROGRESS.value]
         with self.engine.connect() as conn:
-            return int(conn.execute(sa.select(sa.func.count()).where(jobs.c.owner == owner,
+            return int(conn.execute(sa.select(sa.func.count()).where(jobs.c.owner == owner, _live,
                                                                       jobs.c.status.in_(active))).scalar())
 
     @_retry_transient
     def count_by_status(self) -> dict[str, int]:
         with self.engine.connect() as conn:
-            rows = conn.execute(sa.select(jobs.c.status, sa.func.count()).group_by(jobs.c.status)).all()
+            rows = conn.execute(sa.select(jobs.c.status, sa.func.count()).where(_live).group_by(jobs.c.status)).all()
         return {status: count for status, count in rows}
 
     @_retry_transient
     def expired(self, now: float | None = None) -> list[JobRecord]:
         now = time.time() if now is None else now
         with self.engine.connect() as conn:
-            rows = conn.execute(sa.select(jobs).where(jobs.c.expires_at.is_not(None), jobs.c.expires_at < now)).mappings()
+            rows = conn.execute(sa.select(jobs).where(_live, jobs.c.expires_at.is_not(None), jobs.c.expires_at < now)
+                                .order_by(jobs.c.expires_at)).mappings()
             return [_from_row(r) for r in rows]
+
+    @_retry_transient
+    def set_expiry(self, retention_seconds: float, now: float | None = None) -> int:
+        """Give every ended job that has no `expires_at` one, `retention_seconds` from now
+        (jobs ended by a cancel in the API, or before retention was turned on): each is
+        announced for the whole retention period before it goes."""
+        now = time.time() if now is None else now
+        with self.engine.begin() as conn:
+            return conn.execute(jobs.update().where(_live, jobs.c.status.in_(_TERMINAL), jobs.c.expires_at.is_(None))
+                                .values(expires_at=now + retention_seconds)).rowcount
 
     # ---- driving (the Director) -----------------------------------------------------
 

@@ -13,6 +13,7 @@ from typing import Any
 
 from serving.config import ServiceConfig
 from serving.jobs.records import JobRecord, JobStatus, is_job_id, new_job_id
+from serving.jobs.retention import delete_job
 from serving.jobs.store import JobStore
 from serving.models.presets import PRESETS
 from serving.pipeline.spec import SpecError, build_spec
@@ -42,7 +43,7 @@ class VideoJobs:
         self.preset = PRESETS[config.model.preset]
         self.model_name = config.server.model_name or config.model.preset
         self.store = JobStore(config.storage.job_store_url)
-        self.artifacts = ArtifactStore(config.storage.artifacts_url)
+        self.artifacts = ArtifactStore(config.storage.artifacts_url, config.storage.artifacts_options)
         self.policy = ContentPolicy(config.content_policy)
 
     def submit(self, request: dict[str, Any], idempotency_key: str | None = None, owner: str | None = None,
@@ -104,17 +105,21 @@ class VideoJobs:
     def list(self, after: str | None, limit: int, order: str, owner: str | None = None) -> tuple[list[JobRecord], bool]:
         return self.store.list(after=after, limit=limit, order=order, owner=owner)
 
+    def is_cursor(self, job_id: str, owner: str | None = None) -> bool:
+        """Whether a list page may start after `job_id`: a video `owner` may see, or one
+        deleted recently (its place in the list is kept for a day; see retention.py)."""
+        return is_job_id(job_id) and self.store.is_cursor(job_id, owner)
+
     def cancel(self, job_id: str, owner: str | None = None) -> JobRecord | None:
         return self.store.request_cancel(job_id) if self.get(job_id, owner) is not None else None
 
-    def delete(self, job_id: str, owner: str | None = None) -> JobRecord | None:
-        """Delete the job and its files; a running job is cancelled (its driver loses the row)."""
+    def delete(self, job_id: str, owner: str | None = None) -> bool | None:
+        """Delete the job and its files; a running job stops (its driver loses the lease).
+        None: no such job. True: all gone. False: gone from the API at once, but some files
+        could not be removed yet; the Director's storage sweep retries until they are."""
         if self.get(job_id, owner) is None:
             return None
-        job = self.store.delete(job_id)
-        if job is not None:
-            self.artifacts.delete_prefix(job_id)
-        return job
+        return delete_job(self.store, self.artifacts, job_id)
 
     def content_key(self, job_id: str, variant: str, owner: str | None = None) -> tuple[str, str] | None:
         """(artifact key, media type) of a completed video's variant; None for an unknown job."""
