@@ -3,6 +3,8 @@ records jobs, wakes the Director, and serves reads from the job and artifact sto
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 
 from ray import serve
@@ -10,7 +12,12 @@ from ray import serve
 from serving.config import ServiceConfig
 
 
+logger = logging.getLogger("ray.serve")
+
 ESTIMATE_TTL_SECONDS = 1.0
+# With no Director (its node is being replaced) a call would wait for a new one, holding every
+# create and queued-job read with it; the store needs no Director, so answer without an estimate.
+ESTIMATE_TIMEOUT_SECONDS = 2.0
 
 
 @serve.deployment(name="Gateway")
@@ -35,13 +42,22 @@ class Gateway:
         return await self.director.ready.remote()
 
     async def _estimate(self):
-        # One Director round trip per second at most, however many requests arrive.
+        # One Director round trip per second at most, however many requests arrive; a missing
+        # answer is remembered as long as a found one, so an outage does not stall every request.
         from serving.admission import WaitEstimate
 
         now = time.monotonic()
         if self.cached_estimate is None or now - self.cached_estimate[0] > ESTIMATE_TTL_SECONDS:
-            self.cached_estimate = (now, WaitEstimate(**await self.director.estimate.remote()))
+            try:
+                found = WaitEstimate(**await asyncio.wait_for(self._ask_estimate(), ESTIMATE_TIMEOUT_SECONDS))
+            except Exception as exc:  # TimeoutError included
+                logger.warning("no wait estimate from the Director (%s); going on without one", type(exc).__name__)
+                found = None
+            self.cached_estimate = (time.monotonic(), found)
         return self.cached_estimate[1]
+
+    async def _ask_estimate(self) -> dict:
+        return await self.director.estimate.remote()
 
     def _rejected(self, reason: str) -> None:
         self.metrics.rejections.inc(tags={"reason": reason})
