@@ -181,6 +181,8 @@ class Run:
 
         self.config = load_config(None, environ=self.env)
         serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": self.port})
+        # serve.run would wait for the Director, which cannot be placed until its node joins;
+        # _run (what serve.run calls) deploys without waiting.
         serve._run(build_app(self.config), name=APP_NAME, route_prefix="/", _blocking=False)
         self._wait(lambda: self.node_of("Gateway") == self.cluster.head_node.node_id, "the Gateway on the head", 240)
         self.director_node = self.cluster.add_node(**NODES["director"])

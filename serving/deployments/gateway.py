@@ -17,7 +17,8 @@ logger = logging.getLogger("ray.serve")
 ESTIMATE_TTL_SECONDS = 1.0
 # With no Director (its node is being replaced) a call would wait for a new one, holding every
 # create and queued-job read with it; the store needs no Director, so answer without an estimate.
-ESTIMATE_TIMEOUT_SECONDS = 2.0
+# Generous, so a Director merely busy under a burst still answers and admission keeps working.
+ESTIMATE_TIMEOUT_SECONDS = 5.0
 
 
 @serve.deployment(name="Gateway")
