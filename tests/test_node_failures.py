@@ -30,14 +30,14 @@ def outcome(tmp_path_factory):
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}  # not the tests' cluster
     root = str(Path(__file__).resolve().parent.parent)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
-    command = [sys.executable, str(SCENARIO), "--workdir", str(workdir), "--timeout", "270"]
+    command = [sys.executable, str(SCENARIO), "--workdir", str(workdir), "--timeout", "240"]
     if REDIS_SERVER:
         command += ["--redis-server", REDIS_SERVER]
     # Its own process group, so a run past its time leaves no raylet or redis-server behind.
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                start_new_session=True)
     try:
-        out, err = process.communicate(timeout=330)
+        out, err = process.communicate(timeout=300)
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         out, err = process.communicate()
