@@ -79,7 +79,7 @@ def service_env(workdir: Path, port: int) -> dict[str, str]:
         "DITSERVE_ENGINE__CHECKPOINT_EVERY": str(CHECKPOINT_EVERY),
         "DITSERVE_WEBHOOKS__SECRET": "whsec_" + "bm9kZS1mYWlsdXJlcy1zY2VuYXJpby1zZWNyZXQtMzJi",
         "DITSERVE_WEBHOOKS__INITIAL_BACKOFF_SECONDS": "0.5",
-        "DITSERVE_WEBHOOKS__ALLOWED_HOSTS": "[127.0.0.1]",
+        "DITSERVE_WEBHOOKS__ALLOWED_NETWORKS": "[127.0.0.0/8]",  # the receiver below listens on loopback
     }
 
 
