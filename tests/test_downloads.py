@@ -66,3 +66,29 @@ def test_unsatisfiable_ranges_are_416(finished, header):
     response = requests.get(url, headers={"Range": header}, timeout=60)
     assert response.status_code == 416 and response.headers["Content-Range"] == f"bytes */{SIZE}"
     assert response.json()["error"]["param"] == "Range"
+
+
+def test_chunked_reads_from_an_s3_bucket_are_ranged_and_exact(monkeypatch):
+    """The same reads against an object store (moto's S3 server on 127.0.0.1)."""
+    moto_server = pytest.importorskip("moto.server")
+    pytest.importorskip("s3fs")
+    import boto3
+
+    from serving.storage import ArtifactStore
+
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        for name, value in {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "test",
+                            "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+            monkeypatch.setenv(name, value)
+        boto3.client("s3").create_bucket(Bucket="videos")
+        store = ArtifactStore("s3://videos/artifacts")
+        data = os.urandom(3 * CHUNK_BYTES + 777)
+        store.put("video_x/video.mp4", data)
+        pieces = list(store.read_chunks("video_x/video.mp4", 5, len(data), CHUNK_BYTES))
+        assert len(pieces) == 4 and all(len(p) <= CHUNK_BYTES for p in pieces)
+        assert b"".join(pieces) == data[5:]
+    finally:
+        server.stop()
