@@ -64,6 +64,10 @@ class GenerationConfig(_Section):
     max_pixels: int = Field(default=1280 * 720, gt=0, description="Largest width*height a request may ask for.")
     max_steps: int = Field(default=100, ge=1)
     max_prompt_chars: int = Field(default=2000, ge=1)
+    max_cost: int | None = Field(
+        default=None, ge=1,
+        description="Largest cost of one request in latent token-steps (latent frames x latent tokens per frame "
+        "x steps, x2 with guidance; see serving/pipeline/cost.py); null takes the preset's budget.")
 
     @field_validator("size")
     @classmethod
@@ -130,7 +134,16 @@ class ServerConfig(_Section):
     port: int = Field(default=8000, ge=1, le=65535)
     model_name: str = Field(default="", description="Name reported in video objects; '' uses the preset name.")
     poll_after_ms: int = Field(default=500, ge=50, description="openai-poll-after-ms sent to polling clients.")
-    max_body_bytes: int = Field(default=1 << 20, ge=1024)
+    max_body_bytes: int = Field(default=1 << 20, ge=1024, description="Also enforced on chunked and multipart bodies.")
+    api_docs: Literal["auto", "public", "off"] = Field(
+        default="auto", description="/docs, /redoc and /openapi.json: 'auto' serves them only while auth is off; "
+        "'public' serves them to anyone; 'off' never.")
+    max_event_streams: int = Field(default=256, ge=1, description="Open progress streams (SSE) per Gateway replica; "
+                                   "429 beyond.")
+    event_stream_max_seconds: float = Field(default=600.0, gt=0, description="A progress stream ends after this "
+                                            "long with a stream.expired event; the client reconnects or polls.")
+    event_poll_seconds: float = Field(default=0.5, gt=0, description="How often a Gateway replica reads the jobs "
+                                      "its progress streams watch (one query for all of them).")
     gateway_num_cpus: float = Field(default=0.1, ge=0)
     director_num_cpus: float = Field(default=0.1, ge=0)
     resources: dict[str, float] = Field(
@@ -196,6 +209,9 @@ class ApiKey(_Section):
         default=None, pattern=WEBHOOK_SECRET_PATTERN,
         description="Signs this key's webhook events (whsec_...; `ditserve keys create` makes one), so no other "
         "tenant can forge them. Unset: webhooks.secret signs them.")
+    reads_per_minute: int | None = Field(default=None, ge=1, description="Overrides auth.reads_per_minute.")
+    max_event_streams: int | None = Field(default=None, ge=1, description="Overrides auth.max_event_streams.")
+    max_priority: int | None = Field(default=None, ge=-100, le=100, description="Overrides auth.max_priority.")
 
 
 class AuthConfig(_Section):
@@ -204,8 +220,16 @@ class AuthConfig(_Section):
 
     enabled: bool = False
     keys: list[ApiKey] = Field(default_factory=list)
-    requests_per_minute: int = Field(default=600, ge=1, description="Per key, per Gateway replica; 429 beyond.")
+    requests_per_minute: int = Field(default=600, ge=1, description="Writes (creates, cancels, deletes) per key, "
+                                     "per Gateway replica; 429 beyond.")
+    reads_per_minute: int | None = Field(
+        default=None, ge=1, description="Reads (GETs) per key, per Gateway replica; 429 beyond. null: twice what "
+        "polling max_concurrent_jobs videos every server.poll_after_ms needs, so SDK polling never trips it.")
     max_concurrent_jobs: int = Field(default=16, ge=1, description="Queued plus running videos per key; 429 beyond.")
+    max_event_streams: int = Field(default=16, ge=1, description="Open progress streams (SSE) per key, per Gateway "
+                                   "replica; 429 beyond.")
+    max_priority: int = Field(default=0, ge=-100, le=100, description="Highest job priority a key may ask for "
+                              "(priority is the operator's to give); 403 above it.")
 
     @model_validator(mode="after")
     def _usable(self) -> "AuthConfig":

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import uuid
 from datetime import datetime
-from typing import Any
+from typing import Any, Iterator
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
@@ -69,6 +69,13 @@ class ArtifactStore:
     def read(self, key: str, start: int | None = None, end: int | None = None) -> bytes:
         """Bytes [start, end) of an artifact (the whole of it by default)."""
         return self.fs.cat_file(self._path(key), start=start, end=end)
+
+    def read_chunks(self, key: str, start: int, end: int, chunk_size: int) -> Iterator[bytes]:
+        """Bytes [start, end) of an artifact as ranged reads of at most `chunk_size` bytes, so a
+        download holds one chunk in memory whatever the file's size."""
+        path = self._path(key)
+        for offset in range(start, end, chunk_size):
+            yield self.fs.cat_file(path, start=offset, end=min(offset + chunk_size, end))
 
     def exists(self, key: str) -> bool:
         return self.fs.exists(self._path(key))

@@ -29,6 +29,7 @@ def error_of(response: requests.Response, status: int) -> dict:
     ({"prompt": "x", "guidance_scale": -3}, "guidance_scale", "from 0 to 50"),
     ({"prompt": "x", "seed": -5}, "seed", "whole number"),
     ({"prompt": "x", "fps": 0}, "fps", "whole number from 1 to 120"),
+    ({"prompt": "x", "size": "1280x720", "fps": 120, "seconds": "10"}, "size", "latent token-steps"),
     ({"prompt": "x", "model": "sora-2"}, "model", "not served here"),
     ({"prompt": "x", "colour": "red"}, "colour", "unknown parameter"),
 ])

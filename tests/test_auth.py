@@ -27,7 +27,7 @@ def secure(service, tmp_path_factory):
     entries = ", ".join([
         f"{{name: alpha, sha256: {key_digest(KEYS['alpha'])}}}",
         f"{{name: beta, sha256: {key_digest(KEYS['beta'])}, max_concurrent_jobs: 2}}",
-        f"{{name: gamma, sha256: {key_digest(KEYS['gamma'])}, requests_per_minute: 5}}",
+        f"{{name: gamma, sha256: {key_digest(KEYS['gamma'])}, requests_per_minute: 5, reads_per_minute: 5}}",
     ])
     config = load_config(None, environ={
         "DITSERVE_STORAGE__JOB_STORE_URL": f"sqlite:///{data}/jobs.db",

@@ -1,54 +1,44 @@
 """FastAPI routes of the Videos API. Thin: parse, call `VideoJobs`, shape the answer.
 
-Every error leaves in OpenAI's envelope `{"error": {"message", "type", "param", "code"}}`
-with the offending field in `param`, so a client (or a person) knows what to fix.
+`create_api` assembles the app from its parts: errors (serving/api/errors.py), request
+bodies (bodies.py), downloads (content.py), progress streams (events.py) and the API's own
+description (openapi.py). Every error leaves in OpenAI's envelope, naming the field.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import math
 import time
 from typing import Any, Awaitable, Callable, Literal
 
 from fastapi import Depends, FastAPI, Query, Request, Security
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.security import HTTPBearer
 from pydantic import ValidationError
-from starlette.datastructures import UploadFile
-from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.background import BackgroundTask
 
 from serving.admission import WaitEstimate
-from serving.auth import ApiKeys, AuthError, Caller
+from serving.api.bodies import read_create_body
+from serving.api.content import content_response
+from serving.api.errors import APIError, body_error, install_error_handlers
+from serving.api.events import JobWatcher, StreamSlots, video_events
+from serving.api.openapi import docs_urls, request_body_schema
 from serving.api.schemas import CreateVideoBody, ErrorEnvelope, Video, VideoDeleted, VideoList, video_from_job
+from serving.auth import ApiKeys, AuthError, Caller
 from serving.config import ServiceConfig
 from serving.jobs.records import JobRecord
 from serving.jobs.store import IdempotencyConflict
-from serving.jobs.videos import NotReady, QuotaExceeded, VideoJobs
+from serving.jobs.videos import NotReady, PriorityNotAllowed, QuotaExceeded, VideoJobs
 from serving.pipeline.spec import SpecError
 from serving.policy import PolicyViolation
 
 logger = logging.getLogger("ray.serve")
 
 POLL_HEADER = "openai-poll-after-ms"
-SSE_POLL_SECONDS = 0.1
-
-
-class APIError(Exception):
-    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
-                 type: str = "invalid_request_error", headers: dict[str, str] | None = None):
-        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
-        self.headers = headers or {}
-
-
-def error_response(status: int, message: str, param: str | None = None, code: str | None = None,
-                   type: str = "invalid_request_error", headers: dict[str, str] | None = None) -> JSONResponse:
-    body = {"error": {"message": message, "type": type, "param": param, "code": code}}
-    return JSONResponse(body, status_code=status, headers=headers)
+READ_METHODS = ("GET", "HEAD")
 
 
 def create_api(config: ServiceConfig, jobs: VideoJobs,
@@ -59,15 +49,19 @@ def create_api(config: ServiceConfig, jobs: VideoJobs,
     """The Videos API over `jobs`. The callables connect it to the rest of the service
     (the Director's wake-up, readiness and wait estimate; the rejection metric) without
     the HTTP layer knowing what is behind them."""
-    keys = ApiKeys(config.auth)
+    server = config.server
+    keys = ApiKeys(config.auth, server.poll_after_ms)
     errors = {400: {"model": ErrorEnvelope, "description": "Bad input; `error.param` names the field."}}
     if keys.enabled:
         errors[401] = {"model": ErrorEnvelope, "description": "Missing or unknown API key."}
         errors[429] = {"model": ErrorEnvelope, "description": "Over the key's rate or job quota; see Retry-After."}
     app = FastAPI(title="ditserve", version="0.1.0",
-                  description="OpenAI-compatible Videos API for self-hosted text-to-video models.")
-    poll_ms = str(config.server.poll_after_ms)
+                  description="OpenAI-compatible Videos API for self-hosted text-to-video models.", **docs_urls(config))
+    install_error_handlers(app)
+    poll_ms = str(server.poll_after_ms)
     not_found_doc = {404: {"model": ErrorEnvelope, "description": "No such video (or not this key's)."}}
+    watcher = JobWatcher(jobs.store.get_many, server.event_poll_seconds)
+    stream_slots = StreamSlots(server.max_event_streams, server.event_stream_max_seconds)
 
     if keys.enabled:
         async def caller(request: Request, _: Any = Security(HTTPBearer(auto_error=False))) -> Caller | None:
@@ -75,11 +69,12 @@ def create_api(config: ServiceConfig, jobs: VideoJobs,
                 who = keys.authenticate(request.headers.get("authorization"))
             except AuthError as exc:
                 raise APIError(401, str(exc), code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"}) from None
-            wait = keys.retry_after(who)
+            read = request.method in READ_METHODS
+            wait = keys.retry_after(who, read)
             if wait is not None:
-                raise APIError(429, f"this API key is over its rate of {who.requests_per_minute} requests per minute; "
-                                    f"retry in {wait} s", type="rate_limit_error", code="rate_limit_exceeded",
-                               headers={"Retry-After": str(wait)})
+                rate = f"{who.reads_per_minute} reads" if read else f"{who.requests_per_minute} writes"
+                raise APIError(429, f"this API key is over its rate of {rate} per minute; retry in {wait} s",
+                               type="rate_limit_error", code="rate_limit_exceeded", headers={"Retry-After": str(wait)})
             return who
     else:
         async def caller() -> Caller | None:
@@ -100,7 +95,7 @@ def create_api(config: ServiceConfig, jobs: VideoJobs,
     async def quota_retry_after() -> int:
         """When the work running now should be done, freeing a slot (1 s to 10 min)."""
         wait = await current_estimate()
-        seconds = wait.start_in(0) if wait is not None else config.server.poll_after_ms / 1000
+        seconds = wait.start_in(0) if wait is not None else server.poll_after_ms / 1000
         return min(600, max(1, math.ceil(seconds)))
 
     def not_found(video_id: str) -> APIError:
@@ -122,47 +117,24 @@ def create_api(config: ServiceConfig, jobs: VideoJobs,
         start = time.time() + wait.start_in(steps_ahead) if wait is not None else None
         return video_from_job(job, queue_position=position, estimated_start_at=start)
 
-    # ---- errors -------------------------------------------------------------------------
-
-    @app.exception_handler(APIError)
-    async def _api_error(_: Request, exc: APIError):
-        return error_response(exc.status, exc.message, exc.param, exc.code, exc.type, exc.headers)
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation_error(_: Request, exc: RequestValidationError):
-        first = exc.errors()[0]
-        param = ".".join(str(p) for p in first["loc"] if p not in ("query", "path", "body"))
-        return error_response(400, f"{param}: {_describe(first)}", param=param or None, code="invalid_value")
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_: Request, exc: StarletteHTTPException):
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
-        return error_response(exc.status_code, str(exc.detail), code=code)
-
-    @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception):
-        logger.exception("unhandled error in the API")
-        return error_response(500, "internal error; the server log has the details", type="server_error",
-                              code="internal_error")
-
     # ---- videos ---------------------------------------------------------------------------
 
     create_responses = {**errors, 409: {"model": ErrorEnvelope, "description": "Idempotency-Key reused."},
                         413: {"model": ErrorEnvelope}, 415: {"model": ErrorEnvelope},
                         429: {"model": ErrorEnvelope, "description": "Queue full or over a limit; see Retry-After."}}
+    if keys.enabled:
+        create_responses[403] = {"model": ErrorEnvelope, "description": "A priority above the key's maximum."}
     body_schema = request_body_schema(config)
 
     @app.post("/v1/videos", response_model=Video, responses=create_responses, openapi_extra={"requestBody": {
         "required": True,
         "content": {"application/json": {"schema": body_schema}, "multipart/form-data": {"schema": body_schema}}}})
     async def create_video(request: Request, who: Caller | None = Depends(caller)):
-        data = await _read_body(request, config.server.max_body_bytes)
+        data = await read_create_body(request, server.max_body_bytes)
         try:
             body = CreateVideoBody.model_validate(data)
         except ValidationError as exc:
-            first = exc.errors()[0]
-            param = ".".join(str(p) for p in first["loc"])
-            raise APIError(400, f"{param}: {_describe(first)}", param=param, code=_code(first)) from None
+            raise body_error(exc) from None
         if body.input_reference is not None:
             raise APIError(400, "input_reference is not supported: this server generates video from text only",
                            param="input_reference", code="unsupported_parameter")
@@ -182,11 +154,15 @@ def create_api(config: ServiceConfig, jobs: VideoJobs,
             async with quota_lock(who):
                 job, created = await asyncio.to_thread(
                     jobs.submit, body.model_dump(exclude={"input_reference"}), key, owner_of(who),
-                    who.max_concurrent_jobs if who is not None else None)
+                    who.max_concurrent_jobs if who is not None else None,
+                    who.max_priority if who is not None else None)
         except QuotaExceeded as exc:
             retry = await quota_retry_after()
             raise APIError(429, f"{exc}; retry in {retry} s, or cancel one", type="rate_limit_error",
                            code="concurrent_jobs_exceeded", headers={"Retry-After": str(retry)}) from None
+        except PriorityNotAllowed as exc:
+            raise APIError(403, str(exc), param="priority", type="permission_error",
+                           code="priority_not_allowed") from None
         except SpecError as exc:
             raise APIError(400, f"{exc.field}: {exc.message}", param=exc.field, code="invalid_value") from None
         except PolicyViolation as exc:
@@ -256,46 +232,28 @@ def create_api(config: ServiceConfig, jobs: VideoJobs,
         if found is None:
             raise not_found(video_id)
         key, media_type = found
-        size = await asyncio.to_thread(jobs.artifacts.size, key)
-        span = _parse_range(request.headers.get("range"), size)
-        headers = {"Accept-Ranges": "bytes", "Content-Disposition": f'inline; filename="{video_id}.{key.rsplit(".", 1)[-1]}"'}
-        if span is None:
-            data = await asyncio.to_thread(jobs.artifacts.read, key)
-            return Response(data, media_type=media_type, headers=headers)
-        start, end = span
-        data = await asyncio.to_thread(jobs.artifacts.read, key, start, end + 1)
-        headers["Content-Range"] = f"bytes {start}-{end}/{size}"
-        return Response(data, status_code=206, media_type=media_type, headers=headers)
+        return await content_response(jobs.artifacts, key, media_type, f"{video_id}.{key.rsplit('.', 1)[-1]}",
+                                      request.headers.get("range"))
 
-    @app.get("/v1/videos/{video_id}/events", response_class=StreamingResponse,
-             responses={**errors, **not_found_doc, 200: {"content": {"text/event-stream": {}},
-                                                         "description": "Server-sent events."}})
+    events_responses = {**errors, **not_found_doc,
+                        200: {"content": {"text/event-stream": {}}, "description": "Server-sent events."},
+                        429: {"model": ErrorEnvelope, "description": "Too many open streams; see Retry-After."}}
+
+    @app.get("/v1/videos/{video_id}/events", response_class=StreamingResponse, responses=events_responses)
     async def stream_events(video_id: str, who: Caller | None = Depends(caller)):
-        """Server-sent events: the video object on every change, until it is finished."""
-        owner = owner_of(who)
-        job = await asyncio.to_thread(jobs.get, video_id, owner)
+        """Server-sent events: the video object on every change, until it is finished (or
+        the stream's lifetime ends: `stream.expired`, then reconnect or poll)."""
+        job = await asyncio.to_thread(jobs.get, video_id, owner_of(who))
         if job is None:
             raise not_found(video_id)
+        slot = stream_slots.take(owner_of(who), who.max_event_streams if who is not None else None)
+        events = video_events(job, watcher, shaped, slot, server.event_stream_max_seconds)
 
-        async def events():
-            last = None
-            current = job
-            while True:
-                state = (current.status, current.stage, current.progress)
-                if state != last:
-                    last = state
-                    video = await shaped(current)
-                    name = f"video.{video.status}" if current.status.terminal else "video.progress"
-                    yield f"event: {name}\ndata: {video.model_dump_json()}\n\n"
-                    if current.status.terminal:
-                        return
-                await asyncio.sleep(SSE_POLL_SECONDS)
-                current = await asyncio.to_thread(jobs.get, video_id, owner)
-                if current is None:
-                    yield f"event: video.deleted\ndata: {json.dumps({'id': video_id})}\n\n"
-                    return
+        async def release() -> None:  # also when the stream never started; closing twice is harmless
+            slot.close()
 
-        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"},
+                                 background=BackgroundTask(release))
 
     # ---- health -------------------------------------------------------------------------
 
@@ -321,120 +279,3 @@ def create_api(config: ServiceConfig, jobs: VideoJobs,
                             status_code=200 if ready else 503)
 
     return app
-
-
-def request_body_schema(config: ServiceConfig) -> dict[str, Any]:
-    """CreateVideoBody's JSON schema plus the limits `build_spec` enforces from the config, so
-    the OpenAPI document tells clients (and schemathesis) the truth. Rules that span fields
-    (size multiples, seconds x fps, pixel budget) stay in the error messages."""
-    schema = CreateVideoBody.model_json_schema()
-    g = config.generation
-    limits = {
-        "prompt": {"minLength": 1, "maxLength": g.max_prompt_chars},
-        "model": {"enum": sorted({config.server.model_name or config.model.preset, config.model.preset})},
-        "negative_prompt": {"maxLength": g.max_prompt_chars},
-        "size": {"pattern": r"^[0-9]+x[0-9]+$"},
-        "num_inference_steps": {"minimum": 1, "maximum": g.max_steps},
-        "guidance_scale": {"minimum": 0, "maximum": 50},
-        "fps": {"minimum": 1, "maximum": 120},
-        "seed": {"minimum": 0, "maximum": 2**63 - 1},
-        "priority": {"minimum": -100, "maximum": 100},
-        "webhook_url": {"maxLength": 2048},
-    }
-    for name, rules in limits.items():
-        field = schema["properties"][name]
-        for option in field.get("anyOf", [field]):
-            if option.get("type") in ("string", "integer", "number"):
-                option.update({k: v for k, v in rules.items()
-                               if option["type"] == "string" or k in ("minimum", "maximum")})
-    # Image-to-video is not served: the field exists only so the SDK's requests parse.
-    schema["properties"]["input_reference"] = {"type": "null", "description": "Not supported (text-to-video only)."}
-    schema["properties"]["seconds"]["anyOf"] = [{"type": "number", "exclusiveMinimum": 0,
-                                                 "maximum": g.max_seconds},
-                                                {"type": "string", "pattern": r"^[0-9]+(\.[0-9]+)?$"},
-                                                {"type": "null"}]
-    return schema
-
-
-async def _read_body(request: Request, max_bytes: int) -> dict[str, Any]:
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
-        raise APIError(413, f"request body is {declared} bytes; the limit is {max_bytes}", code="body_too_large")
-    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if content_type == "application/json":
-        raw = await request.body()
-        if len(raw) > max_bytes:
-            raise APIError(413, f"request body is {len(raw)} bytes; the limit is {max_bytes}", code="body_too_large")
-        try:
-            data = json.loads(raw.decode("utf-8"))
-        except UnicodeDecodeError as exc:
-            raise APIError(400, f"request body is not valid UTF-8 (byte {exc.start})", code="invalid_encoding") from None
-        except json.JSONDecodeError as exc:
-            raise APIError(400, f"request body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}",
-                           code="invalid_json") from None
-        if not isinstance(data, dict):
-            raise APIError(400, f"request body must be a JSON object, found {type(data).__name__}", code="invalid_json")
-        return data
-    if content_type in ("multipart/form-data", "application/x-www-form-urlencoded"):
-        try:
-            form = await request.form(max_part_size=max_bytes)
-        except Exception as exc:
-            raise APIError(400, f"could not read the form body: {exc}", code="invalid_form") from None
-        data: dict[str, Any] = {}
-        for name, value in form.multi_items():
-            if isinstance(value, UploadFile):
-                if name == "input_reference":
-                    data[name] = value.filename or "upload"
-                    continue
-                raise APIError(400, f"{name}: file uploads are not accepted here", param=name, code="invalid_value")
-            data[name] = value
-        return data
-    found = content_type or "none"
-    raise APIError(415, f"Content-Type must be application/json or multipart/form-data, found {found}",
-                   code="unsupported_media_type")
-
-
-def _parse_range(header: str | None, size: int) -> tuple[int, int] | None:
-    """An inclusive byte span from a single-range `Range` header, or None for the whole file."""
-    if not header:
-        return None
-    unit, _, spec = header.partition("=")
-    if unit.strip() != "bytes" or "," in spec or "-" not in spec:
-        raise _unsatisfiable(size)
-    first, _, last = spec.strip().partition("-")
-    try:
-        if first == "":  # the last N bytes
-            start, end = max(0, size - int(last)), size - 1
-        else:
-            start, end = int(first), (int(last) if last else size - 1)
-    except ValueError:
-        raise _unsatisfiable(size) from None
-    end = min(end, size - 1)
-    if start > end or start >= size:
-        raise _unsatisfiable(size)
-    return start, end
-
-
-def _unsatisfiable(size: int) -> APIError:
-    return APIError(416, f"Range not satisfiable; the file has {size} bytes", param="Range",
-                    code="range_not_satisfiable", headers={"Content-Range": f"bytes */{size}"})
-
-
-_KIND = {"int_parsing": "an integer", "int_type": "an integer", "int_from_float": "a whole number",
-         "float_parsing": "a number", "float_type": "a number", "string_type": "a string"}
-
-
-def _describe(error: dict[str, Any]) -> str:
-    kind = error["type"]
-    if kind == "extra_forbidden":
-        return "unknown parameter"
-    if kind == "missing":
-        return "is required"
-    if kind in _KIND:
-        return f"expected {_KIND[kind]}, found {error.get('input')!r}"
-    return str(error["msg"])
-
-
-def _code(error: dict[str, Any]) -> str:
-    return {"extra_forbidden": "unknown_parameter", "missing": "missing_required_parameter"}.get(error["type"],
-                                                                                                 "invalid_value")

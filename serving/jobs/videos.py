@@ -37,6 +37,15 @@ class QuotaExceeded(Exception):
         self.active, self.limit = active, limit
 
 
+class PriorityNotAllowed(Exception):
+    """The request asks for a priority above what its API key may use (an operator's grant)."""
+
+    def __init__(self, priority: int, limit: int):
+        super().__init__(f"this API key may use priorities up to {limit}, found {priority}; a higher priority is "
+                         "granted by the operator (auth.keys[].max_priority)")
+        self.priority, self.limit = priority, limit
+
+
 class VideoJobs:
     def __init__(self, config: ServiceConfig):
         self.config = config
@@ -47,9 +56,10 @@ class VideoJobs:
         self.policy = ContentPolicy(config.content_policy)
 
     def submit(self, request: dict[str, Any], idempotency_key: str | None = None, owner: str | None = None,
-               max_active: int | None = None) -> tuple[JobRecord, bool]:
+               max_active: int | None = None, max_priority: int | None = None) -> tuple[JobRecord, bool]:
         """Validate and queue for `owner` (an API key's name; None with auth off); returns
-        (job, created). Raises SpecError, PolicyViolation, IdempotencyConflict or QuotaExceeded."""
+        (job, created). `max_active` and `max_priority` are the key's limits (None: none).
+        Raises SpecError, PolicyViolation, IdempotencyConflict, QuotaExceeded or PriorityNotAllowed."""
         model = request.get("model")
         if model not in (None, "", self.model_name, self.config.model.preset):
             raise SpecError("model", f"{model!r} is not served here; this server serves {self.model_name!r}")
@@ -64,6 +74,8 @@ class VideoJobs:
             priority = 0
         if not isinstance(priority, int) or isinstance(priority, bool) or not -100 <= priority <= 100:
             raise SpecError("priority", f"must be a whole number from -100 to 100, found {priority!r}")
+        if max_priority is not None and priority > max_priority:
+            raise PriorityNotAllowed(priority, max_priority)
         fields = {name: request.get(name) for name in SPEC_FIELDS} | {"seconds": seconds}
         spec = build_spec(self.preset, self.config.generation, request.get("prompt", ""), **fields)
         webhook_url = request.get("webhook_url")
@@ -76,8 +88,8 @@ class VideoJobs:
         violation = self.policy.check(spec.prompt, "prompt")
         if violation is not None:
             raise PolicyViolation(violation)
-        if idempotency_key is not None and owner is not None:
-            idempotency_key = f"{owner}/{idempotency_key}"  # one tenant's keys never meet another's
+        if idempotency_key is not None:
+            idempotency_key = stored_idempotency_key(owner, idempotency_key)
         if max_active is not None and owner is not None:
             replay = idempotency_key is not None and self.store.get_by_idempotency_key(idempotency_key)
             active = self.store.count_active(owner)
@@ -141,6 +153,12 @@ class VideoJobs:
     def ping(self) -> None:
         self.store.ping()
         self.artifacts.ping()
+
+
+def stored_idempotency_key(owner: str | None, key: str) -> str:
+    """What the job row keeps for a client's Idempotency-Key: a digest of (owner, key), so one
+    tenant's keys never meet another's and any key fits the column on every database."""
+    return hashlib.sha256(json.dumps([owner, key]).encode()).hexdigest()
 
 
 def _request_hash(request: dict[str, Any]) -> str:

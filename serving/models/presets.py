@@ -51,6 +51,10 @@ class Preset:
     # A prior for wait estimates until the Denoisers have measured real steps (seconds per
     # batched step at the default size on the hardware the preset is meant for).
     typical_step_seconds: float
+    # The most one request may cost, in latent token-steps (serving/pipeline/cost.py): about
+    # twice the default job, so twice the length or twice the steps fits, and fps or size
+    # cannot be raised without bound (generation.max_cost overrides it).
+    max_cost: int
     geometry: Geometry = Geometry()
     # A diffusers-format folder shipped inside the package (under serving/models/weights/),
     # used when model.path is not set.
@@ -69,6 +73,8 @@ _TINY = Preset(
         shift=3.0, negative_prompt="", max_sequence_length=128,
     ),
     typical_step_seconds=0.02,
+    # A toy on a CPU: room for 128x128 x 10 s x 100 steps, or 256x256 x 4 s x 100 steps.
+    max_cost=1_000_000,
     bundled="weights/tiny",
 )
 
@@ -87,6 +93,8 @@ PRESETS: dict[str, Preset] = {
             shift=3.0, negative_prompt=WAN_NEGATIVE_PROMPT, max_sequence_length=512,
         ),
         typical_step_seconds=1.0,
+        # Default job: 3.3 M. Fits 10 s at the defaults (6.4 M), 100 steps (6.6 M), 1280x720 x 5 s (7.6 M).
+        max_cost=8_000_000,
     ),
     "wan2.1-t2v-14b": Preset(
         name="wan2.1-t2v-14b",
@@ -98,5 +106,7 @@ PRESETS: dict[str, Preset] = {
             shift=5.0, negative_prompt=WAN_NEGATIVE_PROMPT, max_sequence_length=512,
         ),
         typical_step_seconds=8.0,
+        # Default job: 7.6 M. Fits 10 s at the defaults (14.8 M) or 100 steps (15.1 M).
+        max_cost=16_000_000,
     ),
 }

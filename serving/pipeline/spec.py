@@ -2,7 +2,9 @@
 
 Users speak seconds and "WIDTHxHEIGHT"; the model needs frames and latent-aligned sizes.
 `build_spec` converts and checks, and never rounds silently: a size or duration the model
-cannot produce is a `SpecError` naming the field, what was asked and what would work.
+cannot produce is a `SpecError` naming the field, what was asked and what would work. So is
+a request over the cost budget (serving/pipeline/cost.py): it names the field that grew the
+cost most and says what would fit.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from dataclasses import asdict, dataclass
 
 from serving.config import GenerationConfig, parse_size
 from serving.models.presets import Preset
+from serving.pipeline.cost import job_cost, latent_frames, tokens_per_frame
 
 
 class SpecError(ValueError):
@@ -123,11 +126,63 @@ def build_spec(
     if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63:
         raise SpecError("seed", f"must be a whole number from 0 to 2**63-1, found {seed!r}")
 
+    budget = g.max_cost if g.max_cost is not None else preset.max_cost
+    cost = job_cost(preset.geometry, width=width, height=height, num_frames=num_frames, steps=steps,
+                    guidance_scale=guidance)
+    if cost.token_steps > budget:
+        raise _over_budget(preset, g, budget, cost, width=width, height=height, seconds=seconds, fps=fps, steps=steps)
+
     return VideoSpec(
         prompt=prompt, negative_prompt=negative, width=width, height=height, num_frames=num_frames,
         fps=fps, num_inference_steps=steps, guidance_scale=float(guidance), shift=float(shift),
         seed=seed, max_sequence_length=max_len,
     )
+
+
+def _over_budget(preset: Preset, g: GenerationConfig, budget: int, cost, *, width: int, height: int, seconds: float, fps: int,
+                 steps: int) -> SpecError:
+    """Name the field that is furthest above the preset's default, and say what would fit."""
+    geo, d = preset.geometry, preset.defaults
+    d_width, d_height = parse_size(d.size)
+    growth = {"size": (width * height) / (d_width * d_height), "seconds": seconds / d.seconds,
+              "fps": fps / d.fps, "num_inference_steps": steps / d.num_inference_steps}
+    field = max(growth, key=growth.get)
+    per_frame_step = cost.tokens_per_frame * cost.rows  # token-steps of one latent frame and step
+    if field == "num_inference_steps":
+        most = budget // (cost.latent_frames * per_frame_step)
+        fit = f"at most {most} steps fit" if most >= 1 else "no step count fits"
+    elif field == "size":
+        fit = _fitting_size(width, height, budget // (cost.latent_frames * cost.steps * cost.rows), geo.spatial_multiple)
+    elif field == "fps":
+        most = _longest_seconds(budget, per_frame_step * steps, fps, geo.temporal_factor, seconds) * fps / seconds
+        fits = [f for f in range(int(most), 0, -1) if abs(seconds * f - round(seconds * f)) < 1e-6
+                and round(seconds * f) % geo.temporal_factor == 0]
+        fit = f"at most {fits[0]} fps fits" if fits else "no frame rate fits"
+    else:
+        longest = _longest_seconds(budget, per_frame_step * steps, fps, geo.temporal_factor, g.max_seconds)
+        fit = f"at most {longest:g} s fits" if longest > 0 else "no length fits"
+    at_defaults = _longest_seconds(budget, tokens_per_frame(d_width, d_height, geo) * cost.rows * d.num_inference_steps,
+                                   d.fps, geo.temporal_factor, g.max_seconds)
+    return SpecError(field, f"this request costs {cost.token_steps:,} latent token-steps ({cost.explain()}); this "
+                            f"server allows {budget:,} per request. Keeping the rest as asked, {fit}; at {d.size} "
+                            f"and {d.fps} fps with {d.num_inference_steps} steps, at most {at_defaults:g} s fits")
+
+
+def _longest_seconds(budget: int, per_latent_frame: int, fps: int, temporal_factor: int, limit: float) -> float:
+    """The longest clip of at most `limit` s (4·n+1 frames) whose latent frames cost at most `budget`."""
+    frames = min(budget // per_latent_frame, int(limit * fps + 1e-9) // temporal_factor + 1)  # latent frames
+    return max(0, frames - 1) * temporal_factor / fps
+
+
+def _fitting_size(width: int, height: int, max_tokens: int, multiple: int) -> str:
+    """The largest size of the same shape with at most `max_tokens` latent tokens per frame."""
+    scale = math.sqrt(max_tokens / ((width // multiple) * (height // multiple))) if max_tokens > 0 else 0
+    w, h = (int(side * scale) // multiple * multiple for side in (width, height))
+    while w >= multiple and h >= multiple and (w // multiple) * (h // multiple) > max_tokens:
+        w, h = w - multiple, h - multiple
+    if w < multiple or h < multiple:
+        return "no size fits"
+    return f"a size up to {w}x{h} fits"
 
 
 def _finite(value) -> bool:

@@ -1,0 +1,88 @@
+"""Errors of the Videos API: every one leaves in OpenAI's envelope
+`{"error": {"message", "type", "param", "code"}}`, with the offending field in `param`, so a
+client (or a person) knows what to fix."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+logger = logging.getLogger("ray.serve")
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
+                 type: str = "invalid_request_error", headers: dict[str, str] | None = None):
+        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
+        self.headers = headers or {}
+
+
+def error_response(status: int, message: str, param: str | None = None, code: str | None = None,
+                   type: str = "invalid_request_error", headers: dict[str, str] | None = None) -> JSONResponse:
+    body = {"error": {"message": message, "type": type, "param": param, "code": code}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Route every failure, ours or the framework's, into the envelope."""
+
+    @app.exception_handler(APIError)
+    async def _api_error(_: Request, exc: APIError):
+        return error_response(exc.status, exc.message, exc.param, exc.code, exc.type, exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, exc: RequestValidationError):
+        first = exc.errors()[0]
+        param = ".".join(str(p) for p in first["loc"] if p not in ("query", "path", "body"))
+        return error_response(400, f"{param}: {describe(first)}", param=param or None, code="invalid_value")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        return error_response(exc.status_code, str(exc.detail), code=code)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception):
+        logger.exception("unhandled error in the API")
+        return error_response(500, "internal error; the server log has the details", type="server_error",
+                              code="internal_error")
+
+
+def body_error(exc: ValidationError) -> APIError:
+    """A request body that does not fit its model, named by its first bad field."""
+    first = exc.errors()[0]
+    param = ".".join(str(p) for p in first["loc"])
+    code = {"extra_forbidden": "unknown_parameter", "missing": "missing_required_parameter"}.get(first["type"],
+                                                                                                 "invalid_value")
+    return APIError(400, f"{param}: {describe(first)}", param=param, code=code)
+
+
+_KIND = {"int_parsing": "an integer", "int_type": "an integer", "int_from_float": "a whole number",
+         "float_parsing": "a number", "float_type": "a number", "string_type": "a string"}
+_SHOWN_CHARS = 80  # of a bad value echoed back: enough to recognise it, not the whole body again
+
+
+def describe(error: dict[str, Any]) -> str:
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        return "unknown parameter"
+    if kind == "missing":
+        return "is required"
+    if kind in _KIND:
+        return f"expected {_KIND[kind]}, found {shown(error.get('input'))}"
+    return str(error["msg"])
+
+
+def shown(value: Any) -> str:
+    """A bad value as the error message shows it, cut short."""
+    try:
+        text = repr(value)
+    except (ValueError, RecursionError):  # an int past Python's digit limit, or deep nesting
+        return f"a {type(value).__name__} too large to show"
+    return text if len(text) <= _SHOWN_CHARS else text[:_SHOWN_CHARS] + "…"
