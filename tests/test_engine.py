@@ -195,3 +195,25 @@ def test_the_forward_in_flight_is_timed_for_the_hang_watchdog(tiny_pipeline):
         del p.transformer.forward
     assert seen and all(seen)  # timed while it ran...
     assert engine.forward_started_at is None and engine.forward_running_seconds() == 0.0  # ...and not after
+
+
+def test_a_later_attempt_of_a_job_ends_the_earlier_one_still_denoising(tiny_pipeline):
+    """A Director died while its job was denoising: the retry's request replaces the orphan,
+    which stops taking batch slots and whose stream ends instead of running for nobody."""
+    p = tiny_pipeline
+
+    async def scenario():
+        engine = AsyncDenoiseEngine(DenoiseEngine(p.transformer, max_batch=2))
+        orphan = engine.submit(request(p, "video_1/attempt-1", "x", seed=1, steps=100))
+        assert (await orphan.__anext__()).kind == "started"
+        bystander = engine.submit(request(p, "video_2/attempt-1", "y", seed=2, steps=100))
+        assert (await bystander.__anext__()).kind == "started"
+        assert engine.supersede("video_1/", "a later attempt started") == 1
+        kinds = [e.kind async for e in orphan]
+        still_running = "video_2/attempt-1" in engine.engine.active
+        await bystander.aclose()
+        return kinds, still_running, set(engine.engine.active)
+
+    kinds, still_running, active = asyncio.run(scenario())
+    assert kinds[-1] == "failed" and "finished" not in kinds
+    assert still_running and active == set()

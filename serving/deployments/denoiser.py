@@ -82,6 +82,11 @@ class Denoiser:
         state = await self._resume(job_id, video) if resume else None
         if state is None:
             state = start_denoise(video, self.scheduler_config, self.transformer.config.in_channels, self.geometry)
+        # A new attempt means the earlier one's driver is gone (it lost the job's lease): its
+        # request would otherwise denoise on to the end for nobody, holding a batch slot.
+        superseded = self.engine.supersede(f"{job_id}/", f"a later attempt of {job_id} started")
+        if superseded:
+            logger.info("job %s: ended %d earlier attempt(s) still denoising here", job_id, superseded)
         # One engine entry per call: a retried job (its old caller dead, its old request maybe
         # still draining) must never share an id with its earlier attempt.
         request = EngineRequest(id=f"{job_id}/{uuid.uuid4().hex[:8]}", state=state, prompt_embeds=embeddings[:1],

@@ -183,6 +183,10 @@ class DenoiseEngine:
         return time.monotonic() - started if started is not None else 0.0
 
 
+class Superseded(Exception):
+    """A later attempt of the same job took this request's place."""
+
+
 class AsyncDenoiseEngine:
     """Drives a `DenoiseEngine` from asyncio: `submit` returns the request's own event stream."""
 
@@ -209,6 +213,15 @@ class AsyncDenoiseEngine:
         finally:
             self.engine.cancel(request.id)
             self.streams.pop(request.id, None)
+
+    def supersede(self, job_prefix: str, reason: str) -> int:
+        """End every open request whose id starts with `job_prefix` (an earlier attempt of a
+        job whose caller is gone): it stops taking batch slots, and its stream ends."""
+        stale = [rid for rid in self.streams if rid.startswith(job_prefix)]
+        for request_id in stale:
+            self.engine.cancel(request_id)
+            self.streams[request_id].put_nowait(EngineEvent(request_id, "failed", error=Superseded(reason)))
+        return len(stale)
 
     async def _run(self) -> None:
         while True:
