@@ -30,7 +30,7 @@ class Metrics:
             "ditserve_queue_wait_seconds", "Seconds from a job's submission to the start of a stage.",
             boundaries=SECONDS_BUCKETS, tag_keys=("stage",))
         self.webhook_attempts = Counter(
-            "ditserve_webhook_attempts", "Webhook posts, by outcome: delivered, retry, gave_up.",
+            "ditserve_webhook_attempts", "Webhook posts, by outcome: delivered, retry, gave_up, refused (a forbidden target).",
             tag_keys=("outcome",))
         self.job_latency = Histogram(
             "ditserve_job_latency_seconds", "Seconds from submission to a job's final state, by that state.",

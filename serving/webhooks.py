@@ -127,7 +127,7 @@ class WebhookSender:
 
     def __init__(self, store: JobStore, config: WebhooksConfig, auth: AuthConfig, on_attempt=None, dns=None):
         self.store, self.config, self.auth = store, config, auth
-        self.on_attempt = on_attempt  # called with "delivered" | "retry" | "gave_up"
+        self.on_attempt = on_attempt  # called with "delivered" | "retry" | "gave_up" | "refused"
         self.policy = AddressPolicy(config.allowed_networks)
         self._dns = dns
         self._signers: dict[str, Webhook] = {}
@@ -185,7 +185,10 @@ class WebhookSender:
             error = f"{type(exc).__name__}: {exc}"
         if error is None:
             outcome, retry_at = "delivered", None
-        elif final or event.attempts >= self.config.max_attempts:
+        elif final:  # a forbidden target (SSRF attempt or tightened rules): never retried, counted apart
+            outcome, retry_at = "refused", None
+            logger.warning("webhook %s for %s: %s", event.id, event.job_id, error)
+        elif event.attempts >= self.config.max_attempts:
             outcome, retry_at = "gave_up", None
             logger.warning("webhook %s for %s: giving up after %d attempts (%s)", event.id, event.job_id,
                            event.attempts, error)

@@ -196,7 +196,7 @@ def test_a_forbidden_target_at_send_time_is_given_up_without_connecting(store, l
     sender = WebhookSender(store, WebhooksConfig(secret=WEBHOOK_SECRET), AuthConfig(), on_attempt=outcomes.append)
     assert send_once(sender) == 3
     assert listener.posts == []
-    assert outcomes == ["gave_up"] * 3  # a forbidden address stays forbidden: no retries
+    assert outcomes == ["refused"] * 3  # a forbidden address stays forbidden: no retries, counted apart
     for job_id in jobs:
         [event] = store.webhook_events_of(job_id)
         assert (event.attempts, event.next_attempt_at, event.delivered_at) == (1, None, None)
