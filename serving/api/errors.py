@@ -5,6 +5,7 @@ client (or a person) knows what to fix."""
 from __future__ import annotations
 
 import logging
+import secrets
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -13,7 +14,11 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from serving.jobs.store import is_transient
+
 logger = logging.getLogger("ray.serve")
+
+UNAVAILABLE_RETRY_AFTER_SECONDS = 5
 
 
 class APIError(Exception):
@@ -49,9 +54,19 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception):
-        logger.exception("unhandled error in the API")
-        return error_response(500, "internal error; the server log has the details", type="server_error",
-                              code="internal_error")
+        # The client gets a reference, never the error's text (it may hold hosts, paths or
+        # URLs); the operator finds the traceback in the log under the same reference.
+        reference = "req_" + secrets.token_hex(8)
+        headers = {"x-request-id": reference}
+        if is_transient(exc):  # the job database is down past the store's own retries
+            logger.warning("request %s: the job store is unavailable (%r)", reference, exc)
+            headers["Retry-After"] = str(UNAVAILABLE_RETRY_AFTER_SECONDS)
+            return error_response(503, f"the service's database is unavailable; retry in "
+                                       f"{UNAVAILABLE_RETRY_AFTER_SECONDS} s (reference {reference})",
+                                  type="server_error", code="service_unavailable", headers=headers)
+        logger.exception("request %s: unhandled error in the API", reference)
+        return error_response(500, f"internal error; the server log has the details under {reference}",
+                              type="server_error", code="internal_error", headers=headers)
 
 
 def body_error(exc: ValidationError) -> APIError:
