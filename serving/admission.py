@@ -47,7 +47,7 @@ from collections import deque
 from dataclasses import asdict, dataclass, field
 from typing import Iterable
 
-from serving.cost_model import STAGE_NAMES, StageSeconds
+from serving.cost_model import STAGE_NAMES, StageSeconds, spec_seconds
 from serving.measured_cost import step_shape
 
 NO_WORK = StageSeconds(0.0, 0.0, 0.0)
@@ -223,3 +223,14 @@ class WorkInFlight:
             if not job.decoded:
                 decode += self.cost.vae_decode_seconds(spec["num_frames"], spec["width"], spec["height"])
         return StageSeconds(encode, denoise, decode)
+
+
+def cost_uncosted_jobs(store, cost, geometry) -> int:
+    """Cost the queued jobs a version without stored costs left behind (once, at a Director's
+    start), so the queue sums count them; returns how many."""
+    costed = 0
+    while batch := store.jobs_without_cost():
+        for job in batch:
+            store.set_cost(job.id, spec_seconds(cost, geometry, job.spec))
+        costed += len(batch)
+    return costed

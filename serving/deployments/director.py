@@ -18,7 +18,7 @@ import uuid
 from ray import serve
 from ray.exceptions import ActorUnavailableError, RayActorError
 
-from serving.admission import Capacity, WaitEstimate, WorkInFlight, stage_dict
+from serving.admission import Capacity, WaitEstimate, WorkInFlight, cost_uncosted_jobs, stage_dict
 from serving.config import ServiceConfig, StageConfig
 from serving.cost_model import STAGE_NAMES
 from serving.deployments.watchdog import (PRIOR_DECODE_SECONDS_PER_MEGAPIXEL_FRAME, PRIOR_ENCODE_SECONDS, StageClock,
@@ -139,7 +139,7 @@ class Director:
     async def _claim_forever(self) -> None:
         next_sweep = next_gauge = 0.0
         try:
-            await asyncio.to_thread(self._cost_uncosted_jobs)
+            await asyncio.to_thread(cost_uncosted_jobs, self.store, self.cost, self.geometry)
         except Exception:
             logger.exception("costing jobs queued before costs were stored failed; estimates count them as 0")
         while True:
@@ -365,11 +365,6 @@ class Director:
         """A stage finished `seconds` of device work: teach the cost model, credit the capacity."""
         observe(seconds)
         self.capacity[stage.value].record(seconds)
-
-    def _cost_uncosted_jobs(self) -> None:
-        """Jobs queued by a version that did not store costs: cost them once, from the prior."""
-        for job in self.store.jobs_without_cost():
-            self.store.set_cost(job.id, self.cost.job_seconds(self.geometry, job.spec))
 
     async def _call(self, stage: Stage, response, units: float = 1.0):
         """Await one stage call within its timeout; a call past it is cancelled and the job retried."""
