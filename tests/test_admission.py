@@ -270,12 +270,13 @@ LIVE_SMALL = {"size": "64x64", "seconds": "1", "extra_body": {"num_inference_ste
 LIVE_LARGE = {"size": "128x128", "seconds": "2", "extra_body": {"num_inference_steps": 16}}
 
 
-def test_estimated_starts_track_actual_starts_across_mixed_shapes(service):
-    client = service.client()
+def run_mix(client, label: str) -> list[tuple[float, float, float]]:
+    """Submit a mix of shapes at once; (submitted_at, estimated_start_at as shown right after
+    submit, denoiser_started_at) of each once all are done."""
     shapes = [LIVE_LARGE, LIVE_SMALL, LIVE_SMALL, LIVE_LARGE, LIVE_SMALL, LIVE_LARGE, LIVE_SMALL, LIVE_SMALL]
-    shown = []  # (id, submitted_at, estimated_start_at as shown right after submit)
+    shown = []
     for i, shape in enumerate(shapes):
-        video = client.videos.create(prompt=f"mixed {i}", **shape)
+        video = client.videos.create(prompt=f"{label} {i}", **shape)
         estimated = video.model_extra.get("estimated_start_at")
         assert estimated is not None and estimated >= video.created_at - 1
         shown.append((video.id, video.model_extra["timestamps"]["submitted_at"], estimated))
@@ -287,11 +288,18 @@ def test_estimated_starts_track_actual_starts_across_mixed_shapes(service):
         assert time.monotonic() < deadline, "the mixed jobs did not finish"
         time.sleep(1)
     assert all(v.status == "completed" for v in videos.values())
-    samples = [(submitted, estimated, videos[v].model_extra["timestamps"]["denoiser_started_at"])
-               for v, submitted, estimated in shown]
-    report = estimate_errors(samples)
-    print("estimate vs actual start (CPU, tiny preset):", report.to_dict())
-    for (_, submitted, estimated), (_, _, actual) in zip(shown, samples):
-        # Generous on a shared 2-core machine: a unit mistake (steps for seconds, a prior for a
-        # measurement) is off by a large factor, not by seconds.
-        assert abs(estimated - actual) <= 30 + 2 * (actual - submitted)
+    return [(submitted, estimated, videos[v].model_extra["timestamps"]["denoiser_started_at"])
+            for v, submitted, estimated in shown]
+
+
+def test_estimated_starts_track_actual_starts_across_mixed_shapes(service):
+    client = service.client()
+    # The first mix may be costed by the prior (a fresh service measured nothing); the second
+    # by what the first measured.
+    for label in ("first mix", "second mix"):
+        samples = run_mix(client, label)
+        print(f"estimate vs actual start, {label} (CPU, tiny preset):", estimate_errors(samples).to_dict())
+        for submitted, estimated, actual in samples:
+            # Generous on a shared 2-core machine: a unit mistake (steps for seconds, a prior for
+            # a measurement) is off by a large factor, not by seconds.
+            assert abs(estimated - actual) <= 30 + 2 * (actual - submitted)
