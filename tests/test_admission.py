@@ -212,8 +212,7 @@ def test_a_store_made_before_costs_is_upgraded_and_its_queue_costed(tmp_path):
     engine.dispose()
     videos = VideoJobs(config_for(tmp_path, storage__job_store_url=url))
     record, _ = videos.submit(SMALL)
-    videos.store.set_cost(record.id, NO_WORK)  # costs exist now; erase to play a job queued before them
-    with videos.store.engine.begin() as conn:
+    with videos.store.engine.begin() as conn:  # as a job queued before costs were stored
         conn.execute(sa.text("UPDATE jobs SET text_encoder_seconds = NULL, denoiser_seconds = NULL, "
                              "vae_decoder_seconds = NULL"))
     assert videos.store.queued_seconds() == NO_WORK
