@@ -157,11 +157,14 @@ class ServerConfig(_Section):
 
 
 class AdmissionConfig(_Section):
-    """When to refuse new jobs instead of queueing them."""
+    """When to refuse new jobs instead of queueing them (the rule: serving/admission.py)."""
 
     max_queue_wait_seconds: float | None = Field(
         default=600.0, gt=0,
-        description="Refuse (429 + Retry-After) a job whose estimated wait exceeds this; null never refuses.")
+        description="The longest an admitted job waits to start. The queue holds what the replicas drain in this "
+        "time, in accelerator-seconds per job: a job whose own work does not fit behind the work ahead of it gets "
+        "429 + Retry-After (large jobs first, small ones still fit); keep it above the largest job's own time. "
+        "null never refuses.")
 
 
 class PolicyRule(_Section):

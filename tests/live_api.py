@@ -44,9 +44,11 @@ def config_for(tmp_path: Path, **env: str) -> ServiceConfig:
 
 
 @contextlib.contextmanager
-def live_api(config: ServiceConfig):
+def live_api(config: ServiceConfig, estimate=None):
+    """`estimate`: the Director's wait estimate, when the test plays the Director (see create_api)."""
     jobs = VideoJobs(config)
-    server = uvicorn.Server(uvicorn.Config(create_api(config, jobs), log_level="warning", lifespan="off"))
+    server = uvicorn.Server(uvicorn.Config(create_api(config, jobs, estimate=estimate), log_level="warning",
+                                           lifespan="off"))
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)

@@ -20,7 +20,7 @@ from fastapi.security import HTTPBearer
 from pydantic import ValidationError
 from starlette.background import BackgroundTask
 
-from serving.admission import WaitEstimate
+from serving.admission import NO_WORK, QueueFull, WaitEstimate
 from serving.api.bodies import read_create_body
 from serving.api.content import content_response
 from serving.api.errors import APIError, body_error, install_error_handlers
@@ -95,7 +95,7 @@ def create_api(config: ServiceConfig, jobs: VideoJobs,
     async def quota_retry_after() -> int:
         """When the work running now should be done, freeing a slot (1 s to 10 min)."""
         wait = await current_estimate()
-        seconds = wait.start_in(0) if wait is not None else server.poll_after_ms / 1000
+        seconds = wait.start_in(NO_WORK) if wait is not None else server.poll_after_ms / 1000
         return min(600, max(1, math.ceil(seconds)))
 
     def not_found(video_id: str) -> APIError:
@@ -112,9 +112,9 @@ def create_api(config: ServiceConfig, jobs: VideoJobs,
         ahead = await asyncio.to_thread(jobs.queue_ahead, job)
         if ahead is None:
             return video_from_job(job)
-        position, steps_ahead = ahead
+        position, seconds_ahead = ahead
         wait = await current_estimate()
-        start = time.time() + wait.start_in(steps_ahead) if wait is not None else None
+        start = time.time() + wait.start_in(seconds_ahead, job.cost) if wait is not None else None
         return video_from_job(job, queue_position=position, estimated_start_at=start)
 
     # ---- videos ---------------------------------------------------------------------------
@@ -138,24 +138,21 @@ def create_api(config: ServiceConfig, jobs: VideoJobs,
         if body.input_reference is not None:
             raise APIError(400, "input_reference is not supported: this server generates video from text only",
                            param="input_reference", code="unsupported_parameter")
-        max_wait = config.admission.max_queue_wait_seconds
-        wait = await current_estimate() if max_wait is not None else None
-        if wait is not None and wait.wait_seconds > max_wait:
-            if on_rejected is not None:
-                on_rejected("queue_wait")
-            retry = wait.retry_after(max_wait)
-            raise APIError(429, f"the queue is full: a new job would wait about {wait.wait_seconds:.0f} s to start, "
-                                f"over this server's limit of {max_wait:.0f} s; retry in {retry} s",
-                           type="rate_limit_error", code="queue_full", headers={"Retry-After": str(retry)})
         key = request.headers.get("idempotency-key")
         if key is not None and not 1 <= len(key) <= 255:
             raise APIError(400, "Idempotency-Key must be 1 to 255 characters", param="Idempotency-Key")
+        wait = await current_estimate()  # costs the job, and admits it or not (serving/admission.py)
         try:
             async with quota_lock(who):
                 job, created = await asyncio.to_thread(
                     jobs.submit, body.model_dump(exclude={"input_reference"}), key, owner_of(who),
                     who.max_concurrent_jobs if who is not None else None,
-                    who.max_priority if who is not None else None)
+                    who.max_priority if who is not None else None, wait)
+        except QueueFull as exc:
+            if on_rejected is not None:
+                on_rejected("queue_wait")
+            raise APIError(429, str(exc), type="rate_limit_error", code="queue_full",
+                           headers={"Retry-After": str(exc.verdict.retry_after)}) from None
         except QuotaExceeded as exc:
             retry = await quota_retry_after()
             raise APIError(429, f"{exc}; retry in {retry} s, or cancel one", type="rate_limit_error",

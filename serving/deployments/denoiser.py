@@ -72,8 +72,9 @@ class Denoiser:
         """`embeddings` holds the prompt's row, then the negative prompt's when guidance is on.
         Yields {"accepted"} once this replica has the request, {"waiting", "step"} every few
         seconds while it waits for a batch slot, {"started", "step"} when the engine takes the
-        job, {"step", "total_steps", "batch_size"} after each step, {"checkpoint_step"} after
-        each saved checkpoint, and finally {"latents": tensor}."""
+        job, {"step", "total_steps", "batch_size", "device_seconds"} after each step (its share
+        of the forward's time), {"checkpoint_step"} after each saved checkpoint, and finally
+        {"latents": tensor}."""
         from serving.engine.scheduler import EngineRequest
         from serving.pipeline.denoise import start_denoise
         from serving.pipeline.spec import VideoSpec
@@ -99,7 +100,8 @@ class Denoiser:
             elif event.kind == "started":
                 yield {"started": True, "step": event.step}
             elif event.kind == "step":
-                yield {"step": event.step, "total_steps": event.total_steps, "batch_size": event.batch_size}
+                yield {"step": event.step, "total_steps": event.total_steps, "batch_size": event.batch_size,
+                       "device_seconds": event.device_seconds}
             elif event.kind == "checkpoint":
                 await asyncio.to_thread(self.artifacts.put, checkpoint_key(job_id), event.checkpoint)
                 yield {"checkpoint_step": event.step}

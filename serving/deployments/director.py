@@ -18,13 +18,15 @@ import uuid
 from ray import serve
 from ray.exceptions import ActorUnavailableError, RayActorError
 
-from serving.admission import Throughput, WaitEstimate
-from serving.config import ServiceConfig
+from serving.admission import Capacity, WaitEstimate, WorkInFlight, cost_uncosted_jobs, stage_dict
+from serving.config import ServiceConfig, StageConfig
+from serving.cost_model import STAGE_NAMES
 from serving.deployments.watchdog import (PRIOR_DECODE_SECONDS_PER_MEGAPIXEL_FRAME, PRIOR_ENCODE_SECONDS, StageClock,
                                           StageTimeout, decode_units)
 from serving.jobs.records import PROGRESS_SPAN, JobRecord, JobStatus, Stage
 from serving.jobs.retention import StorageSweeper, expiry, tidy_after_run
 from serving.jobs.store import JobStore, LeaseLost, is_transient
+from serving.measured_cost import MeasuredCost, base_cost_model, step_shape
 from serving.metrics import JOB_STATES, metrics
 from serving.models.presets import PRESETS
 from serving.storage import ArtifactStore, ArtifactStoreError
@@ -76,10 +78,15 @@ class Director:
         self.lease = config.server.lease_seconds
         self.metrics = metrics()
         self.running: dict[str, asyncio.Task] = {}
-        self.steps_left: dict[str, int] = {}  # per running job, for the wait estimate
-        prior = PRESETS[config.model.preset].typical_step_seconds
-        self.throughput = Throughput(fallback_steps_per_second=config.engine.max_batch / prior)
+        # The wait estimate's side here (serving/admission.py): device seconds per job shape as
+        # measured, the work the running jobs still need, and what each stage completes per second.
+        preset = PRESETS[config.model.preset]
+        prior = preset.typical_step_seconds
+        self.geometry = preset.geometry
+        self.cost = MeasuredCost(base_cost_model(preset))
+        self.in_flight = WorkInFlight(self.cost, self.geometry)
         stages = config.stages
+        self.capacity = {name: Capacity(floor=_replicas_at_least(getattr(stages, name))) for name in STAGE_NAMES}
         self.clocks = {  # how long each stage's calls take here, and so when one counts as hung
             Stage.TEXT_ENCODER: StageClock("text_encoder", stages.text_encoder.timeout_seconds, PRIOR_ENCODE_SECONDS),
             Stage.DENOISER: StageClock("denoiser", stages.denoiser.timeout_seconds, prior * config.engine.max_batch),
@@ -116,9 +123,10 @@ class Director:
 
     async def estimate(self) -> dict:
         """The live wait estimate (see serving/admission.py) for the Gateway."""
-        queued = await asyncio.to_thread(self.store.queued_steps)
-        return WaitEstimate(steps_per_second=self.throughput.rate(), running_steps=sum(self.steps_left.values()),
-                            queued_steps=queued).to_dict()
+        queued = await asyncio.to_thread(self.store.queued_seconds)  # one SQL sum, however long the queue
+        return WaitEstimate(capacity={name: c.rate() for name, c in self.capacity.items()},
+                            running=stage_dict(self.in_flight.seconds_left()), queued=stage_dict(queued),
+                            calibration=self.cost.calibration.to_dict()).to_dict()
 
     def check_health(self) -> None:
         # Serve restarts a replica whose loops died; leases make the restart safe.
@@ -130,6 +138,10 @@ class Director:
 
     async def _claim_forever(self) -> None:
         next_sweep = next_gauge = 0.0
+        try:
+            await asyncio.to_thread(cost_uncosted_jobs, self.store, self.cost, self.geometry)
+        except Exception:
+            logger.exception("costing jobs queued before costs were stored failed; estimates count them as 0")
         while True:
             if time.monotonic() >= next_gauge:
                 next_gauge = time.monotonic() + JOB_GAUGE_SECONDS
@@ -214,7 +226,7 @@ class Director:
                 self.metrics.job_latency.observe(job.timestamps[name] - submitted, tags={"status": status})
 
     async def _drive(self, job: JobRecord) -> None:
-        self.steps_left[job.id] = max(job.num_steps - job.checkpoint_step, 0)
+        self.in_flight.start(job.id, job.spec, max(job.num_steps - job.checkpoint_step, 0))
         try:
             if job.attempts > self.config.server.max_job_attempts:
                 await self._give_up(job)
@@ -246,7 +258,7 @@ class Director:
                             f"generating the video failed ({type(exc).__name__}); the server log has the details "
                             f"under {job.id}")
         finally:
-            self.steps_left.pop(job.id, None)
+            self.in_flight.finish(job.id)
             await self._tidy(job.id)
 
     async def _tidy(self, job_id: str) -> None:
@@ -263,8 +275,12 @@ class Director:
                                 stage=Stage.TEXT_ENCODER, progress=PROGRESS_SPAN[Stage.TEXT_ENCODER][0], step=0)
         self._check_cancel(job)
         prompts = [spec["prompt"], spec["negative_prompt"]] if with_negative else [spec["prompt"]]
+        started = time.monotonic()
         embeddings = await self._call(Stage.TEXT_ENCODER, self.text_encoder.encode.remote(
             prompts, spec["max_sequence_length"]))
+        self._measured(Stage.TEXT_ENCODER, time.monotonic() - started,
+                       lambda s: self.cost.observe_encode(len(prompts), spec["max_sequence_length"], s))
+        self.in_flight.encoded(job.id)
         # From here the job waits in (then runs on) the Denoiser: the stage says where it is.
         job = await self._write(job.id, [f"{Stage.TEXT_ENCODER.value}_finished_at"], stage=Stage.DENOISER,
                                 progress=PROGRESS_SPAN[Stage.DENOISER][0])
@@ -276,8 +292,12 @@ class Director:
                                 stage=Stage.VAE_DECODER, progress=PROGRESS_SPAN[Stage.VAE_DECODER][0])
         self._check_cancel(job)
         units = decode_units(spec["num_frames"], spec["width"], spec["height"])
+        started = time.monotonic()
         result = await self._call(Stage.VAE_DECODER, self.vae_decoder.decode.remote(latents, spec["fps"], units),
                                   units)
+        self._measured(Stage.VAE_DECODER, time.monotonic() - started,
+                       lambda s: self.cost.observe_decode(spec["num_frames"], spec["width"], spec["height"], s))
+        self.in_flight.decoded(job.id)
 
         video_key, thumbnail_key = f"{job.id}/video.mp4", f"{job.id}/thumbnail.webp"
         await self._put(video_key, result["mp4"])
@@ -300,6 +320,7 @@ class Director:
         stream = self.denoiser.options(stream=True).denoise.remote(job.id, spec, embeddings, job.priority, resume)
         accepted = False
         last_step_at = None
+        shape = step_shape(self.geometry, spec)
         try:
             while True:
                 # Before a replica takes the call it waits in Serve's router, bounded by Serve's
@@ -326,8 +347,10 @@ class Director:
                     if last_step_at is not None:
                         clock.observe(now - last_step_at)
                     last_step_at = now
-                    self.steps_left[job.id] = total - step
-                    self.throughput.record()
+                    share = event.get("device_seconds")  # the job's part of the forward, as the engine timed it
+                    if share:
+                        self._measured(Stage.DENOISER, share, lambda s: self.cost.observe_step(shape, s))
+                    self.in_flight.stepped(job.id, total - step)
                     job = await self._write(job.id, step=step, total_steps=total,
                                             progress=start + (end - start) * step // total)
                 self._check_cancel(job)
@@ -337,6 +360,11 @@ class Director:
         if latents is None:
             raise RuntimeError("the Denoiser finished without returning latents")
         return latents
+
+    def _measured(self, stage: Stage, seconds: float, observe) -> None:
+        """A stage finished `seconds` of device work: teach the cost model, credit the capacity."""
+        observe(seconds)
+        self.capacity[stage.value].record(seconds)
 
     async def _call(self, stage: Stage, response, units: float = 1.0):
         """Await one stage call within its timeout; a call past it is cancelled and the job retried."""
@@ -395,3 +423,8 @@ class Director:
             logger.exception("handing job %s back failed; its lease will run out", job.id)
             return
         self.wakeup.set()
+
+
+def _replicas_at_least(stage: StageConfig) -> float:
+    """Replicas a stage always has (at least one: a stage scaled to zero starts one for work)."""
+    return float(max(1, stage.autoscaling.min_replicas if stage.autoscaling is not None else stage.num_replicas))

@@ -56,7 +56,7 @@ class EngineEvent:
     latents: torch.Tensor | None = None
     checkpoint: bytes | None = None
     error: BaseException | None = None
-    device_seconds: float = 0.0  # on "finished": the request's share of all its forwards
+    device_seconds: float = 0.0  # the request's share of this step's forward ("step"), of all of them ("finished")
 
 
 @dataclass
@@ -130,8 +130,9 @@ class DenoiseEngine:
             self.forward_started_at = None
         seconds = time.perf_counter() - started
         rows = [2 if r.negative_embeds is not None and r.state.spec.guidance_scale > 1.0 else 1 for r in batch]
-        for request, share in zip(batch, rows):
-            request.device_seconds += seconds * share / sum(rows)
+        shares = {r.id: seconds * n / sum(rows) for r, n in zip(batch, rows)}
+        for request in batch:
+            request.device_seconds += shares[request.id]
         if self.on_forward is not None:
             try:
                 self.on_forward(len(batch), seconds)
@@ -139,15 +140,15 @@ class DenoiseEngine:
                 logger.exception("on_forward callback failed")
         for request in batch:
             try:
-                events += self._after_step(request, len(batch))
+                events += self._after_step(request, len(batch), shares[request.id])
             except Exception as exc:
                 events.append(self._fail(request, exc))
         return events
 
-    def _after_step(self, request: EngineRequest, batch_size: int) -> list[EngineEvent]:
+    def _after_step(self, request: EngineRequest, batch_size: int, share: float) -> list[EngineEvent]:
         state = request.state
         events = [EngineEvent(request.id, "step", step=state.step, total_steps=state.total_steps,
-                              batch_size=batch_size)]
+                              batch_size=batch_size, device_seconds=share)]
         if state.done:
             events.append(EngineEvent(request.id, "finished", step=state.step, total_steps=state.total_steps,
                                       latents=state.latents.cpu(), device_seconds=request.device_seconds))

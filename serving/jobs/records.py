@@ -10,6 +10,8 @@ import secrets
 from dataclasses import dataclass, field
 from typing import Any
 
+from serving.cost_model import StageSeconds
+
 
 class JobStatus(str, enum.Enum):
     QUEUED = "queued"
@@ -72,8 +74,19 @@ class JobRecord:
     attempts: int = 0
     cancel_requested: bool = False
     priority: int = 0  # higher runs first; equal priorities are first come, first served
-    num_steps: int = 0  # denoise steps asked for: the job's share of the queue's work
+    num_steps: int = 0  # denoise steps asked for
+    # Device seconds the job costs each stage (serving/cost_model.py), set at submit: what the
+    # queue sums, estimates and admission count. None only in rows from before they existed.
+    text_encoder_seconds: float | None = None
+    denoiser_seconds: float | None = None
+    vae_decoder_seconds: float | None = None
     checkpoint_step: int = 0  # the Denoiser's last saved step (0: none)
     resumed_from_step: int | None = None  # set when a retry picked up a checkpoint
     owner: str | None = None  # the API key's name that created it (None: auth off)
     webhook_url: str | None = None  # told when the job finishes (see serving/webhooks.py)
+
+    @property
+    def cost(self) -> StageSeconds:
+        """Device seconds per stage, costed at submit (0 for a row that predates costs)."""
+        return StageSeconds(self.text_encoder_seconds or 0.0, self.denoiser_seconds or 0.0,
+                            self.vae_decoder_seconds or 0.0)

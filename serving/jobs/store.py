@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterable, TypeVar
 import sqlalchemy as sa
 from sqlalchemy import event
 
+from serving.cost_model import STAGE_NAMES, StageSeconds
 from serving.jobs.events import terminal_event
 from serving.jobs.records import JobRecord, JobStatus, Stage
 
@@ -51,6 +52,10 @@ jobs = sa.Table(
     sa.Column("cancel_requested", sa.Boolean, nullable=False, default=False),
     sa.Column("priority", sa.Integer, nullable=False, default=0),
     sa.Column("num_steps", sa.Integer, nullable=False, default=0),
+    # The job's device seconds per stage, costed at submit (summed for estimates and admission).
+    sa.Column("text_encoder_seconds", sa.Float),
+    sa.Column("denoiser_seconds", sa.Float),
+    sa.Column("vae_decoder_seconds", sa.Float),
     sa.Column("checkpoint_step", sa.Integer, nullable=False, default=0),
     sa.Column("resumed_from_step", sa.Integer),
     sa.Column("owner", sa.String(64), index=True),
@@ -128,6 +133,14 @@ def _retry_transient(method: Callable[..., _T]) -> Callable[..., _T]:
 
 
 _live = jobs.c.deleted_at.is_(None)  # not tombstoned: the only rows any reader sees
+
+# Device seconds per stage, summed (0 over no rows).
+_STAGE_SUMS = [sa.func.coalesce(sa.func.sum(jobs.c[f"{stage}_seconds"]), 0.0) for stage in STAGE_NAMES]
+
+
+def cost_fields(seconds: StageSeconds) -> dict[str, float]:
+    """A job's cost as its record's fields."""
+    return {f"{stage}_seconds": seconds.of(stage) for stage in STAGE_NAMES}
 
 # The lease owner of a tombstone: no Director holds it, none can claim it (it never expires).
 DELETED = "deleted"
@@ -318,30 +331,48 @@ class JobStore:
         return _from_row(row)
 
     @_retry_transient
-    def queue_ahead(self, job_id: str) -> tuple[int, int] | None:
-        """(1-based queue position, denoise steps of the queued jobs ahead) of a job."""
+    def queue_ahead(self, job_id: str) -> tuple[int, StageSeconds] | None:
+        """(1-based queue position, device seconds per stage of the queued jobs ahead) of a job."""
         with self.engine.connect() as conn:
             row = conn.execute(sa.select(jobs.c.seq, jobs.c.priority).where(jobs.c.id == job_id)).first()
             if row is None:
                 return None
             seq, priority = row
-            # Ahead: queued jobs no Director has taken yet that outrank this one.
-            count, steps = conn.execute(sa.select(sa.func.count(), sa.func.coalesce(sa.func.sum(jobs.c.num_steps), 0))
-                                        .where(self._waiting,
-                                               sa.or_(jobs.c.priority > priority,
-                                                      sa.and_(jobs.c.priority == priority, jobs.c.seq < seq)))).one()
-        return int(count) + 1, int(steps)
+            # Ahead: queued jobs no Director has taken yet that outrank this one (the claim order).
+            count, *seconds = conn.execute(
+                sa.select(sa.func.count(), *_STAGE_SUMS)
+                .where(self._waiting, sa.or_(jobs.c.priority > priority,
+                                             sa.and_(jobs.c.priority == priority, jobs.c.seq < seq)))).one()
+        return int(count) + 1, StageSeconds(*(float(s) for s in seconds))
 
     def queue_position(self, job_id: str) -> int | None:
         ahead = self.queue_ahead(job_id)
         return ahead[0] if ahead else None
 
     @_retry_transient
-    def queued_steps(self) -> int:
-        """Denoise steps of every job still waiting for a Director."""
+    def queued_seconds(self, min_priority: int | None = None) -> StageSeconds:
+        """Device seconds per stage of every job still waiting for a Director (with
+        `min_priority`: of those a new job of that priority would wait behind)."""
+        query = sa.select(*_STAGE_SUMS).where(self._waiting)
+        if min_priority is not None:
+            query = query.where(jobs.c.priority >= min_priority)
         with self.engine.connect() as conn:
-            return int(conn.execute(sa.select(sa.func.coalesce(sa.func.sum(jobs.c.num_steps), 0))
-                                    .where(self._waiting)).scalar())
+            return StageSeconds(*(float(s) for s in conn.execute(query).one()))
+
+    @_retry_transient
+    def jobs_without_cost(self, limit: int = 500) -> list[JobRecord]:
+        """Queued jobs stored before jobs carried their cost (see `_add_missing_columns`)."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(jobs).where(self._waiting, jobs.c.denoiser_seconds.is_(None))
+                                .limit(limit)).mappings()
+            return [_from_row(r) for r in rows]
+
+    @_retry_transient
+    def set_cost(self, job_id: str, seconds: StageSeconds) -> None:
+        """Cost a job that has none (an upgrade's queued jobs); a cost already set stays."""
+        with self.engine.begin() as conn:
+            conn.execute(jobs.update().where(jobs.c.id == job_id, jobs.c.denoiser_seconds.is_(None))
+                         .values(**cost_fields(seconds)))
 
     _waiting = sa.and_(jobs.c.status == JobStatus.QUEUED.value, jobs.c.lease_owner.is_(None), _live)
 

@@ -11,10 +11,13 @@ import json
 import time
 from typing import Any
 
+from serving.admission import QueueFull, WaitEstimate
 from serving.config import ServiceConfig
+from serving.cost_model import StageSeconds, spec_seconds
 from serving.jobs.records import JobRecord, JobStatus, is_job_id, new_job_id
 from serving.jobs.retention import delete_job
-from serving.jobs.store import JobStore
+from serving.jobs.store import JobStore, cost_fields
+from serving.measured_cost import Calibration, MeasuredCost, base_cost_model
 from serving.models.presets import PRESETS
 from serving.pipeline.spec import SpecError, build_spec
 from serving.policy import ContentPolicy, PolicyViolation
@@ -54,12 +57,17 @@ class VideoJobs:
         self.store = JobStore(config.storage.job_store_url)
         self.artifacts = ArtifactStore(config.storage.artifacts_url, config.storage.artifacts_options)
         self.policy = ContentPolicy(config.content_policy)
+        self.base_cost = base_cost_model(self.preset)
 
     def submit(self, request: dict[str, Any], idempotency_key: str | None = None, owner: str | None = None,
-               max_active: int | None = None, max_priority: int | None = None) -> tuple[JobRecord, bool]:
-        """Validate and queue for `owner` (an API key's name; None with auth off); returns
+               max_active: int | None = None, max_priority: int | None = None,
+               estimate: WaitEstimate | None = None) -> tuple[JobRecord, bool]:
+        """Validate, cost and queue for `owner` (an API key's name; None with auth off); returns
         (job, created). `max_active` and `max_priority` are the key's limits (None: none).
-        Raises SpecError, PolicyViolation, IdempotencyConflict, QuotaExceeded or PriorityNotAllowed."""
+        `estimate` is the Director's latest (None: unknown): its calibration costs the job, and
+        with `admission.max_queue_wait_seconds` set, its queue budget admits it or not.
+        Raises SpecError, PolicyViolation, IdempotencyConflict, QuotaExceeded, PriorityNotAllowed
+        or QueueFull."""
         model = request.get("model")
         if model not in (None, "", self.model_name, self.config.model.preset):
             raise SpecError("model", f"{model!r} is not served here; this server serves {self.model_name!r}")
@@ -90,17 +98,23 @@ class VideoJobs:
             raise PolicyViolation(violation)
         if idempotency_key is not None:
             idempotency_key = stored_idempotency_key(owner, idempotency_key)
+        replay = idempotency_key is not None and self.store.get_by_idempotency_key(idempotency_key) is not None
         if max_active is not None and owner is not None:
-            replay = idempotency_key is not None and self.store.get_by_idempotency_key(idempotency_key)
             active = self.store.count_active(owner)
             if not replay and active >= max_active:
                 raise QuotaExceeded(active, max_active)
+        cost = self.cost(spec.to_dict(), estimate)
+        limit = self.config.admission.max_queue_wait_seconds
+        if estimate is not None and limit is not None and not replay:  # a replay was admitted before
+            verdict = estimate.admit(cost, self.store.queued_seconds(min_priority=priority), limit)
+            if not verdict.admitted:
+                raise QueueFull(verdict, limit)
         now = time.time()
         record = JobRecord(
             id=new_job_id(), created_at=now, status=JobStatus.QUEUED, model=self.model_name, spec=spec.to_dict(),
             timestamps={"submitted_at": now}, idempotency_key=idempotency_key, priority=priority,
             num_steps=spec.num_inference_steps, owner=owner, webhook_url=webhook_url,
-            request_hash=_request_hash(request) if idempotency_key else None,
+            request_hash=_request_hash(request) if idempotency_key else None, **cost_fields(cost),
         )
         return self.store.create(record)
 
@@ -144,8 +158,14 @@ class VideoJobs:
             return job.thumbnail_key, "image/webp"
         return job.video_key, "video/mp4"
 
-    def queue_ahead(self, job: JobRecord) -> tuple[int, int] | None:
-        """(1-based place in the queue, denoise steps queued ahead) of a queued job."""
+    def cost(self, spec: dict, estimate: WaitEstimate | None = None) -> StageSeconds:
+        """A job's device seconds per stage: the preset's prior corrected by what the Director
+        measured (its calibration travels with the estimate), as the Director itself counts."""
+        calibration = Calibration.from_dict(estimate.calibration if estimate is not None else None)
+        return spec_seconds(MeasuredCost(self.base_cost, calibration), self.preset.geometry, spec)
+
+    def queue_ahead(self, job: JobRecord) -> tuple[int, StageSeconds] | None:
+        """(1-based place in the queue, device seconds per stage queued ahead) of a queued job."""
         if job.status != JobStatus.QUEUED:
             return None
         return self.store.queue_ahead(job.id)

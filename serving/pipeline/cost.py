@@ -3,8 +3,10 @@
 A DiT step's work grows with the tokens it attends over (latent frames x latent tokens per
 frame); a job runs `num_inference_steps` such steps; classifier-free guidance runs every
 step on two rows (conditional and unconditional). Their product is the request's cost. It is
-computed here and nowhere else, so per-request budgets (and, later, accelerator-seconds from
-a measured profile) all count the same thing.
+computed here and nowhere else, so per-request budgets count the same thing everywhere.
+Token-steps say how big a request is on any hardware; accelerator-seconds (serving/cost_model.py,
+serving/measured_cost.py) say how long it takes on this fleet, and are what queues, wait
+estimates and admission count. The prior cost model is token-steps times seconds per token-step.
 """
 
 from __future__ import annotations
