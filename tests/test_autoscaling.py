@@ -213,7 +213,8 @@ def busy(service, tmp_path_factory):
         "DITSERVE_SERVER__GATEWAY_NUM_CPUS": "0.05", "DITSERVE_SERVER__DIRECTOR_NUM_CPUS": "0.05",
         "DITSERVE_STAGES__TEXT_ENCODER": small, "DITSERVE_STAGES__VAE_DECODER": small,
         "DITSERVE_STAGES__DENOISER": "{num_cpus: 0.1, autoscaling: {min_replicas: 1, max_replicas: 2, "
-                                     "target_queue_wait_seconds: 2, upscale_delay_s: 0, downscale_delay_s: 10, "
+                                     "target_queue_wait_seconds: 2, startup_seconds: 0, upscale_delay_s: 0, "
+                                     "downscale_delay_s: 10, "
                                      "look_back_period_s: 2}}",
         "DITSERVE_ADMISSION__MAX_QUEUE_WAIT_SECONDS": "15",
     })
