@@ -19,11 +19,14 @@ from serving.deployments.director import Director
 from serving.deployments.gateway import Gateway
 from serving.deployments.text_encoder import TextEncoder
 from serving.deployments.vae_decoder import VAEDecoder
+from serving.models.presets import PRESETS
 
 APP_NAME = "ditserve"
 
 
-def _stage_options(stage: StageConfig, queue_wait_policy: bool = False) -> dict[str, Any]:
+def _stage_options(name: str, stage: StageConfig, prior_seconds_per_step: float = 0.0) -> dict[str, Any]:
+    """Serve options of one model stage: its resources, and either fixed replicas or
+    `StagePolicy` (serving/autoscaling.py) on the stage's own queue-wait target."""
     options: dict[str, Any] = {
         "max_ongoing_requests": stage.max_ongoing_requests,
         "ray_actor_options": {"num_cpus": stage.num_cpus, "num_gpus": stage.num_gpus, "resources": stage.resources},
@@ -32,24 +35,25 @@ def _stage_options(stage: StageConfig, queue_wait_policy: bool = False) -> dict[
     if scaling is None:
         options["num_replicas"] = stage.num_replicas
         return options
-    autoscaling: dict[str, Any] = {
+    options["autoscaling_config"] = {
         "min_replicas": scaling.min_replicas, "max_replicas": scaling.max_replicas,
-        "target_ongoing_requests": scaling.target_ongoing_requests,
         "upscale_delay_s": scaling.upscale_delay_s, "downscale_delay_s": scaling.downscale_delay_s,
         "look_back_period_s": scaling.look_back_period_s,
+        "policy": {"policy_function": "serving.autoscaling:StagePolicy",
+                   "policy_kwargs": {"stage": name, "target_queue_wait_s": scaling.target_queue_wait_seconds,
+                                     "startup_seconds": scaling.startup_seconds,
+                                     "prior_seconds_per_step": prior_seconds_per_step}},
     }
-    if queue_wait_policy:
-        autoscaling["policy"] = {"policy_function": "serving.autoscaling:QueueWaitPolicy",
-                                 "policy_kwargs": {"target_queue_wait_s": scaling.target_queue_wait_seconds}}
-    options["autoscaling_config"] = autoscaling
     return options
 
 
 def build_app(config: ServiceConfig) -> Application:
     stages = config.stages
-    text_encoder = TextEncoder.options(**_stage_options(stages.text_encoder)).bind(config)
-    denoiser = Denoiser.options(**_stage_options(stages.denoiser, queue_wait_policy=True)).bind(config)
-    vae_decoder = VAEDecoder.options(**_stage_options(stages.vae_decoder)).bind(config)
+    # Until a Denoiser has measured a step: the preset's, shared by a full batch's requests.
+    step_prior = PRESETS[config.model.preset].typical_step_seconds / config.engine.max_batch
+    text_encoder = TextEncoder.options(**_stage_options("text_encoder", stages.text_encoder)).bind(config)
+    denoiser = Denoiser.options(**_stage_options("denoiser", stages.denoiser, step_prior)).bind(config)
+    vae_decoder = VAEDecoder.options(**_stage_options("vae_decoder", stages.vae_decoder)).bind(config)
     director = Director.options(
         num_replicas=1, max_ongoing_requests=1000,
         ray_actor_options={"num_cpus": config.server.director_num_cpus, "resources": config.server.resources},

@@ -1,47 +1,118 @@
-"""Autoscaling: the Denoiser scales on queue wait, not on request counts.
+"""Autoscaling: every model stage scales on its own queue wait, not on request counts.
 
-Ray Serve calls `QueueWaitPolicy` on every control-loop tick with the custom metrics each
-Denoiser replica reports (`Denoiser.record_autoscaling_stats`): the denoise steps its engine
-still has to run, how long its oldest waiting request has waited, and its measured step
-time. The policy asks for enough replicas that the backlog drains within the queue-wait
-target (the SLO): replicas = ceil(backlog seconds / target). A replica whose oldest waiter is
-already past the target adds one more. Serve applies min/max and the up/down delays.
+Ray Serve calls one `StagePolicy` per stage (TextEncoder, Denoiser, VAEDecoder) on every
+control-loop tick, in the Serve controller. Its inputs, all in device-seconds of one replica:
+
+- work held by the stage's replicas: each reports `backlog_seconds` from
+  `record_autoscaling_stats` (serving/deployments/stage_load.py; the Denoiser's engine),
+- calls queued in front of them at the handles (`ctx.total_queued_requests`), priced at the
+  replicas' measured `seconds_per_job`,
+- work on its way: jobs queued in the job store, beyond the Director's window or not claimed
+  yet, and jobs at an earlier stage (serving/backlog.py), priced the same way (the Denoiser
+  prices their denoise steps at its measured `seconds_per_step`).
+
+With B that backlog, T the stage's `target_queue_wait_seconds`, n the running replicas and S
+a new replica's start-up time (configured, else the longest the stage's replicas measured):
+
+- Enough replicas to drain B within T, were they all ready now: need = ceil(B / T).
+- Scale-up pays the start-up: a replica asked for now helps only with work still waiting in
+  S seconds, R = B - n*S (the running replicas drain n*S meanwhile). If R <= 0 the running
+  replicas finish first and nothing is added. Otherwise ask for enough that R drains in the
+  time the target leaves after start-up, T - S, but sized for no less than T/2: a replica
+  that arrives when the target is nearly or already lost is still bought to work, not to
+  help for an instant.
+- The oldest waiter is the second signal: past T, one more replica (when R > 0).
+- Scale-down keeps an idle replica as long as restarting it would cost (the break-even
+  rule): only after the stage has wanted fewer replicas for S seconds may Serve's
+  `downscale_delay_s` start, so removing a replica waits max(S, downscale_delay_s).
+
+Serve then applies min/max replicas and the up/down delays (its wrapper of custom policies).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable
 
-# Until a replica has measured a step, assume this (seconds); the first forwards replace it.
-DEFAULT_STEP_SECONDS = 0.5
+from serving.backlog import PendingWork, read_published
+
+# How often the policy reads the published pending work at most (the control loop ticks
+# every 0.1 s; the Director publishes every second).
+PENDING_READ_SECONDS = 1.0
 
 
-class QueueWaitPolicy:
-    def __init__(self, target_queue_wait_s: float):
+def replicas_for(backlog_s: float, running: int, target_s: float, startup_s: float, oldest_wait_s: float) -> int:
+    """Replicas one stage needs (the rule in the module docstring), before min/max and delays."""
+    need = math.ceil(backlog_s / target_s) if backlog_s > 0 else 0
+    left = backlog_s - running * startup_s  # still waiting when a replica asked for now is ready
+    if need > running:
+        need = running if left <= 0 else max(running, math.ceil(left / max(target_s - startup_s, target_s / 2)))
+    if oldest_wait_s > target_s and left > 0:
+        need = max(need, running + 1)
+    return need
+
+
+class StagePolicy:
+    """Serve's custom policy for one stage (`autoscaling_config.policy` in serving/app.py)."""
+
+    def __init__(self, stage: str, target_queue_wait_s: float, startup_seconds: float | None = None,
+                 prior_seconds_per_step: float = 0.0):
+        self.stage = stage
         self.target = target_queue_wait_s
+        self.startup = startup_seconds  # None: what the replicas measured
+        self.prior_seconds_per_step = prior_seconds_per_step
+        # Where the work not yet at this stage comes from; tests hand in their own snapshot.
+        self.read_pending: Callable[[str | None], PendingWork | None] = read_published
+        self._pending: tuple[float, PendingWork | None] = (-math.inf, None)
 
     def __call__(self, ctx) -> tuple[int, dict[str, Any]]:
+        state = dict(ctx.policy_state or {})
         metrics = ctx.aggregated_metrics or {}
 
         def values(name: str) -> list[float]:
             return [float(v) for v in (metrics.get(name) or {}).values()]
 
-        steps = [s for s in values("step_seconds") if s > 0]
-        step_seconds = sum(steps) / len(steps) if steps else DEFAULT_STEP_SECONDS
-        max_batch = max(values("max_batch") or [1.0])
-        requests = sum(values("requests"))
-        remaining = sum(values("remaining_steps"))
-        # Requests queued in front of the replicas (at the handles) bring about as much work
-        # as the ones already inside them.
-        per_request = remaining / requests if requests else 0.0
-        remaining += (ctx.total_queued_requests or 0.0) * per_request
-        backlog_seconds = remaining * step_seconds / max_batch
-        oldest_wait = max(values("oldest_wait_s") or [0.0])
+        def measured(name: str, prior: float = 0.0) -> float:
+            found = [v for v in values(name) if v > 0]
+            if found:
+                state[name] = sum(found) / len(found)  # remembered while no replica reports one
+            return state.get(name, prior)
 
-        desired = math.ceil(backlog_seconds / self.target) if backlog_seconds > 0 else ctx.capacity_adjusted_min_replicas
-        if oldest_wait > self.target:
-            desired = max(desired, ctx.current_num_replicas + 1)
-        state = dict(ctx.policy_state or {}, backlog_seconds=backlog_seconds, oldest_wait_s=oldest_wait,
-                     step_seconds=step_seconds)
-        return max(desired, 1 if ctx.capacity_adjusted_min_replicas else 0), state
+        per_job = measured("seconds_per_job")
+        per_step = measured("seconds_per_step", self.prior_seconds_per_step)
+        startup = self.startup if self.startup is not None else max(values("startup_seconds") + [state.get(
+            "startup_seconds", 0.0)])
+        state["startup_seconds"] = startup
+
+        held = sum(values("backlog_seconds"))
+        queued = (ctx.total_queued_requests or 0.0) * per_job
+        coming = self._pending_seconds(ctx, per_job, per_step)
+        backlog = held + queued + coming
+        oldest_wait = max(values("oldest_wait_s") or [0.0])
+        desired = replicas_for(backlog, ctx.current_num_replicas, self.target, startup, oldest_wait)
+        desired = self._hold_idle_replicas(desired, ctx, startup, state)
+        state.update(backlog_seconds=backlog, held_seconds=held, queued_seconds=queued, coming_seconds=coming,
+                     oldest_wait_s=oldest_wait)
+        return desired, state
+
+    def _pending_seconds(self, ctx, per_job: float, per_step: float) -> float:
+        now = ctx.current_time or 0.0
+        if now - self._pending[0] >= PENDING_READ_SECONDS:
+            self._pending = (now, self.read_pending(ctx.app_name))
+        pending = self._pending[1]
+        if pending is None:
+            return 0.0
+        work = pending.of(self.stage)
+        return work.steps * per_step if self.stage == "denoiser" else work.jobs * per_job
+
+    @staticmethod
+    def _hold_idle_replicas(desired: int, ctx, startup: float, state: dict[str, Any]) -> int:
+        """Break-even: want fewer replicas for `startup - downscale_delay_s` seconds before
+        saying so (Serve's own delay then runs), so the total wait is max(S, the delay)."""
+        if desired >= ctx.target_num_replicas:
+            state.pop("fewer_since", None)
+            return desired
+        now = ctx.current_time or 0.0
+        since = state.setdefault("fewer_since", now)
+        hold = startup - (ctx.config.downscale_delay_s if ctx.config is not None else 0.0)
+        return ctx.target_num_replicas if now - since < hold else desired

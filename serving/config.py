@@ -78,14 +78,19 @@ class GenerationConfig(_Section):
 
 
 class AutoscalingConfig(_Section):
-    """Replica bounds and targets for one stage. The Denoiser scales on queue wait against
-    `target_queue_wait_seconds` (see serving/autoscaling.py); the other stages use Serve's
-    policy on `target_ongoing_requests`."""
+    """Replica bounds and targets for one stage. Every stage scales on the device-seconds of
+    work waiting for it against its own `target_queue_wait_seconds`, counting a new replica's
+    start-up (serving/autoscaling.py has the rule); Serve applies the bounds and delays."""
 
     min_replicas: int = Field(default=1, ge=0)
     max_replicas: int = Field(default=4, ge=1)
-    target_queue_wait_seconds: float = Field(default=30.0, gt=0, description="Denoiser only: the queue-wait SLO.")
-    target_ongoing_requests: float = Field(default=2.0, gt=0, description="Text encoder and VAE decoder.")
+    target_queue_wait_seconds: float = Field(
+        default=30.0, gt=0, description="This stage's queue-wait SLO: enough replicas that the work waiting for "
+        "it would start within this long.")
+    startup_seconds: float | None = Field(
+        default=None, ge=0, description="How long a new replica takes to be ready (weights loaded). A scale-up "
+        "is worth only the work still waiting then; an idle replica is kept at least this long. null: the "
+        "longest start-up this stage's replicas measured (a simulated replica's comes from its profile).")
     upscale_delay_s: float = Field(default=5.0, ge=0)
     downscale_delay_s: float = Field(default=60.0, ge=0)
     look_back_period_s: float = Field(default=10.0, gt=0, description="Window the replicas' metrics average over.")
@@ -112,6 +117,10 @@ class StageConfig(_Section):
         default=None, gt=0,
         description="Longest one call may run (the Denoiser: one step, or one wait for a batch slot) before the "
         "job is retried and the replica restarted as hung. None: 10x the measured time, at least 60 s.")
+
+    @property
+    def most_replicas(self) -> int:
+        return self.autoscaling.max_replicas if self.autoscaling is not None else self.num_replicas
 
 
 class StagesConfig(_Section):
@@ -148,7 +157,10 @@ class ServerConfig(_Section):
     director_num_cpus: float = Field(default=0.1, ge=0)
     resources: dict[str, float] = Field(
         default_factory=dict, description="Custom Ray resources for the Gateway and Director (e.g. the head node's).")
-    max_running_jobs: int = Field(default=64, ge=1, description="Jobs one Director drives at once (cheap: async tasks).")
+    max_running_jobs: int = Field(
+        default=64, ge=1, description="Jobs one Director drives at once (cheap: async tasks); the rest wait in "
+        "the job store, where the stages' autoscalers still count them. At least enough to keep every stage "
+        "replica busy at max scale (checked).")
     lease_seconds: float = Field(default=30.0, gt=0, description="A job whose driver is silent this long is taken over.")
     director_poll_seconds: float = Field(default=1.0, gt=0)
     max_job_attempts: int = Field(
@@ -337,6 +349,22 @@ class ServiceConfig(_Section):
             raise ValueError(
                 f"stages.denoiser.max_ongoing_requests ({self.stages.denoiser.max_ongoing_requests}) is below "
                 f"engine.max_batch ({self.engine.max_batch}): a replica could never fill a batch")
+        return self
+
+    @model_validator(mode="after")
+    def _director_can_feed_every_replica(self) -> "ServiceConfig":
+        # A job is at one stage at a time: at full scale the Director must drive a full batch per
+        # Denoiser and a call per other replica, or replicas the autoscalers add would sit idle.
+        stages = self.stages
+        busy = {"stages.denoiser": stages.denoiser.most_replicas * self.engine.max_batch,
+                "stages.text_encoder": stages.text_encoder.most_replicas,
+                "stages.vae_decoder": stages.vae_decoder.most_replicas}
+        if self.server.max_running_jobs < sum(busy.values()):
+            parts = " + ".join(f"{n} ({name})" for name, n in busy.items())
+            raise ValueError(
+                f"server.max_running_jobs ({self.server.max_running_jobs}) is below the jobs it takes to keep every "
+                f"stage replica busy at max scale, {parts} = {sum(busy.values())} (the Denoiser's counted as "
+                f"max_replicas x engine.max_batch): raise it, or the replicas beyond it would sit idle")
         return self
 
 

@@ -77,9 +77,10 @@ def wait_ready(url: str, timeout: float = 180, process=None) -> None:
         time.sleep(0.5)
 
 
-def start_serve(tmp_path, port: int, **env_overrides: str):
+def start_serve(tmp_path, port: int, metrics_port: int | None = None, **env_overrides: str):
     """`ditserve serve` as a user runs it, on its own Ray cluster (not the tests'), with its
-    job store and videos under tmp_path; returns the process once it is ready."""
+    job store and videos under tmp_path (and Ray's Prometheus endpoint on metrics_port);
+    returns the process once it is ready."""
     import subprocess
     import sys
 
@@ -87,7 +88,7 @@ def start_serve(tmp_path, port: int, **env_overrides: str):
     env.update(DITSERVE_STORAGE__JOB_STORE_URL=f"sqlite:///{tmp_path}/jobs.db",
                DITSERVE_STORAGE__ARTIFACTS_URL=str(tmp_path / "artifacts"), **env_overrides)
     process = subprocess.Popen([sys.executable, "-m", "serving.cli", "serve", "--port", str(port),
-                                "--metrics-port", str(_free_port())],
+                                "--metrics-port", str(metrics_port or _free_port())],
                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
     try:
         wait_ready(f"http://127.0.0.1:{port}", process=process)

@@ -16,6 +16,7 @@ from ray import serve
 
 from serving.config import ServiceConfig
 from serving.deployments._replica import prepare_replica
+from serving.deployments.stage_load import startup_seconds
 from serving.deployments.watchdog import StageClock
 
 logger = logging.getLogger("ray.serve")
@@ -64,9 +65,19 @@ class Denoiser:
             raise RuntimeError(f"the denoise loop stopped: {loop.exception()!r}")
 
     async def record_autoscaling_stats(self) -> dict[str, float]:
-        """Custom metrics Serve hands to `serving.autoscaling.denoiser_policy`."""
-        return {**self.engine.engine.load(), "step_seconds": self.step_seconds,
-                "max_batch": float(self.engine.engine.max_batch)}
+        """What this replica holds, for `serving.autoscaling.StagePolicy` (the keys every stage
+        reports, see serving/deployments/stage_load.py, plus the price of one denoise step)."""
+        load = self.engine.engine.load()
+        # A full batch shares one forward: a request's step costs a max_batch-th of it.
+        per_step = self.step_seconds / self.engine.engine.max_batch
+        if load["requests"]:
+            self.steps_per_job = load["remaining_steps"] / load["requests"]
+        return {"backlog_seconds": load["remaining_steps"] * per_step, "waiting": load["waiting"],
+                "running": load["requests"] - load["waiting"], "oldest_wait_s": load["oldest_wait_s"],
+                "seconds_per_step": per_step, "seconds_per_job": self.steps_per_job * per_step,
+                "startup_seconds": startup_seconds()}
+
+    steps_per_job = 0.0  # steps a request here still had to run, last seen (prices queued calls)
 
     async def denoise(self, job_id: str, spec: dict, embeddings, priority: int = 0, resume: bool = False):
         """`embeddings` holds the prompt's row, then the negative prompt's when guidance is on.

@@ -19,6 +19,9 @@ from ray import serve
 from ray.exceptions import ActorUnavailableError, RayActorError
 
 from serving.admission import Capacity, WaitEstimate, WorkInFlight, cost_uncosted_jobs, stage_dict
+from serving.backlog import PUBLISH_SECONDS as PENDING_PUBLISH_SECONDS
+from serving.backlog import PendingWork
+from serving.backlog import publish as publish_pending_work
 from serving.config import ServiceConfig, StageConfig
 from serving.cost_model import STAGE_NAMES
 from serving.deployments.watchdog import (PRIOR_DECODE_SECONDS_PER_MEGAPIXEL_FRAME, PRIOR_ENCODE_SECONDS, StageClock,
@@ -101,6 +104,7 @@ class Director:
                                       on_attempt=lambda outcome: self.metrics.webhook_attempts.inc(
                                           tags={"outcome": outcome}))
         self.webhook_loop = asyncio.create_task(self._deliver_webhooks_forever())
+        self.backlog_loop = asyncio.create_task(self._publish_pending_work_forever())
 
     # ---- called by the Gateway ----------------------------------------------------
 
@@ -130,7 +134,7 @@ class Director:
 
     def check_health(self) -> None:
         # Serve restarts a replica whose loops died; leases make the restart safe.
-        for loop in (self.claim_loop, self.heartbeat_loop, self.webhook_loop):
+        for loop in (self.claim_loop, self.heartbeat_loop, self.webhook_loop, self.backlog_loop):
             if loop.done():
                 raise RuntimeError(f"director loop stopped: {loop.exception() if not loop.cancelled() else 'cancelled'}")
 
@@ -197,6 +201,18 @@ class Director:
             except Exception:
                 logger.exception("delivering webhooks failed; retrying")
             await asyncio.sleep(WEBHOOK_POLL_SECONDS)
+
+    async def _publish_pending_work_forever(self) -> None:
+        """The work on its way to each stage, for the stages' autoscalers (serving/backlog.py):
+        with it no job waiting beyond `server.max_running_jobs` is hidden from them."""
+        app_name = serve.get_replica_context().app_name
+        while True:
+            try:
+                pending = await asyncio.to_thread(PendingWork.from_store, self.store)
+                await asyncio.to_thread(publish_pending_work, app_name, pending)
+            except Exception as exc:  # e.g. the database is down: its own alerts say so
+                logger.warning("publishing the pending work failed (%r); the autoscalers see only their stages", exc)
+            await asyncio.sleep(PENDING_PUBLISH_SECONDS)
 
     # ---- one job ------------------------------------------------------------------------
 

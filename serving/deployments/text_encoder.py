@@ -10,6 +10,7 @@ from ray import serve
 
 from serving.config import ServiceConfig
 from serving.deployments._replica import prepare_replica
+from serving.deployments.stage_load import ReplicaLoad
 from serving.deployments.watchdog import PRIOR_ENCODE_SECONDS, StageClock
 from serving.metrics import metrics
 
@@ -17,6 +18,7 @@ from serving.metrics import metrics
 @serve.deployment(name="TextEncoder")
 class TextEncoder:
     CACHE_SIZE = 256  # prompts; the default negative prompt stays hot
+    load = ReplicaLoad()  # encode calls held here, for the autoscaler
 
     def __init__(self, config: ServiceConfig):
         prepare_replica(config.stages.text_encoder)
@@ -35,12 +37,19 @@ class TextEncoder:
     async def encode(self, prompts: list[str], max_sequence_length: int):
         """Return a (len(prompts), max_sequence_length, dim) CPU tensor."""
         call = self.clock.start()
+        # Waiting until it ends: its prompts share batched forwards, whose share it is charged.
+        work = self.load.arrive()
         try:
-            return await self._encode(prompts, max_sequence_length)
+            return await self._encode(prompts, max_sequence_length, work)
         finally:
             self.clock.finish(call)
+            self.load.finish(work)
 
-    async def _encode(self, prompts: list[str], max_sequence_length: int):
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        """What this replica holds, for `serving.autoscaling.StagePolicy`."""
+        return self.load.stats()
+
+    async def _encode(self, prompts: list[str], max_sequence_length: int, work: int | None = None):
         import torch
 
         rows = []
@@ -56,6 +65,8 @@ class TextEncoder:
             encoded = await asyncio.gather(*(self._encode_one((p, max_sequence_length)) for p in missing))
             device_seconds = sum(seconds for _, seconds in encoded)
             metrics().accelerator_seconds.observe(device_seconds, tags={"stage": "text_encoder"})
+            if work is not None:  # its share of batched forwards, not the wall time it waited
+                self.load.charge(work, device_seconds)
             fresh = {p: row for p, (row, _) in zip(missing, encoded)}
             rows = [row if row is not None else fresh[p] for p, row in zip(prompts, rows)]
             for prompt, row in fresh.items():

@@ -11,11 +11,14 @@ from ray import serve
 from serving import failpoints
 from serving.config import ServiceConfig
 from serving.deployments._replica import prepare_replica
+from serving.deployments.stage_load import ReplicaLoad
 from serving.deployments.watchdog import PRIOR_DECODE_SECONDS_PER_MEGAPIXEL_FRAME, StageClock
 
 
 @serve.deployment(name="VAEDecoder")
 class VAEDecoder:
+    load = ReplicaLoad()  # decodes waiting for the accelerator (one at a time) and running, for the autoscaler
+
     def __init__(self, config: ServiceConfig):
         prepare_replica(config.stages.vae_decoder)
         from serving.models.loading import load_vae
@@ -31,15 +34,24 @@ class VAEDecoder:
         """`units`: the decode's megapixel-frames (see watchdog.decode_units), for its timeout."""
         from serving.metrics import metrics
 
-        async with self.decode_lock:
-            started = time.perf_counter()
-            call = self.clock.start(units)
-            try:
-                frames = await asyncio.to_thread(self._decode, latents)
-            finally:
-                self.clock.finish(call)
-            metrics().accelerator_seconds.observe(time.perf_counter() - started, tags={"stage": "vae_decoder"})
+        work = self.load.arrive()
+        try:
+            async with self.decode_lock:
+                self.load.start(work)
+                started = time.perf_counter()
+                call = self.clock.start(units)
+                try:
+                    frames = await asyncio.to_thread(self._decode, latents)
+                finally:
+                    self.clock.finish(call)
+                metrics().accelerator_seconds.observe(time.perf_counter() - started, tags={"stage": "vae_decoder"})
+        finally:
+            self.load.finish(work)
         return await asyncio.to_thread(self._package, frames, fps)
+
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        """What this replica holds, for `serving.autoscaling.StagePolicy`."""
+        return self.load.stats()
 
     def _decode(self, latents):
         from serving.pipeline.decode import decode

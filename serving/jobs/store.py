@@ -391,6 +391,17 @@ class JobStore:
         return {status: count for status, count in rows}
 
     @_retry_transient
+    def unfinished_work(self) -> dict[tuple[str, str | None], tuple[int, int]]:
+        """(status, stage) -> (jobs, denoise steps still to run) of queued and running jobs,
+        in one grouped query (the stages' autoscalers count what is coming; serving/backlog.py)."""
+        active = [JobStatus.QUEUED.value, JobStatus.IN_PROGRESS.value]
+        steps = sa.func.coalesce(sa.func.sum(jobs.c.num_steps - jobs.c.checkpoint_step), 0)
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(jobs.c.status, jobs.c.stage, sa.func.count(), steps)
+                                .where(_live, jobs.c.status.in_(active)).group_by(jobs.c.status, jobs.c.stage)).all()
+        return {(status, stage): (int(count), int(left)) for status, stage, count, left in rows}
+
+    @_retry_transient
     def expired(self, now: float | None = None) -> list[JobRecord]:
         now = time.time() if now is None else now
         with self.engine.connect() as conn:
