@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 
-import pytest
 import torch
 
 from serving.engine.scheduler import AsyncDenoiseEngine, DenoiseEngine, EngineRequest

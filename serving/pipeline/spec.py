@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 
 from serving.config import GenerationConfig, parse_size
 from serving.models.presets import Preset
-from serving.pipeline.cost import job_cost, latent_frames, tokens_per_frame
+from serving.pipeline.cost import job_cost, tokens_per_frame
 
 
 class SpecError(ValueError):
