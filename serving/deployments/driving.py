@@ -1,0 +1,276 @@
+"""How the Director drives one job: TextEncoder -> Denoiser -> VAEDecoder, every state change
+written to the job store before it moves on, every stage call under a timeout, and every
+fault sorted into "retry later" (the service's: the job is handed back and resumes from its
+checkpoint) or "failed" (the request's own). The `Director` deployment inherits this and
+supplies the store, the stage handles, the clocks and the bookkeeping named below.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from ray.exceptions import ActorUnavailableError, RayActorError
+
+from serving.deployments.watchdog import StageTimeout, decode_units
+from serving.jobs.records import PROGRESS_SPAN, JobRecord, JobStatus, Stage
+from serving.jobs.retention import expiry, tidy_after_run
+from serving.jobs.store import LeaseLost, is_transient
+from serving.measured_cost import step_shape
+from serving.storage import ArtifactStoreError
+
+logger = logging.getLogger("ray.serve")
+
+# A storage write that fails is tried again after these waits before the attempt is given up.
+ARTIFACT_RETRY_WAITS = (0.25, 0.5, 1.0, 2.0)
+
+# What a client is told when an attempt ends for a reason of the service, not of the request.
+# Details (hosts, paths, tracebacks) go to the log only, keyed by the job id.
+RETRY_REASONS = {
+    "artifact_store_unavailable": "the video store could not be written",
+    "job_store_unavailable": "the job database could not be reached",
+    "stage_timeout": "a model stage stopped answering",
+    "stage_replica_lost": "the replica running it was lost",
+}
+
+
+class JobCancelled(Exception):
+    pass
+
+
+class RetryLater(Exception):
+    """This attempt cannot go on for a reason of the service, not of the request: hand the job
+    back so that a later attempt resumes it from its checkpoint."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+class JobDriving:
+    """The per-job half of the Director (mixed into it)."""
+
+    async def _write(self, job_id: str, names: list[str] = (), **changes) -> JobRecord:
+        try:
+            job = await asyncio.to_thread(self.store.stamp, job_id, self.owner, names, **changes)
+        except LeaseLost:
+            raise
+        except Exception as exc:
+            if is_transient(exc):  # still failing after the store's own retries
+                raise RetryLater("job_store_unavailable") from exc
+            raise
+        self._observe(job, names)
+        return job
+
+    def _observe(self, job: JobRecord, names) -> None:
+        """Queue wait when a stage starts (submitted -> stage start); latency when a job ends."""
+        submitted = job.timestamps.get("submitted_at")
+        if submitted is None:
+            return
+        for name in names:
+            stage = name.removesuffix("_started_at")
+            if stage != name and stage in {s.value for s in Stage}:
+                self.metrics.queue_wait.observe(job.timestamps[name] - submitted, tags={"stage": stage})
+            status = name.removesuffix("_at")
+            if status in (JobStatus.COMPLETED.value, JobStatus.FAILED.value, JobStatus.CANCELLED.value):
+                self.metrics.job_latency.observe(job.timestamps[name] - submitted, tags={"status": status})
+
+    async def _drive(self, job: JobRecord) -> None:
+        self.in_flight.start(job.id, job.spec, max(job.num_steps - job.checkpoint_step, 0))
+        try:
+            if job.attempts > self.config.server.max_job_attempts:
+                await self._give_up(job)
+                return
+            await self._run_stages(job)
+            self.retry_reasons.pop(job.id, None)
+        except LeaseLost:
+            logger.info("job %s is no longer ours; leaving it", job.id)
+        except JobCancelled:
+            await self._end(job, JobStatus.CANCELLED, "cancelled", "cancelled at the client's request")
+        except RetryLater as exc:
+            logger.warning("job %s: attempt %d handed back (%s): %r", job.id, job.attempts, exc.reason, exc.__cause__)
+            await self._retry_later(job, exc.reason)
+        except (RayActorError, ActorUnavailableError) as exc:
+            # A stage replica died under us: hand the job back for another try, on a live replica.
+            logger.warning("job %s lost a stage replica (%s); requeueing", job.id, type(exc).__name__)
+            await self._retry_later(job, "stage_replica_lost")
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            if is_transient(exc):
+                logger.warning("job %s: database unavailable (%r); handing it back", job.id, exc)
+                await self._retry_later(job, "job_store_unavailable")
+                return
+            # An error of the request itself (it would fail again): the client gets the kind of
+            # error and the job id to quote; the log has the traceback.
+            logger.exception("job %s failed", job.id)
+            await self._end(job, JobStatus.FAILED, "generation_failed",
+                            f"generating the video failed ({type(exc).__name__}); the server log has the details "
+                            f"under {job.id}")
+        finally:
+            self.in_flight.finish(job.id)
+            await self._tidy(job.id)
+
+    async def _tidy(self, job_id: str) -> None:
+        """Files the job no longer needs (see `tidy_after_run`); the storage sweep catches a miss."""
+        try:
+            await asyncio.to_thread(tidy_after_run, self.store, self.artifacts, job_id)
+        except Exception:
+            logger.exception("tidying the files of %s failed; the storage sweep retries", job_id)
+
+    async def _run_stages(self, job: JobRecord) -> None:
+        spec = job.spec
+        with_negative = spec["guidance_scale"] > 1.0
+        job = await self._write(job.id, [f"{Stage.TEXT_ENCODER.value}_started_at"], status=JobStatus.IN_PROGRESS,
+                                stage=Stage.TEXT_ENCODER, progress=PROGRESS_SPAN[Stage.TEXT_ENCODER][0], step=0)
+        self._check_cancel(job)
+        prompts = [spec["prompt"], spec["negative_prompt"]] if with_negative else [spec["prompt"]]
+        started = time.monotonic()
+        embeddings = await self._call(Stage.TEXT_ENCODER, self.text_encoder.encode.remote(
+            prompts, spec["max_sequence_length"]))
+        self._measured(Stage.TEXT_ENCODER, time.monotonic() - started,
+                       lambda s: self.cost.observe_encode(len(prompts), spec["max_sequence_length"], s))
+        self.in_flight.encoded(job.id)
+        # From here the job waits in (then runs on) the Denoiser: the stage says where it is.
+        job = await self._write(job.id, [f"{Stage.TEXT_ENCODER.value}_finished_at"], stage=Stage.DENOISER,
+                                progress=PROGRESS_SPAN[Stage.DENOISER][0])
+        self._check_cancel(job)
+
+        latents = await self._denoise(job, embeddings)
+
+        job = await self._write(job.id, [f"{Stage.DENOISER.value}_finished_at", f"{Stage.VAE_DECODER.value}_started_at"],
+                                stage=Stage.VAE_DECODER, progress=PROGRESS_SPAN[Stage.VAE_DECODER][0])
+        self._check_cancel(job)
+        units = decode_units(spec["num_frames"], spec["width"], spec["height"])
+        started = time.monotonic()
+        result = await self._call(Stage.VAE_DECODER, self.vae_decoder.decode.remote(latents, spec["fps"], units),
+                                  units)
+        self._measured(Stage.VAE_DECODER, time.monotonic() - started,
+                       lambda s: self.cost.observe_decode(spec["num_frames"], spec["width"], spec["height"], s))
+        self.in_flight.decoded(job.id)
+
+        video_key, thumbnail_key = f"{job.id}/video.mp4", f"{job.id}/thumbnail.webp"
+        await self._put(video_key, result["mp4"])
+        await self._put(thumbnail_key, result["thumbnail"])
+        now = time.time()
+        await self._write(job.id, [f"{Stage.VAE_DECODER.value}_finished_at", "completed_at"],
+                          status=JobStatus.COMPLETED, stage=None, progress=100, completed_at=now,
+                          video_key=video_key, thumbnail_key=thumbnail_key,
+                          expires_at=expiry(self.config.storage.retention_hours, now), lease_owner=None)
+
+    async def _denoise(self, job: JobRecord, embeddings):
+        """Stream the job through a Denoiser; every silence longer than one step's timeout
+        (a hung forward, a stuck engine) ends the attempt. Waiting for a batch slot is not
+        silence: a live engine says so every few seconds."""
+        spec = job.spec
+        clock = self.clocks[Stage.DENOISER]
+        latents = None
+        start, end = PROGRESS_SPAN[Stage.DENOISER]
+        resume = job.checkpoint_step > 0  # an earlier attempt saved latents: go on from there
+        stream = self.denoiser.options(stream=True).denoise.remote(job.id, spec, embeddings, job.priority, resume)
+        accepted = False
+        last_step_at = None
+        shape = step_shape(self.geometry, spec)
+        try:
+            while True:
+                # Before a replica takes the call it waits in Serve's router, bounded by Serve's
+                # own health checks; after, every gap is one step (or one "still waiting").
+                try:
+                    event = await (asyncio.wait_for(anext(stream), clock.timeout()) if accepted else anext(stream))
+                except StopAsyncIteration:
+                    break
+                except asyncio.TimeoutError:
+                    raise RetryLater("stage_timeout") from StageTimeout("denoiser", clock.timeout())
+                accepted = True
+                if "accepted" in event or "waiting" in event:
+                    continue
+                if "started" in event:  # the engine took the job: the end of its queue wait
+                    changes = {"resumed_from_step": event["step"]} if resume else {}
+                    job = await self._write(job.id, [f"{Stage.DENOISER.value}_started_at"], **changes)
+                elif "checkpoint_step" in event:
+                    job = await self._write(job.id, checkpoint_step=event["checkpoint_step"])
+                elif "latents" in event:
+                    latents = event["latents"]
+                else:
+                    step, total = event["step"], event["total_steps"]
+                    now = time.monotonic()
+                    if last_step_at is not None:
+                        clock.observe(now - last_step_at)
+                    last_step_at = now
+                    share = event.get("device_seconds")  # the job's part of the forward, as the engine timed it
+                    if share:
+                        self._measured(Stage.DENOISER, share, lambda s: self.cost.observe_step(shape, s))
+                    self.in_flight.stepped(job.id, total - step)
+                    job = await self._write(job.id, step=step, total_steps=total,
+                                            progress=start + (end - start) * step // total)
+                self._check_cancel(job)
+        finally:
+            if latents is None:
+                stream.cancel()
+        if latents is None:
+            raise RuntimeError("the Denoiser finished without returning latents")
+        return latents
+
+    def _measured(self, stage: Stage, seconds: float, observe) -> None:
+        """A stage finished `seconds` of device work: teach the cost model, credit the capacity."""
+        observe(seconds)
+        self.capacity[stage.value].record(seconds)
+
+    async def _call(self, stage: Stage, response, units: float = 1.0):
+        """Await one stage call within its timeout; a call past it is cancelled and the job retried."""
+        clock = self.clocks[stage]
+        timeout = clock.timeout(units)
+        started = time.monotonic()
+        try:
+            result = await asyncio.wait_for(response, timeout)
+        except asyncio.TimeoutError:
+            response.cancel()
+            raise RetryLater("stage_timeout") from StageTimeout(stage.value, timeout)
+        clock.observe(time.monotonic() - started, units)
+        return result
+
+    async def _put(self, key: str, data: bytes) -> None:
+        """Write an artifact, riding out a short storage blip; a longer outage ends the attempt
+        (the job resumes later) instead of throwing its GPU work away."""
+        for wait in (*ARTIFACT_RETRY_WAITS, None):
+            try:
+                await asyncio.to_thread(self.artifacts.put, key, data)
+                return
+            except ArtifactStoreError as exc:
+                if wait is None:
+                    raise RetryLater("artifact_store_unavailable") from exc
+                logger.warning("writing %s failed (%s); retrying in %.2f s", key, exc, wait)
+                await asyncio.sleep(wait)
+
+    @staticmethod
+    def _check_cancel(job: JobRecord) -> None:
+        if job.cancel_requested:
+            raise JobCancelled(job.id)
+
+    async def _give_up(self, job: JobRecord) -> None:
+        attempts = job.attempts - 1
+        reason = RETRY_REASONS.get(self.retry_reasons.pop(job.id, ""), "it did not finish")
+        await self._end(job, JobStatus.FAILED, "too_many_attempts",
+                        f"the job was started {attempts} times and never finished; the last attempt ended because "
+                        f"{reason}. It is retryable: submit the request again")
+
+    async def _end(self, job: JobRecord, status: JobStatus, code: str, message: str) -> None:
+        try:
+            await self._write(job.id, [f"{status.value}_at"], status=status, stage=None,
+                              error_code=code, error_message=message, lease_owner=None,
+                              expires_at=expiry(self.config.storage.retention_hours, time.time()))
+        except (LeaseLost, RetryLater):
+            pass  # taken over, ended already, or the database is down: its next driver ends it
+
+    async def _retry_later(self, job: JobRecord, reason: str) -> None:
+        """Give the job back for another attempt (which resumes from its checkpoint)."""
+        self.retry_reasons[job.id] = reason
+        try:
+            await asyncio.to_thread(self.store.update, job.id, self.owner, lease_owner=None, lease_expires_at=None)
+        except LeaseLost:
+            return
+        except Exception:  # the database is down: the lease runs out, and the job is claimed again
+            logger.exception("handing job %s back failed; its lease will run out", job.id)
+            return
+        self.wakeup.set()
