@@ -76,8 +76,8 @@ class SimulatedCluster:
         self.ray_tmp = tempfile.mkdtemp(prefix="dss-", dir="/tmp")  # short: Ray's socket paths must fit
         os.environ["RAY_TMPDIR"] = self.ray_tmp
         os.environ.update(self.env)  # inherited by every raylet and worker started below
-        # Every node on loopback: the simulated cluster never listens on or talks to another address.
-        common = dict(num_cpus=NODE_CPUS, object_store_memory=NODE_OBJECT_STORE_BYTES, node_ip_address="127.0.0.1")
+        # All nodes are processes of this machine (on its own address, as Ray's test cluster sets them up).
+        common = dict(num_cpus=NODE_CPUS, object_store_memory=NODE_OBJECT_STORE_BYTES)
         self.cluster = Cluster(initialize_head=True, head_node_args=dict(
             common, num_gpus=0, include_dashboard=False, metrics_export_port=self.metrics_port,
             dashboard_agent_listen_port=_free_port(), gcs_server_port=_free_port()))
