@@ -1,4 +1,4 @@
-"""`ditserve` command line: generate a video locally, or check a config.
+"""`ditserve` command line: generate a video locally, serve (serving/cli_serve.py), check a config.
 
 Every mistake a person can make here (a bad flag, a bad config file, a bad size, a missing
 model folder) ends as one line on stderr and exit code 2 — never a stack trace.
@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from serving.cli_keys import add_keys_commands, run_keys
+from serving.cli_serve import add_serve_command, serve
 
 EXIT_USAGE = 2
 
@@ -41,13 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, help="random seed (a random one is chosen and printed if unset)")
     _add_config(gen)
 
-    srv = sub.add_parser("serve", help="start a local Ray cluster and the video service on it")
-    srv.add_argument("--host", help="address to listen on (default from config: 127.0.0.1)")
-    srv.add_argument("--port", type=int, help="HTTP port (default from config: 8000)")
-    srv.add_argument("--address", help="join this Ray cluster instead of starting a local one (e.g. auto)")
-    srv.add_argument("--metrics-port", type=int, default=8080,
-                     help="port of the local cluster's Prometheus endpoint (default 8080)")
-    _add_config(srv)
+    add_serve_command(sub)
 
     bench = sub.add_parser("bench", help="benchmarks that print tables")
     kinds = bench.add_subparsers(dest="bench", required=True, parser_class=_Parser)
@@ -62,6 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
     attention.add_argument("--record", type=Path, default=Path("docs/benchmarks.md"),
                            help="append the table here (default docs/benchmarks.md)")
     _add_config(attention)
+    profile = kinds.add_parser("profile", help="measure a cost profile (simulated accelerators) on this device")
+    profile.add_argument("--out", type=Path, default=None, help="write the profile JSON here (default: stdout)")
+    profile.add_argument("--name", default=None, help="profile name (default: PRESET-DEVICE, e.g. tiny-cpu)")
+    profile.add_argument("--repeats", type=int, default=3, help="timed calls per shape, median kept (default 3)")
+    _add_config(profile)
 
     load = sub.add_parser("loadtest", help="replay a traffic profile against a running service (Locust, headless)")
     load.add_argument("--url", default="http://127.0.0.1:8000", help="the service (default http://127.0.0.1:8000)")
@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "config":
         return _config(config)
     if args.command == "serve":
-        return _serve(args, config)
+        return serve(args, config)
     if args.command == "bench":
         return _bench(args, config)
     if args.command == "k8s":
@@ -226,57 +226,14 @@ def _generate(args, config) -> int:
     return 0
 
 
-def _serve(args, config) -> int:
-    import signal
-
-    from serving.models.loading import ModelFolderError, check_model_folder
-
-    server = config.server.model_copy(update={k: v for k, v in (("host", args.host), ("port", args.port)) if v})
-    config = config.model_copy(update={"server": server})
-    try:
-        check_model_folder(config.model)
-    except ModelFolderError as exc:
-        print(f"ditserve serve: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    _quiet_libraries()
-    import ray
-    from ray import serve
-
-    from serving.app import run
-
-    url = f"http://{server.host}:{server.port}"
-    try:
-        # "local" starts a fresh cluster even if another runs on this machine.
-        local = args.address is None
-        ray.init(address=args.address or "local", include_dashboard=False, configure_logging=True,
-                 logging_level="WARNING", **({"_metrics_export_port": args.metrics_port} if local else {}))
-        # After ray.init, which installs its own handler: SIGTERM (docker stop, kill, systemd)
-        # takes the same clean path as Ctrl-C.
-        signal.signal(signal.SIGTERM, _raise_interrupt)
-        run(config)
-        metrics_url = f"http://127.0.0.1:{args.metrics_port}/metrics" if local else "your cluster's metrics agents"
-        print(_banner(url, config, metrics_url), flush=True)
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        # A second Ctrl-C or SIGTERM must not interrupt the shutdown itself.
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        print("\nditserve: shutting down", file=sys.stderr, flush=True)
-    finally:
-        try:
-            serve.shutdown()
-        finally:
-            ray.shutdown()
-    return 0
-
-
 def _bench(args, config) -> int:
     _quiet_libraries()
     if args.bench == "attention":
         from serving.bench.attention import run
 
         return run("ditserve bench attention", args.record)
+    if args.bench == "profile":
+        return _bench_profile(args, config)
     from serving.bench.engine import bench_engine, report
     from serving.models.loading import resolve_device
     from serving.pipeline.spec import SpecError
@@ -290,6 +247,24 @@ def _bench(args, config) -> int:
         print(f"ditserve bench engine: error: --{exc.field.replace('_', '-')}: {exc.message}", file=sys.stderr)
         return EXIT_USAGE
     print(report(results, str(resolve_device(config.model))))
+    return 0
+
+
+def _bench_profile(args, config) -> int:
+    from serving.bench.profile import measure
+
+    if args.repeats < 1:
+        print("ditserve bench profile: error: --repeats must be at least 1", file=sys.stderr)
+        return EXIT_USAGE
+    log = (lambda line: print(line, file=sys.stderr, flush=True))
+    profile = measure(config, repeats=args.repeats, name=args.name, log=log)
+    text = profile.model_dump_json(indent=2) + "\n"
+    if args.out is None:
+        print(text, end="")
+    else:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text)
+        print(f"wrote {args.out}: cost profile {profile.name!r} on {profile.device}", file=sys.stderr)
     return 0
 
 
@@ -340,33 +315,6 @@ def _k8s(args) -> int:
     else:
         print(patch, end="")
     return 0
-
-
-def _raise_interrupt(*_):
-    raise KeyboardInterrupt
-
-
-def _banner(url: str, config, metrics_url: str) -> str:
-    return f"""
-ditserve is serving {config.model.preset!r} at {url}
-  jobs: {config.storage.job_store_url}
-  videos: {config.storage.artifacts_url}
-  Prometheus scrape URL: {metrics_url}
-
-Try it:
-  curl -s {url}/v1/videos -H 'Content-Type: application/json' \\
-       -d '{{"prompt": "a yellow circle moving right", "seconds": "1", "size": "64x64", "seed": 7}}'
-  curl -s {url}/v1/videos/VIDEO_ID                      # poll until "status": "completed"
-  curl -s {url}/v1/videos/VIDEO_ID/content -o circle.mp4
-
-or with the openai SDK:
-  from openai import OpenAI
-  client = OpenAI(base_url="{url}/v1", api_key="unused")
-  video = client.videos.create_and_poll(prompt="a yellow circle moving right", seconds="1", size="64x64")
-  client.videos.download_content(video.id).write_to_file("circle.mp4")
-
-Ctrl-C stops the service.
-"""
 
 
 def _quiet_libraries() -> None:

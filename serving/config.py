@@ -329,6 +329,25 @@ class StorageConfig(_Section):
         return value if "://" in value else str(Path(value).expanduser().resolve())
 
 
+class SimulationConfig(_Section):
+    """Simulated accelerators (serving/simulate/): every model stage waits the time its cost
+    profile gives instead of computing, on a local Ray cluster of `nodes` nodes that declare
+    `gpus` GPUs between them. Everything else is the real service; every output says so."""
+
+    profile: str = Field(description="A packaged cost profile (h100-wan2.1-1.3b, h100-wan2.1-14b, tiny-cpu) or "
+                                     "the path of a profile JSON (`ditserve bench profile` writes one).")
+    time_scale: float = Field(default=1.0, ge=1.0, description="Divides every profile time and every control-plane "
+                              "period and target alike (see serving/simulate/timescale.py); reports convert back.")
+    gpus: int = Field(default=8, ge=1, description="Simulated GPUs in the whole cluster.")
+    nodes: int = Field(default=1, ge=1, description="Simulated GPU nodes; the GPUs are spread evenly over them.")
+
+    @model_validator(mode="after")
+    def _a_gpu_per_node(self) -> "SimulationConfig":
+        if self.gpus < self.nodes:
+            raise ValueError(f"gpus ({self.gpus}) is below nodes ({self.nodes}): every node needs a GPU")
+        return self
+
+
 class ServiceConfig(_Section):
     """The whole service. Sections grow with the service; this is the only source of truth."""
 
@@ -342,6 +361,8 @@ class ServiceConfig(_Section):
     auth: AuthConfig = AuthConfig()
     webhooks: WebhooksConfig = WebhooksConfig()
     storage: StorageConfig = StorageConfig()
+    simulation: SimulationConfig | None = Field(
+        default=None, description="Set by `ditserve serve --simulate`: simulated accelerators instead of models.")
 
     @model_validator(mode="after")
     def _denoiser_can_fill_a_batch(self) -> "ServiceConfig":

@@ -47,6 +47,17 @@ class Metrics:
             "ditserve_accelerator_seconds_per_job",
             "Device seconds one job used in a stage (its share of each batched forward).",
             boundaries=SECONDS_BUCKETS, tag_keys=("stage",))
+        self.simulated = Gauge(
+            "ditserve_simulated_time_scale",
+            "Set only on replicas whose compute is SIMULATED (serving/simulate/): the time scale their waits are "
+            "divided by, labelled with the cost profile. Absent on real accelerators.",
+            tag_keys=("stage", "profile"))
+
+
+def mark_simulated(stage: str, simulation) -> None:
+    """Say on the metrics endpoint that this replica's compute is simulated (no-op when real)."""
+    if simulation is not None:
+        metrics().simulated.set(simulation.time_scale, tags={"stage": stage, "profile": str(simulation.profile)})
 
 
 @lru_cache(maxsize=1)

@@ -62,6 +62,8 @@ def create_api(config: ServiceConfig, jobs: VideoJobs,
     not_found_doc = {404: {"model": ErrorEnvelope, "description": "No such video (or not this key's)."}}
     watcher = JobWatcher(jobs.store.get_many, server.event_poll_seconds)
     stream_slots = StreamSlots(server.max_event_streams, server.event_stream_max_seconds)
+    # Simulated accelerators: every video object and /readyz say so (README "Simulated accelerators").
+    simulated = config.simulation is not None
 
     if keys.enabled:
         async def caller(request: Request, _: Any = Security(HTTPBearer(auto_error=False))) -> Caller | None:
@@ -111,11 +113,11 @@ def create_api(config: ServiceConfig, jobs: VideoJobs,
     async def shaped(job: JobRecord) -> Video:
         ahead = await asyncio.to_thread(jobs.queue_ahead, job)
         if ahead is None:
-            return video_from_job(job)
+            return video_from_job(job, simulated=simulated)
         position, seconds_ahead = ahead
         wait = await current_estimate()
         start = time.time() + wait.start_in(seconds_ahead, job.cost) if wait is not None else None
-        return video_from_job(job, queue_position=position, estimated_start_at=start)
+        return video_from_job(job, queue_position=position, estimated_start_at=start, simulated=simulated)
 
     # ---- videos ---------------------------------------------------------------------------
 
@@ -182,7 +184,7 @@ def create_api(config: ServiceConfig, jobs: VideoJobs,
         if after is not None and not await asyncio.to_thread(jobs.is_cursor, after, owner_of(who)):
             raise APIError(404, f"after: no video with id {after!r}", param="after", code="video_not_found")
         records, has_more = await asyncio.to_thread(jobs.list, after, limit, order, owner_of(who))
-        data = [video_from_job(job) for job in records]
+        data = [video_from_job(job, simulated=simulated) for job in records]
         return VideoList(data=data, first_id=data[0].id if data else None, last_id=data[-1].id if data else None,
                          has_more=has_more)
 
@@ -272,7 +274,8 @@ def create_api(config: ServiceConfig, jobs: VideoJobs,
             except Exception:
                 checks["stages"] = False
         ready = all(checks.values())
-        return JSONResponse({"status": "ready" if ready else "not_ready", "checks": checks},
+        simulation = config.simulation.model_dump() if simulated else False
+        return JSONResponse({"status": "ready" if ready else "not_ready", "checks": checks, "simulated": simulation},
                             status_code=200 if ready else 503)
 
     return app

@@ -67,6 +67,8 @@ class Video(BaseModel):
     resumed_from_step: Optional[int] = Field(default=None, description="Set when a retry resumed a checkpoint.")
     webhook_url: Optional[str] = None
     timestamps: dict[str, float] = Field(description="Unix times: submitted_at, <stage>_started_at/_finished_at, ...")
+    simulated: bool = Field(default=False, description="True when the service runs simulated accelerators "
+                                                       "(`ditserve serve --simulate`): no model made this video.")
 
 
 class VideoList(BaseModel):
@@ -100,7 +102,7 @@ _WIRE_STATUS = {JobStatus.QUEUED: "queued", JobStatus.IN_PROGRESS: "in_progress"
 
 
 def video_from_job(job: JobRecord, queue_position: int | None = None,
-                   estimated_start_at: float | None = None) -> Video:
+                   estimated_start_at: float | None = None, simulated: bool = False) -> Video:
     spec = job.spec
     seconds = (spec["num_frames"] - 1) / spec["fps"]
     error = VideoError(code=job.error_code or "failed", message=job.error_message or "") if job.error_code else None
@@ -114,5 +116,5 @@ def video_from_job(job: JobRecord, queue_position: int | None = None,
         num_inference_steps=spec["num_inference_steps"], guidance_scale=spec["guidance_scale"], fps=spec["fps"],
         num_frames=spec["num_frames"], priority=job.priority, resumed_from_step=job.resumed_from_step,
         webhook_url=job.webhook_url,
-        timestamps=job.timestamps,
+        timestamps=job.timestamps, simulated=simulated,
     )

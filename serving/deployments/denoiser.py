@@ -34,13 +34,14 @@ class Denoiser:
         from serving.models.loading import load_scheduler_config, load_transformer, preset_of
         from serving.storage import ArtifactStore
 
-        self.transformer = load_transformer(config.model)
-        self.scheduler_config = load_scheduler_config(config.model)
+        self.transformer = load_transformer(config.model, config.simulation)
+        self.scheduler_config = load_scheduler_config(config.model, config.simulation)
         self.geometry = preset_of(config.model).geometry
         self.artifacts = ArtifactStore(config.storage.artifacts_url, config.storage.artifacts_options)
-        from serving.metrics import metrics
+        from serving.metrics import mark_simulated, metrics
 
         self.metrics = metrics()
+        mark_simulated("denoiser", config.simulation)
         self.step_seconds = 0.0  # moving average, for the autoscaler
         self.engine = AsyncDenoiseEngine(DenoiseEngine(
             self.transformer, max_batch=config.engine.max_batch, checkpoint_every=config.engine.checkpoint_every,

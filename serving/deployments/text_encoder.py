@@ -12,7 +12,7 @@ from serving.config import ServiceConfig
 from serving.deployments._replica import prepare_replica
 from serving.deployments.stage_load import ReplicaLoad
 from serving.deployments.watchdog import PRIOR_ENCODE_SECONDS, StageClock
-from serving.metrics import metrics
+from serving.metrics import mark_simulated, metrics
 
 
 @serve.deployment(name="TextEncoder")
@@ -24,7 +24,8 @@ class TextEncoder:
         prepare_replica(config.stages.text_encoder)
         from serving.models.loading import load_text_encoder
 
-        self.parts = load_text_encoder(config.model)
+        self.parts = load_text_encoder(config.model, config.simulation)
+        mark_simulated("text_encoder", config.simulation)
         self.cache: OrderedDict[tuple[str, int], object] = OrderedDict()
         self.clock = StageClock("text_encoder", config.stages.text_encoder.timeout_seconds, PRIOR_ENCODE_SECONDS)
 

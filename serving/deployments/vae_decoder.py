@@ -21,9 +21,13 @@ class VAEDecoder:
 
     def __init__(self, config: ServiceConfig):
         prepare_replica(config.stages.vae_decoder)
+        from serving.metrics import mark_simulated
         from serving.models.loading import load_vae
 
-        self.vae = load_vae(config.model)
+        self.vae = load_vae(config.model, config.simulation)
+        mark_simulated("vae_decoder", config.simulation)
+        # A simulated clip says so inside the file too (MP4 metadata), wherever it is copied to.
+        self.simulated_by = config.simulation.profile if config.simulation is not None else None
         # The Wan VAE keeps a causal feature cache inside the module while it decodes, so two
         # decodes must never overlap on one replica.
         self.decode_lock = asyncio.Lock()
@@ -47,7 +51,7 @@ class VAEDecoder:
                 metrics().accelerator_seconds.observe(time.perf_counter() - started, tags={"stage": "vae_decoder"})
         finally:
             self.load.finish(work)
-        return await asyncio.to_thread(self._package, frames, fps)
+        return await asyncio.to_thread(self._package, frames, fps, self.simulated_by)
 
     async def record_autoscaling_stats(self) -> dict[str, float]:
         """What this replica holds, for `serving.autoscaling.StagePolicy`."""
@@ -66,14 +70,14 @@ class VAEDecoder:
             raise RuntimeError(hung)
 
     @staticmethod
-    def _package(frames, fps: int) -> dict:
+    def _package(frames, fps: int, simulated_by: str | None = None) -> dict:
         from PIL import Image
 
         from serving.pipeline.mp4 import encode_mp4
 
         thumbnail = io.BytesIO()
         Image.fromarray(frames[len(frames) // 2].numpy()).save(thumbnail, format="WEBP", quality=90)
-        return {"mp4": encode_mp4(frames, fps), "thumbnail": thumbnail.getvalue(), "frames": int(frames.shape[0])}
+        return {"mp4": encode_mp4(frames, fps, simulated_by=simulated_by), "thumbnail": thumbnail.getvalue(), "frames": int(frames.shape[0])}
 
     def ping(self) -> bool:
         return True

@@ -3,6 +3,8 @@
 Stages load separately (the text encoder, DiT and VAE run on different replicas), so each
 loader takes only the config and returns only its part. A local folder is checked as a
 whole first, and a missing or incomplete one is one error that lists everything missing.
+With a `SimulationConfig` each loader returns the stage's simulated stand-in instead
+(serving/simulate/): the one place where real and simulated compute part ways.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Any
 
 import torch
 
-from serving.config import ModelConfig
+from serving.config import ModelConfig, SimulationConfig
 from serving.models import tiny
 from serving.models.presets import PRESETS, Preset
 
@@ -96,7 +98,11 @@ class TextEncoderParts:
     model: torch.nn.Module
 
 
-def load_text_encoder(cfg: ModelConfig) -> TextEncoderParts:
+def load_text_encoder(cfg: ModelConfig, simulation: SimulationConfig | None = None) -> TextEncoderParts:
+    if simulation is not None:
+        from serving.simulate import stages
+
+        return stages.text_encoder(cfg, simulation)
     from transformers import AutoTokenizer, UMT5EncoderModel
 
     folder = check_model_folder(cfg)
@@ -109,7 +115,11 @@ def load_text_encoder(cfg: ModelConfig) -> TextEncoderParts:
     return TextEncoderParts(tokenizer=tokenizer, model=_place(model, device, dtype))
 
 
-def load_transformer(cfg: ModelConfig) -> torch.nn.Module:
+def load_transformer(cfg: ModelConfig, simulation: SimulationConfig | None = None) -> torch.nn.Module:
+    if simulation is not None:
+        from serving.simulate import stages
+
+        return stages.transformer(cfg, simulation)
     from diffusers import WanTransformer3DModel
 
     folder = check_model_folder(cfg)
@@ -131,7 +141,11 @@ def load_transformer(cfg: ModelConfig) -> torch.nn.Module:
     return _place(model, device, dtype)
 
 
-def load_vae(cfg: ModelConfig) -> torch.nn.Module:
+def load_vae(cfg: ModelConfig, simulation: SimulationConfig | None = None) -> torch.nn.Module:
+    if simulation is not None:
+        from serving.simulate import stages
+
+        return stages.vae(cfg, simulation)
     from diffusers import AutoencoderKLWan
 
     folder = check_model_folder(cfg)
@@ -156,8 +170,9 @@ def _place(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> 
     return model.to(device=device).eval()
 
 
-def load_scheduler_config(cfg: ModelConfig) -> dict:
-    folder = check_model_folder(cfg)
+def load_scheduler_config(cfg: ModelConfig, simulation: SimulationConfig | None = None) -> dict:
+    # Simulated: no folder; the tiny preset's UniPC flow-matching config is Wan's own scheduler.
+    folder = None if simulation is not None else check_model_folder(cfg)
     if folder is None:
         return tiny.scheduler_config()
     return json.loads((folder / "scheduler" / "scheduler_config.json").read_text())

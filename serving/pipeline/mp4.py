@@ -10,13 +10,20 @@ import numpy as np
 import torch
 
 
-def encode_mp4(frames: torch.Tensor | np.ndarray, fps: int, qp: int = 18) -> bytes:
-    """Encode frames (T, H, W, 3) uint8 RGB as H.264 (yuv420p, playable everywhere)."""
+SIMULATED_TITLE = "SIMULATED ditserve output (no model ran)"
+
+
+def encode_mp4(frames: torch.Tensor | np.ndarray, fps: int, qp: int = 18, simulated_by: str | None = None) -> bytes:
+    """Encode frames (T, H, W, 3) uint8 RGB as H.264 (yuv420p, playable everywhere).
+    `simulated_by` (a cost profile's name) marks the file as simulated in its metadata."""
     array = frames.numpy() if isinstance(frames, torch.Tensor) else np.asarray(frames)
     if array.ndim != 4 or array.shape[-1] != 3 or array.dtype != np.uint8:
         raise ValueError(f"expected uint8 frames of shape (T, H, W, 3), got {array.dtype} {array.shape}")
     buffer = io.BytesIO()
     with av.open(buffer, mode="w", format="mp4") as container:
+        if simulated_by is not None:
+            container.metadata.update({"title": SIMULATED_TITLE,
+                                       "comment": f"simulated: true; cost profile: {simulated_by}"})
         stream = container.add_stream("libx264", rate=Fraction(fps))
         stream.width, stream.height = array.shape[2], array.shape[1]
         stream.pix_fmt = "yuv420p"

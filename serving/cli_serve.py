@@ -1,0 +1,187 @@
+"""`ditserve serve`: the service on a local Ray cluster (or a given one), real or simulated.
+
+With `--simulate PROFILE` the same service runs on simulated accelerators
+(serving/simulate/): a local multi-node Ray cluster whose nodes declare `--gpus` GPUs, every
+model stage waiting its cost profile's time, everything compressed by `--time-scale`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import time
+from pathlib import Path
+
+EXIT_USAGE = 2
+
+
+def add_serve_command(sub) -> None:
+    srv = sub.add_parser("serve", help="start a local Ray cluster and the video service on it")
+    srv.add_argument("--host", help="address to listen on (default from config: 127.0.0.1)")
+    srv.add_argument("--port", type=int, help="HTTP port (default from config: 8000)")
+    srv.add_argument("--address", help="join this Ray cluster instead of starting a local one (e.g. auto)")
+    srv.add_argument("--metrics-port", type=int, default=8080,
+                     help="port of the local cluster's Prometheus endpoint (default 8080)")
+    sim = srv.add_argument_group("simulated accelerators (no model runs; every output says SIMULATED)")
+    sim.add_argument("--simulate", metavar="PROFILE",
+                     help="a cost profile (h100-wan2.1-1.3b, h100-wan2.1-14b, tiny-cpu) or a profile JSON path")
+    sim.add_argument("--gpus", type=int, help="simulated GPUs in the whole cluster (default 8)")
+    sim.add_argument("--nodes", type=int, help="simulated GPU nodes the GPUs are spread over (default 1)")
+    sim.add_argument("--time-scale", type=float, help="compress every time by this factor, >= 1 (default 1)")
+    srv.add_argument("--config", type=Path,
+                     help="YAML config file (DITSERVE_<SECTION>__<KEY> env vars override it)")
+
+
+def with_flags(args: argparse.Namespace, config):
+    """The config with the command line's settings on top (the config model stays the one truth)."""
+    from serving.config import SimulationConfig
+
+    server = config.server.model_copy(update={k: v for k, v in (("host", args.host), ("port", args.port)) if v})
+    update: dict = {"server": server}
+    flags = {"profile": args.simulate, "gpus": args.gpus, "nodes": args.nodes, "time_scale": args.time_scale}
+    given = {k: v for k, v in flags.items() if v is not None}
+    if given:
+        if config.simulation is None and args.simulate is None:
+            raise ValueError(f"--{next(iter(given)).replace('_', '-')} needs --simulate PROFILE")
+        base = config.simulation.model_dump() if config.simulation is not None else {}
+        update["simulation"] = SimulationConfig.model_validate({**base, **given})
+    return config.model_copy(update=update)
+
+
+def serve(args, config) -> int:
+    from pydantic import ValidationError
+
+    from serving.models.loading import ModelFolderError, check_model_folder
+
+    try:
+        config = with_flags(args, config)
+    except (ValueError, ValidationError) as exc:
+        print(f"ditserve serve: error: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_USAGE
+    if config.simulation is not None:
+        return _serve_simulated(args, config)
+    try:
+        check_model_folder(config.model)
+    except ModelFolderError as exc:
+        print(f"ditserve serve: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    _quiet_libraries()
+    import ray
+
+    local = args.address is None
+
+    def start() -> str:
+        # "local" starts a fresh cluster even if another runs on this machine.
+        ray.init(address=args.address or "local", include_dashboard=False, configure_logging=True,
+                 logging_level="WARNING", **({"_metrics_export_port": args.metrics_port} if local else {}))
+        return f"http://127.0.0.1:{args.metrics_port}/metrics" if local else "your cluster's metrics agents"
+
+    return _run(config, start, ray.shutdown, lambda metrics: banner(config, metrics))
+
+
+def _serve_simulated(args, config) -> int:
+    from serving.simulate.cluster import SimulatedCluster, simulated_config
+    from serving.simulate.profile import ProfileError, load_profile
+
+    if args.address is not None:
+        print("ditserve serve: error: --simulate starts its own simulated cluster; drop --address", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        profile = load_profile(config.simulation.profile)
+    except ProfileError as exc:
+        print(f"ditserve serve: error: --simulate: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    config, scale = simulated_config(config, profile)
+    _quiet_libraries()
+    simulation = config.simulation
+    cluster = SimulatedCluster(simulation.gpus, simulation.nodes, args.metrics_port, scale.ray_env)
+
+    def start() -> str:
+        cluster.start()
+        return ", ".join(f"http://127.0.0.1:{port}/metrics" for port in cluster.metrics_ports)
+
+    return _run(config, start, cluster.stop, lambda metrics: banner(config, metrics, profile, scale, cluster))
+
+
+def _run(config, start, stop, make_banner) -> int:
+    from ray import serve
+
+    from serving.app import run
+
+    try:
+        metrics = start()
+        # After ray.init, which installs its own handler: SIGTERM (docker stop, kill, systemd)
+        # takes the same clean path as Ctrl-C.
+        signal.signal(signal.SIGTERM, _raise_interrupt)
+        run(config)
+        print(make_banner(metrics), flush=True)
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        # A second Ctrl-C or SIGTERM must not interrupt the shutdown itself.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        print("\nditserve: shutting down", file=sys.stderr, flush=True)
+    finally:
+        try:
+            serve.shutdown()
+        finally:
+            stop()
+    return 0
+
+
+def _raise_interrupt(*_):
+    raise KeyboardInterrupt
+
+
+def _one_line(exc: Exception) -> str:
+    errors = getattr(exc, "errors", None)
+    if callable(errors):
+        return "; ".join(f"--{'-'.join(str(p) for p in e['loc']).replace('_', '-')}: "
+                         f"{str(e['msg']).removeprefix('Value error, ')}" for e in errors())
+    return str(exc)
+
+
+def _quiet_libraries() -> None:
+    from serving.cli import _quiet_libraries as quiet
+
+    quiet()
+
+
+def banner(config, metrics_url: str, profile=None, scale=None, cluster=None) -> str:
+    url = f"http://{config.server.host}:{config.server.port}"
+    size = "64x64" if profile is None else "832x480"
+    simulated = ""
+    if profile is not None:
+        sim = config.simulation
+        lines = "\n".join(f"    {line}" for line in scale.describe())
+        simulated = f"""
+*** SIMULATED ACCELERATORS: no model runs; every video, /readyz and metric says so ***
+  cost profile: {profile.name} ({profile.device})
+  cluster: {sim.gpus} simulated GPUs on {sim.nodes} nodes (Ray test cluster on this machine)
+  Ray address: {cluster.address} (RAY_TMPDIR={cluster.ray_tmp}; e.g. `ray status --address {cluster.address}`)
+  time scale: {scale.factor:g}x (times here are compressed; multiply by {scale.factor:g} for real seconds)
+  compressed settings:
+{lines}
+"""
+    return f"""{simulated}
+ditserve is serving {config.model.preset!r} at {url}
+  jobs: {config.storage.job_store_url}
+  videos: {config.storage.artifacts_url}
+  Prometheus scrape URL: {metrics_url}
+
+Try it:
+  curl -s {url}/v1/videos -H 'Content-Type: application/json' \\
+       -d '{{"prompt": "a yellow circle moving right", "seconds": "1", "size": "{size}", "seed": 7}}'
+  curl -s {url}/v1/videos/VIDEO_ID                      # poll until "status": "completed"
+  curl -s {url}/v1/videos/VIDEO_ID/content -o circle.mp4
+
+or with the openai SDK:
+  from openai import OpenAI
+  client = OpenAI(base_url="{url}/v1", api_key="unused")
+  video = client.videos.create_and_poll(prompt="a yellow circle moving right", seconds="1", size="{size}")
+  client.videos.download_content(video.id).write_to_file("circle.mp4")
+
+Ctrl-C stops the service.
+"""

@@ -1,0 +1,108 @@
+"""A simulated GPU cluster on this machine, and the service config that runs on it.
+
+`simulated_config` turns the operator's config into the one a simulated run deploys: the
+profile's model preset, every stage asking Ray for GPUs as the prod overlay does
+(deploy/kubernetes/overlays/prod/ditserve.yaml: a whole GPU per Denoiser replica, half a GPU
+per text-encoder and VAE replica) and for a sliver of CPU (the stand-ins sleep; 16+ replicas
+fit on 2 cores), jobs and videos in their own folder (simulated videos never mix with real
+ones), then everything compressed by the time scale (serving/simulate/timescale.py).
+
+`SimulatedCluster` starts Ray's own multi-node-on-one-machine test cluster
+(`ray.cluster_utils.Cluster`): a head node (no GPUs: the Gateway, Director and Serve's
+controller) and `nodes` worker nodes declaring the GPUs between them. Placement, GPU limits
+and pending replicas are Ray's, exactly as on a real cluster. Its sockets and session files
+live in a private RAY_TMPDIR, so no other `ray.init()` on this machine can find and join it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import tempfile
+
+from serving.config import ServiceConfig, StorageConfig
+from serving.simulate.profile import CostProfile
+from serving.simulate.timescale import TimeScale, scale_config
+
+# GPUs per replica when a stage's config asks for none: the prod overlay's shares.
+STAGE_GPUS = {"text_encoder": 0.5, "denoiser": 1.0, "vae_decoder": 0.5}
+STAGE_CPUS = 0.01  # a sleeping stand-in needs none; Ray still counts it
+NODE_CPUS = 1  # logical CPUs each simulated node declares (the Gateway and Director take 0.1 each)
+NODE_OBJECT_STORE_BYTES = 128 * 1024 * 1024  # simulated latents are small (see standins.py)
+SIMULATED_DATA = "ditserve-data/simulated"
+
+
+def simulated_config(config: ServiceConfig, profile: CostProfile) -> tuple[ServiceConfig, TimeScale]:
+    stages = config.stages.model_copy(update={
+        name: getattr(config.stages, name).model_copy(update={
+            "num_gpus": getattr(config.stages, name).num_gpus or STAGE_GPUS[name], "num_cpus": STAGE_CPUS})
+        for name in STAGE_GPUS})
+    defaults = StorageConfig()
+    storage = config.storage.model_copy(update={
+        **({"job_store_url": StorageConfig(job_store_url=f"sqlite:///{SIMULATED_DATA}/jobs.db").job_store_url}
+           if config.storage.job_store_url == defaults.job_store_url else {}),
+        **({"artifacts_url": StorageConfig(artifacts_url=f"{SIMULATED_DATA}/artifacts").artifacts_url}
+           if config.storage.artifacts_url == defaults.artifacts_url else {}),
+    })
+    model = config.model.model_copy(update={"preset": profile.model, "path": None})
+    unscaled = ServiceConfig.model_validate({**config.model_dump(), "model": model.model_dump(),
+                                             "stages": stages.model_dump(), "storage": storage.model_dump()})
+    return scale_config(unscaled)
+
+
+def gpus_per_node(gpus: int, nodes: int) -> list[int]:
+    """Spread evenly: 10 GPUs on 4 nodes -> [3, 3, 2, 2]."""
+    return [gpus // nodes + (1 if i < gpus % nodes else 0) for i in range(nodes)]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class SimulatedCluster:
+    def __init__(self, gpus: int, nodes: int, metrics_port: int, env: dict[str, str]):
+        self.gpus, self.nodes, self.metrics_port, self.env = gpus, nodes, metrics_port, env
+        self.cluster = None
+        self.ray_tmp: str | None = None
+        self.metrics_ports: list[int] = []
+
+    def start(self) -> None:
+        import ray
+        from ray.cluster_utils import Cluster
+
+        self.ray_tmp = tempfile.mkdtemp(prefix="dss-", dir="/tmp")  # short: Ray's socket paths must fit
+        os.environ["RAY_TMPDIR"] = self.ray_tmp
+        os.environ.update(self.env)  # inherited by every raylet and worker started below
+        # All nodes are processes of this machine (on its own address, as Ray's test cluster sets them up).
+        common = dict(num_cpus=NODE_CPUS, object_store_memory=NODE_OBJECT_STORE_BYTES)
+        self.cluster = Cluster(initialize_head=True, head_node_args=dict(
+            common, num_gpus=0, include_dashboard=False, metrics_export_port=self.metrics_port,
+            dashboard_agent_listen_port=_free_port(), gcs_server_port=_free_port()))
+        self.metrics_ports = [self.metrics_port]
+        for gpus in gpus_per_node(self.gpus, self.nodes):
+            port = _free_port()
+            self.cluster.add_node(**common, num_gpus=gpus, metrics_export_port=port,
+                                  dashboard_agent_listen_port=_free_port())
+            self.metrics_ports.append(port)
+        self.cluster.wait_for_nodes()
+        ray.init(address=self.cluster.address, logging_level="WARNING", log_to_driver=False)
+
+    @property
+    def address(self) -> str:
+        return self.cluster.address if self.cluster is not None else ""
+
+    def stop(self) -> None:
+        import ray
+
+        try:
+            ray.shutdown()
+        finally:
+            try:
+                if self.cluster is not None:
+                    self.cluster.shutdown()
+            finally:
+                if self.ray_tmp is not None:
+                    shutil.rmtree(self.ray_tmp, ignore_errors=True)

@@ -1,0 +1,317 @@
+"""Simulated accelerators (serving/simulate/): profiles that reproduce their published figures
+and cite every number, stand-ins that wait without using CPU and return the model's shapes,
+output that always says SIMULATED, the time scale, `bench profile`, and one live
+`ditserve serve --simulate` on a 2-node simulated GPU cluster through the real API."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from serving.config import ServiceConfig, SimulationConfig, load_config
+from serving.cost_model import job_seconds
+from serving.models.presets import PRESETS
+from serving.simulate.profile import CostProfile, ProfileError, load_profile, packaged_profiles
+
+PUBLISHED = ("h100-wan2.1-1.3b", "h100-wan2.1-14b")
+
+
+def sim(profile: str = "h100-wan2.1-1.3b", time_scale: float = 1.0) -> SimulationConfig:
+    return SimulationConfig(profile=profile, time_scale=time_scale)
+
+
+# ---- profiles ----------------------------------------------------------------------------------
+
+
+def test_packaged_profiles_validate_and_every_number_has_a_source():
+    assert set(PUBLISHED) | {"tiny-cpu"} <= set(packaged_profiles())
+    for name in packaged_profiles():
+        profile = load_profile(name)
+        assert profile.unsourced() == [], f"{name}: numbers without a source"
+        assert profile.model in PRESETS
+        assert profile.anchors, f"{name}: no figure to reproduce"
+        for source in profile.sources:
+            assert source.figure and source.where and source.how
+    # Published profiles never pass off a guess as measured.
+    for name in PUBLISHED:
+        kinds = {s.kind for s in load_profile(name).sources}
+        assert "measured" not in kinds and {"published", "estimate"} <= kinds
+
+
+@pytest.mark.parametrize("name", packaged_profiles())
+def test_profiles_reproduce_their_anchor_figures(name):
+    profile = load_profile(name)
+    for anchor in profile.anchors:
+        predicted = profile.predict(anchor)
+        assert abs(predicted - anchor.seconds) <= anchor.tolerance * anchor.seconds, (anchor.name, predicted)
+
+
+def test_the_13b_profile_gives_sglangs_h100_figure_end_to_end():
+    # SGLang: Wan2.1-T2V-1.3B, 832x480, 81 frames, 50 steps, one H100: 47.8 s (within 3 %).
+    profile = load_profile("h100-wan2.1-1.3b")
+    seconds = job_seconds(profile, PRESETS["wan2.1-t2v-1.3b"].geometry, width=832, height=480, num_frames=81,
+                          steps=50, guidance_scale=5.0, text_tokens=512)
+    assert seconds.total == pytest.approx(47.8, rel=0.03)
+    assert seconds.denoiser > 0.85 * seconds.total  # the DiT dominates, as published breakdowns show
+
+
+def test_the_dit_time_model_is_physical():
+    profile = load_profile("h100-wan2.1-14b")
+    small, large = 21 * 30 * 52, 21 * 45 * 80  # 480p and 720p latent tokens
+    one, two = profile.dit_forward_seconds(1, large, 512), profile.dit_forward_seconds(2, large, 512)
+    assert two == pytest.approx(2 * one - profile.denoiser.overhead_s)  # rows add linearly
+    # Attention is quadratic: 2.3x the tokens costs more than 2.3x the time.
+    assert profile.dit_forward_seconds(1, large, 512) / profile.dit_forward_seconds(1, small, 512) > large / small
+
+
+def test_a_bad_profile_is_refused_by_name(tmp_path):
+    with pytest.raises(ProfileError, match="not a packaged one"):
+        load_profile("h100-nonexistent")
+    broken = json.loads((Path(__file__).parent.parent / "serving/simulate/profiles/h100-wan2.1-1.3b.json").read_text())
+    broken["denoiser"]["per_token_s"] = -1
+    (tmp_path / "bad.json").write_text(json.dumps(broken))
+    with pytest.raises(ProfileError, match="per_token_s"):
+        load_profile(tmp_path / "bad.json")
+
+
+# ---- stand-ins ---------------------------------------------------------------------------------
+
+
+def _cpu_and_wall(call):
+    cpu, wall = time.process_time(), time.perf_counter()
+    result = call()
+    return result, time.process_time() - cpu, time.perf_counter() - wall
+
+
+def test_simulated_dit_waits_the_scaled_profile_time_without_cpu():
+    from serving.models.loading import load_transformer
+
+    config = ServiceConfig(simulation=sim(time_scale=2.0)).model_copy()
+    model_cfg = config.model.model_copy(update={"preset": "wan2.1-t2v-1.3b"})
+    started = time.perf_counter()
+    transformer = load_transformer(model_cfg, config.simulation)
+    profile = load_profile("h100-wan2.1-1.3b")
+    # The replica paid its cold start (11.2 s / 2).
+    assert time.perf_counter() - started >= profile.startup_seconds("denoiser") / 2 * 0.95
+    assert transformer.simulated
+    latents = torch.zeros(2, transformer.config.in_channels, 21, 60, 104)
+    out, cpu, wall = _cpu_and_wall(lambda: transformer(
+        hidden_states=latents, timestep=torch.tensor([500, 500]), encoder_hidden_states=torch.zeros(2, 512, 8),
+        return_dict=False)[0])
+    expected = profile.dit_forward_seconds(2, 21 * 30 * 52, 512) / 2
+    assert out.shape == latents.shape
+    assert wall == pytest.approx(expected, rel=0.15, abs=0.03)
+    assert cpu < 0.1 * wall  # slept, never spun
+
+
+def test_simulated_stages_keep_the_models_interface_and_shapes():
+    from serving.models.loading import load_scheduler_config, load_text_encoder, load_vae
+    from serving.pipeline.decode import decode
+    from serving.pipeline.encode import encode_text
+    from serving.pipeline.denoise import denoise_batch_step, start_denoise
+    from serving.pipeline.spec import build_spec
+    from serving.config import GenerationConfig
+    from serving.models.loading import load_transformer
+
+    simulation = sim(time_scale=1000.0)
+    model_cfg = ServiceConfig().model.model_copy(update={"preset": "wan2.1-t2v-1.3b"})
+    text = load_text_encoder(model_cfg, simulation)
+    transformer = load_transformer(model_cfg, simulation)
+    vae = load_vae(model_cfg, simulation)
+    embeds = encode_text(text.tokenizer, text.model, ["a cat", "blurry"], 512)
+    assert embeds.shape[:2] == (2, 512)
+    preset = PRESETS["wan2.1-t2v-1.3b"]
+    spec = build_spec(preset, GenerationConfig(), "a cat", seed=1)
+    state = start_denoise(spec, load_scheduler_config(model_cfg, simulation), transformer.config.in_channels,
+                          preset.geometry)
+    assert tuple(state.latents.shape[2:]) == (21, 60, 104)  # real frames, height, width: real cost and batch key
+    denoise_batch_step(transformer, [state], [embeds[:1]], [embeds[1:]])  # the engine's own call
+    assert state.step == 1
+    frames, cpu, wall = _cpu_and_wall(lambda: decode(vae, state.latents))
+    assert frames.dtype == torch.uint8 and frames.shape[0] == 21 and frames.shape[-1] == 3
+    assert frames.shape[2] <= 128  # a small preview, not 832 pixels wide
+    assert cpu < 0.5
+
+
+def test_simulated_mp4_is_valid_and_says_simulated():
+    import av
+
+    from serving.pipeline.mp4 import encode_mp4
+    from serving.simulate.standins import preview_clip
+
+    clip = preview_clip(21, 832, 480)
+    frames = ((clip[0].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0)
+    data = encode_mp4(frames, 16, simulated_by="h100-wan2.1-1.3b")
+    with av.open(io.BytesIO(data)) as container:
+        assert "SIMULATED" in container.metadata["title"]
+        assert "h100-wan2.1-1.3b" in container.metadata["comment"]
+        decoded = list(container.decode(video=0))
+    assert len(decoded) == 21 and decoded[0].width == 128
+    with av.open(io.BytesIO(encode_mp4(frames, 16))) as container:  # real output carries no such claim
+        assert "SIMULATED" not in container.metadata.get("title", "")
+
+
+def test_video_object_and_readyz_carry_the_flag(tmp_path):
+    from fastapi.testclient import TestClient
+
+    from serving.api.app import create_api
+    from serving.jobs.videos import VideoJobs
+
+    env = {"DITSERVE_STORAGE__JOB_STORE_URL": f"sqlite:///{tmp_path}/jobs.db",
+           "DITSERVE_STORAGE__ARTIFACTS_URL": str(tmp_path / "artifacts"),
+           "DITSERVE_ADMISSION__MAX_QUEUE_WAIT_SECONDS": "null"}
+    real = load_config(None, environ=env)
+    simulated = load_config(None, environ={**env, "DITSERVE_SIMULATION__PROFILE": "h100-wan2.1-1.3b",
+                                           "DITSERVE_SIMULATION__TIME_SCALE": "50"})
+    answers = {}
+    for label, config in (("real", real), ("simulated", simulated)):
+        with TestClient(create_api(config, VideoJobs(config))) as client:
+            video = client.post("/v1/videos", json={"prompt": "a cat", "size": "64x64", "seconds": "1"}).json()
+            answers[label] = (video, client.get(f"/v1/videos/{video['id']}").json(),
+                              client.get("/v1/videos").json()["data"][0], client.get("/readyz").json())
+    created, fetched, listed, ready = answers["simulated"]
+    assert created["simulated"] is fetched["simulated"] is listed["simulated"] is True
+    assert ready["simulated"]["profile"] == "h100-wan2.1-1.3b" and ready["simulated"]["time_scale"] == 50
+    created, fetched, listed, ready = answers["real"]
+    assert created["simulated"] is fetched["simulated"] is listed["simulated"] is False
+    assert ready["simulated"] is False
+
+
+# ---- time scale and the simulated config ------------------------------------------------------
+
+
+def test_time_scale_compresses_every_period_and_target_alike():
+    from serving.simulate.cluster import simulated_config
+
+    config = load_config(None, environ={
+        "DITSERVE_SIMULATION__PROFILE": "h100-wan2.1-1.3b", "DITSERVE_SIMULATION__TIME_SCALE": "20",
+        "DITSERVE_STAGES__DENOISER__AUTOSCALING__MAX_REPLICAS": "16",
+        "DITSERVE_STAGES__VAE_DECODER__TIMEOUT_SECONDS": "200"})
+    scaled, scale = simulated_config(config, load_profile("h100-wan2.1-1.3b"))
+    auto = scaled.stages.denoiser.autoscaling
+    assert (auto.target_queue_wait_seconds, auto.upscale_delay_s, auto.downscale_delay_s, auto.look_back_period_s) \
+        == (30 / 20, 5 / 20, 60 / 20, 10 / 20)
+    assert scaled.stages.vae_decoder.timeout_seconds == 10
+    assert scaled.admission.max_queue_wait_seconds == 30
+    assert scaled.auth.requests_per_minute == 600 * 20
+    assert scaled.server.lease_seconds == 3.0 and any(c.floored for c in scale.changes)  # floors are reported
+    assert scaled.generation.max_seconds == config.generation.max_seconds  # video length is not time of the service
+    assert scale.ray_env["RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S"] == "0.5"
+    assert scale.uncompressed(1.5) == 30
+    # Stages ask for GPUs as the prod overlay does, and for almost no CPU.
+    assert (scaled.stages.denoiser.num_gpus, scaled.stages.text_encoder.num_gpus) == (1.0, 0.5)
+    assert scaled.stages.denoiser.num_cpus <= 0.01
+    assert scaled.model.preset == "wan2.1-t2v-1.3b" and "simulated" in scaled.storage.artifacts_url
+
+
+def test_simulation_config_and_flags_refuse_nonsense():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="time_scale"):
+        SimulationConfig(profile="h100-wan2.1-1.3b", time_scale=0.5)
+    with pytest.raises(ValidationError, match="every node needs a GPU"):
+        SimulationConfig(profile="h100-wan2.1-1.3b", gpus=2, nodes=3)
+    bad = subprocess.run([sys.executable, "-m", "serving.cli", "serve", "--gpus", "4"], capture_output=True,
+                         text=True, timeout=60)
+    assert bad.returncode == 2 and "--gpus needs --simulate" in bad.stderr
+    bad = subprocess.run([sys.executable, "-m", "serving.cli", "serve", "--simulate", "nope"], capture_output=True,
+                         text=True, timeout=60)
+    assert bad.returncode == 2 and "no cost profile 'nope'" in bad.stderr
+
+
+def test_bench_profile_on_tiny_writes_a_loadable_profile(tmp_path):
+    from serving.bench.profile import measure
+
+    profile = measure(ServiceConfig(), repeats=1, name="tiny-test", log=lambda _: None, size_factors=(1,),
+                      frame_factors=(1, 2), prompt_counts=(1, 2))
+    path = tmp_path / "tiny-test.json"
+    path.write_text(profile.model_dump_json(indent=2))
+    loaded = load_profile(path)
+    assert loaded.name == "tiny-test" and loaded.model == "tiny" and loaded.unsourced() == []
+    assert all(s.kind == "measured" and "measured by ditserve bench profile on" in s.where for s in loaded.sources)
+    assert loaded.dit_forward_seconds(2, 80, 128) > 0 and loaded.startup_seconds("denoiser") > 0
+
+
+# ---- live: the real service on a simulated 2-node, 4-GPU cluster --------------------------------
+
+
+def test_serve_simulate_runs_a_job_through_the_real_api(tmp_path):
+    import requests
+
+    from tests.conftest import _free_port, wait_ready
+
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(DITSERVE_STORAGE__JOB_STORE_URL=f"sqlite:///{tmp_path}/jobs.db",
+               DITSERVE_STORAGE__ARTIFACTS_URL=str(tmp_path / "artifacts"))
+    root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    # Its own process group: nothing it starts (raylets, workers) outlives the test.
+    process = subprocess.Popen(
+        [sys.executable, "-m", "serving.cli", "serve", "--simulate", "h100-wan2.1-1.3b", "--gpus", "4", "--nodes",
+         "2", "--time-scale", "50", "--port", str(port), "--metrics-port", str(_free_port())],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url, timeout=300, process=process)
+        ready = requests.get(f"{url}/readyz", timeout=10).json()
+        assert ready["simulated"] == {"profile": "h100-wan2.1-1.3b", "time_scale": 50.0, "gpus": 4, "nodes": 2}
+        video = requests.post(f"{url}/v1/videos", json={"prompt": "a red circle", "seed": 3}, timeout=30).json()
+        assert video["simulated"] is True and video["size"] == "832x480"
+        deadline = time.monotonic() + 120
+        while video["status"] not in ("completed", "failed"):
+            assert time.monotonic() < deadline, video
+            time.sleep(0.5)
+            video = requests.get(f"{url}/v1/videos/{video['id']}", timeout=10).json()
+        assert video["status"] == "completed" and video["simulated"] is True
+        stamps = video["timestamps"]
+        # 50 steps at 0.86 s each / 50: the denoise took at least the profile's compressed time.
+        assert stamps["denoiser_finished_at"] - stamps["denoiser_started_at"] >= 0.9 * 50 * 0.862 / 50
+        content = requests.get(f"{url}/v1/videos/{video['id']}/content", timeout=30)
+        assert content.status_code == 200
+        import av
+
+        with av.open(io.BytesIO(content.content)) as container:
+            assert "SIMULATED" in container.metadata["title"]
+        # Ray's view of the cluster, from outside (its address is in the banner): the declared
+        # GPUs, and the replicas holding theirs (1 Denoiser x 1 + encoder and decoder x 0.5).
+        banner = _read_banner(process)
+        address = next(line.split("Ray address: ")[1].split()[0] for line in banner if "Ray address: " in line)
+        probe = subprocess.run([sys.executable, "-c", (
+            "import json, ray; ray.init(address=%r, logging_level='ERROR', log_to_driver=False); "
+            "print(json.dumps([ray.cluster_resources().get('GPU'), ray.available_resources().get('GPU', 0.0), "
+            "len([n for n in ray.nodes() if n['Alive']])]))") % address],
+            capture_output=True, text=True, timeout=120, env={**env, "RAY_TMPDIR": str(tmp_path / "probe")})
+        total, available, nodes = json.loads(probe.stdout.strip().splitlines()[-1])
+        assert (total, nodes) == (4.0, 3)  # 2 GPU nodes + the head
+        assert available == pytest.approx(2.0)
+    finally:
+        process.send_signal(signal.SIGINT)  # the clean path: Serve, then the simulated cluster, shut down
+        try:
+            process.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=30)
+        try:  # whatever of its process group is left (a raylet that ignored the shutdown)
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _read_banner(process) -> list[str]:
+    """The lines `ditserve serve` printed up to its banner's end."""
+    lines = []
+    for line in process.stdout:
+        lines.append(line)
+        if "Ctrl-C stops the service." in line:
+            return lines
+    return lines
