@@ -157,6 +157,32 @@ class MeasuredCost:
         return spec_seconds(self, geometry, spec)
 
 
-def base_cost_model(preset: Preset) -> CostModel:
-    """The model estimates start from before anything is measured."""
+class Compressed:
+    """A cost model whose every time is divided by a simulation's time scale: what simulated
+    stages really wait (serving/simulate/), so estimates and measurements agree."""
+
+    def __init__(self, model: CostModel, time_scale: float):
+        self.model, self.time_scale = model, time_scale
+
+    def text_encode_seconds(self, prompts: int, tokens: int) -> float:
+        return self.model.text_encode_seconds(prompts, tokens) / self.time_scale
+
+    def dit_forward_seconds(self, rows: int, latent_tokens: int, text_tokens: int) -> float:
+        return self.model.dit_forward_seconds(rows, latent_tokens, text_tokens) / self.time_scale
+
+    def vae_decode_seconds(self, frames: int, width: int, height: int) -> float:
+        return self.model.vae_decode_seconds(frames, width, height) / self.time_scale
+
+    def startup_seconds(self, stage: str) -> float:
+        return self.model.startup_seconds(stage) / self.time_scale
+
+
+def base_cost_model(preset: Preset, simulation=None) -> CostModel:
+    """The model estimates start from before anything is measured: the simulation's cost
+    profile when the stages are simulated (it is exactly what they will take), else the
+    preset's prior."""
+    if simulation is not None:
+        from serving.simulate.profile import load_profile
+
+        return Compressed(load_profile(simulation.profile), simulation.time_scale)
     return PresetPrior(preset)

@@ -195,6 +195,7 @@ def test_time_scale_compresses_every_period_and_target_alike():
     config = load_config(None, environ={
         "DITSERVE_SIMULATION__PROFILE": "h100-wan2.1-1.3b", "DITSERVE_SIMULATION__TIME_SCALE": "20",
         "DITSERVE_STAGES__DENOISER__AUTOSCALING__MAX_REPLICAS": "16",
+        "DITSERVE_SERVER__MAX_RUNNING_JOBS": "80",  # enough to feed 16 Denoisers' batches (a config rule)
         "DITSERVE_STAGES__VAE_DECODER__TIMEOUT_SECONDS": "200"})
     scaled, scale = simulated_config(config, load_profile("h100-wan2.1-1.3b"))
     auto = scaled.stages.denoiser.autoscaling
@@ -315,3 +316,23 @@ def _read_banner(process) -> list[str]:
         if "Ctrl-C stops the service." in line:
             return lines
     return lines
+
+
+def test_estimates_under_simulation_start_from_the_profile_the_stages_wait():
+    """Admission and wait estimates price a simulated job at what its stand-ins will sleep:
+    the profile's seconds, compressed by the time scale, not the preset's CPU prior."""
+    from serving.config import SimulationConfig
+    from serving.cost_model import job_seconds
+    from serving.measured_cost import base_cost_model
+    from serving.models.presets import PRESETS
+    from serving.simulate.profile import load_profile
+
+    preset = PRESETS["wan2.1-t2v-1.3b"]
+    shape = dict(width=832, height=480, num_frames=81, steps=50, guidance_scale=5.0, text_tokens=512)
+    profile = job_seconds(load_profile("h100-wan2.1-1.3b"), preset.geometry, **shape)
+    simulated = job_seconds(base_cost_model(preset, SimulationConfig(profile="h100-wan2.1-1.3b", time_scale=50)),
+                            preset.geometry, **shape)
+    assert abs(simulated.total * 50 - profile.total) < 1e-6 * profile.total
+    assert abs(simulated.denoiser * 50 - profile.denoiser) < 1e-6 * profile.denoiser
+    prior = job_seconds(base_cost_model(preset), preset.geometry, **shape)
+    assert prior.total != simulated.total
