@@ -163,6 +163,9 @@ class ServerConfig(_Section):
         "replica busy at max scale (checked).")
     lease_seconds: float = Field(default=30.0, gt=0, description="A job whose driver is silent this long is taken over.")
     director_poll_seconds: float = Field(default=1.0, gt=0)
+    progress_write_seconds: float = Field(
+        default=0.5, ge=0, description="Least time between two progress writes of one denoising job (stage "
+        "changes and checkpoints are written at once); 0 writes every step.")
     max_job_attempts: int = Field(
         default=5, ge=1, description="Tries of one job (each resumes from its checkpoint) before it fails: a "
         "stage that hung or died, or a storage or database outage, costs a try.")

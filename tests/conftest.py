@@ -33,6 +33,55 @@ def tiny_pipeline(tiny_config):
     return LocalPipeline(tiny_config)
 
 
+# ---- PostgreSQL (started by .ci/postgres.sh; CI always has it) ----------------------------
+
+POSTGRES_ENV = "DITSERVE_TEST_POSTGRES_URL"
+
+
+def postgres_url(purpose: str) -> str:
+    """The test server's URL; without one skip the test (fail in CI, which must start it)."""
+    url = os.environ.get(POSTGRES_ENV)
+    if not url:
+        if os.environ.get("CI"):
+            pytest.fail(f"{POSTGRES_ENV} is not set: .ci/run must start PostgreSQL")
+        pytest.skip(f"set {POSTGRES_ENV} (see .ci/postgres.sh) to test {purpose}")
+    return url
+
+
+class PostgresOutage:
+    """A database of its own on the test server that can be taken away: `down()` refuses new
+    connections and ends every open one (a failover, as clients see it), `up()` ends it."""
+
+    def __init__(self, purpose: str):
+        import uuid
+
+        import sqlalchemy as sa
+
+        admin_url = postgres_url(purpose)
+        self.name = f"ditserve_outage_{uuid.uuid4().hex[:8]}"
+        self.url = admin_url.rsplit("/", 1)[0] + f"/{self.name}"
+        self._admin = sa.create_engine(admin_url, isolation_level="AUTOCOMMIT")
+        self._sql(f"CREATE DATABASE {self.name}")
+
+    def _sql(self, statement: str, **params) -> None:
+        import sqlalchemy as sa
+
+        with self._admin.connect() as conn:
+            conn.execute(sa.text(statement), params)
+
+    def down(self) -> None:
+        self._sql(f"ALTER DATABASE {self.name} ALLOW_CONNECTIONS false")
+        self._sql("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :db", db=self.name)
+
+    def up(self) -> None:
+        self._sql(f"ALTER DATABASE {self.name} ALLOW_CONNECTIONS true")
+
+    def drop(self) -> None:
+        self.up()
+        self._sql(f"DROP DATABASE {self.name} WITH (FORCE)")
+        self._admin.dispose()
+
+
 # ---- the live service: one local Ray cluster and one app for the whole test session ------
 
 

@@ -5,12 +5,12 @@ the live service comparing each job's estimated start with its actual one."""
 
 from __future__ import annotations
 
-import os
 import time
 
 import pytest
 import requests
 
+from conftest import postgres_url
 from live_api import config_for, live_api
 from serving.admission import (NO_WORK, Capacity, WaitEstimate, WorkInFlight, cost_uncosted_jobs, estimate_errors,
                                stage_dict)
@@ -142,19 +142,11 @@ def test_estimate_errors_are_reported_against_the_actual_start():
 # ---- the job store: costs stored at submit, queues summed in seconds ---------------------------
 
 
-POSTGRES_ENV = "DITSERVE_TEST_POSTGRES_URL"
-
-
 @pytest.fixture(params=["sqlite", "postgres"])
 def jobs(request, tmp_path):
     env = {}
     if request.param == "postgres":
-        url = os.environ.get(POSTGRES_ENV)
-        if not url:
-            if os.environ.get("CI"):
-                pytest.fail(f"{POSTGRES_ENV} is not set: .ci/run must start PostgreSQL")
-            pytest.skip(f"set {POSTGRES_ENV} (see .ci/postgres.sh) to test the Postgres job store")
-        env["storage__job_store_url"] = url
+        env["storage__job_store_url"] = postgres_url("the Postgres job store")
     videos = VideoJobs(config_for(tmp_path, **env))
     if request.param == "postgres":
         metadata.drop_all(videos.store.engine)  # a clean table per test on the shared server

@@ -6,7 +6,6 @@ own polling never trips, and the API docs closed while auth is on."""
 
 from __future__ import annotations
 
-import os
 import socket
 import threading
 import uuid
@@ -15,13 +14,13 @@ import openai
 import pytest
 import requests
 
+from conftest import postgres_url
 from live_api import config_for, live_api
 from serving.auth import key_digest
 from serving.jobs.store import jobs as jobs_table
 
 KEYS = {"alpha": "dsk-alpha-limits-0001", "boss": "dsk-boss-limits-0002", "tight": "dsk-tight-limits-0003",
         "t" * 64: "dsk-long-name-limits-0004"}
-POSTGRES_ENV = "DITSERVE_TEST_POSTGRES_URL"
 
 
 def auth_env(**extra: str) -> dict[str, str]:
@@ -167,12 +166,7 @@ def test_a_form_field_of_more_digits_than_python_converts_is_400(open_api):
 def store_url(request, tmp_path):
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path}/jobs.db"
-    url = os.environ.get(POSTGRES_ENV)
-    if not url:
-        if os.environ.get("CI"):
-            pytest.fail(f"{POSTGRES_ENV} is not set: .ci/run must start PostgreSQL")
-        pytest.skip(f"set {POSTGRES_ENV} (see .ci/postgres.sh) to test on Postgres")
-    return url
+    return postgres_url("on Postgres")
 
 
 def test_the_longest_idempotency_key_of_the_longest_key_name_fits(tmp_path, store_url):

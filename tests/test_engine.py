@@ -216,3 +216,14 @@ def test_a_later_attempt_of_a_job_ends_the_earlier_one_still_denoising(tiny_pipe
     kinds, still_running, active = asyncio.run(scenario())
     assert kinds[-1] == "failed" and "finished" not in kinds
     assert still_running and active == set()
+
+
+def test_progress_is_written_at_most_once_per_interval_and_always_at_the_last_step():
+    from serving.deployments.driving import ProgressWrites
+
+    writes = ProgressWrites(every_seconds=0.5)
+    # 100 steps of 0.01 s: the first, one per half second, and the last.
+    due = [step for step in range(1, 101) if writes.due(step, 100, now=step * 0.01)]
+    assert due == [1, 51, 100]
+    every_step = ProgressWrites(every_seconds=0)
+    assert all(every_step.due(step, 10, now=0.0) for step in range(1, 11))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -11,20 +10,14 @@ import pytest
 from serving.jobs.records import JobRecord, JobStatus, Stage, new_job_id
 from serving.jobs.store import IdempotencyConflict, JobStore, LeaseLost, metadata
 
-POSTGRES_ENV = "DITSERVE_TEST_POSTGRES_URL"
-
+from conftest import PostgresOutage, postgres_url
 
 @pytest.fixture(params=["sqlite", "postgres"])
 def store(request, tmp_path):
     if request.param == "sqlite":
         store = JobStore(f"sqlite:///{tmp_path}/jobs.db")
     else:
-        url = os.environ.get(POSTGRES_ENV)
-        if not url:
-            if os.environ.get("CI"):
-                pytest.fail(f"{POSTGRES_ENV} is not set: .ci/run must start PostgreSQL")
-            pytest.skip(f"set {POSTGRES_ENV} (see .ci/postgres.sh) to test the Postgres job store")
-        store = JobStore(url)
+        store = JobStore(postgres_url("the Postgres job store"))
         metadata.drop_all(store.engine)  # a clean table per test on the shared server
         metadata.create_all(store.engine)
     yield store
@@ -227,42 +220,18 @@ def test_transient_errors_are_recognised():
     assert not is_transient(ValueError("bad spec"))
 
 
-def _postgres_admin_url() -> str:
-    url = os.environ.get(POSTGRES_ENV)
-    if not url:
-        if os.environ.get("CI"):
-            pytest.fail(f"{POSTGRES_ENV} is not set: .ci/run must start PostgreSQL")
-        pytest.skip(f"set {POSTGRES_ENV} (see .ci/postgres.sh) to test a Postgres outage")
-    return url
-
-
 def test_a_postgres_outage_shorter_than_the_retry_window_loses_no_write():
     """The database refuses connections and drops every open one for ~1.5 s (a failover): the
     store's writes wait it out instead of failing the job."""
     import threading
-    import uuid
 
-    import sqlalchemy as sa
-
-    admin_url = _postgres_admin_url()
-    name = f"ditserve_outage_{uuid.uuid4().hex[:8]}"
-    admin = sa.create_engine(admin_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(sa.text(f"CREATE DATABASE {name}"))
-    store = JobStore(admin_url.rsplit("/", 1)[0] + f"/{name}")
+    outage = PostgresOutage("a Postgres outage")
+    store = JobStore(outage.url)
     try:
         record, _ = store.create(job())
         store.claim("d", 30, 1)
-
-        def set_allowed(allowed: bool) -> None:
-            with admin.connect() as conn:
-                conn.execute(sa.text(f"ALTER DATABASE {name} ALLOW_CONNECTIONS {str(allowed).lower()}"))
-                if not allowed:
-                    conn.execute(sa.text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                                         "WHERE datname = :db"), {"db": name})
-
-        set_allowed(False)
-        threading.Timer(1.5, set_allowed, args=(True,)).start()
+        outage.down()
+        threading.Timer(1.5, outage.up).start()
         started = time.monotonic()
         written = store.stamp(record.id, "d", ["denoiser_started_at"], status=JobStatus.IN_PROGRESS,
                               stage=Stage.DENOISER, step=3)
@@ -271,10 +240,7 @@ def test_a_postgres_outage_shorter_than_the_retry_window_loses_no_write():
         assert store.create(job())[1]  # a new job is accepted once the database is back
     finally:
         store.close()
-        with admin.connect() as conn:
-            conn.execute(sa.text(f"ALTER DATABASE {name} ALLOW_CONNECTIONS true"))
-            conn.execute(sa.text(f"DROP DATABASE {name} WITH (FORCE)"))
-        admin.dispose()
+        outage.drop()
 
 
 def test_a_retried_write_whose_first_try_committed_is_not_mistaken_for_a_lost_lease(store):

@@ -48,6 +48,24 @@ class RetryLater(Exception):
         self.reason = reason
 
 
+class ProgressWrites:
+    """When a denoise step's progress is worth a database write. Progress is for people and
+    pollers: one write per `every_seconds` (and the last step) shows it as well as one per
+    step, and at cluster scale the per-step writes were the Director's own bottleneck (N jobs
+    x steps per second, each an UPDATE and a read). Stage changes and checkpoints are always
+    written at once; a cancel is seen at the next write."""
+
+    def __init__(self, every_seconds: float):
+        self.every = every_seconds
+        self.last: float | None = None
+
+    def due(self, step: int, total: int, now: float) -> bool:
+        if step >= total or self.last is None or now - self.last >= self.every:
+            self.last = now
+            return True
+        return False
+
+
 class JobDriving:
     """The per-job half of the Director (mixed into it)."""
 
@@ -172,6 +190,7 @@ class JobDriving:
         accepted = False
         last_step_at = None
         shape = step_shape(self.geometry, spec)
+        progress_writes = ProgressWrites(self.config.server.progress_write_seconds)
         try:
             while True:
                 # Before a replica takes the call it waits in Serve's router, bounded by Serve's
@@ -202,8 +221,9 @@ class JobDriving:
                     if share:
                         self._measured(Stage.DENOISER, share, lambda s: self.cost.observe_step(shape, s))
                     self.in_flight.stepped(job.id, total - step)
-                    job = await self._write(job.id, step=step, total_steps=total,
-                                            progress=start + (end - start) * step // total)
+                    if progress_writes.due(step, total, now):
+                        job = await self._write(job.id, step=step, total_steps=total,
+                                                progress=start + (end - start) * step // total)
                 self._check_cancel(job)
         finally:
             if latents is None:
