@@ -4,7 +4,9 @@ GPU-hours it cost.
 Every `period_s` the sampler reads every node's endpoint (the simulated cluster prints them
 all) and records, per stage, Serve's healthy replicas (`ray_serve_deployment_replica_healthy`)
 and its autoscaler's target (`ray_serve_autoscaling_target_replicas`), and the GPUs Ray has
-handed out (`ray_resources{Name="GPU", State="USED"}`, summed over nodes).
+handed out (`ray_resources{Name="GPU", State="USED"}`, summed over nodes). Ray exports every 10 s, so
+the timeline lags the cluster by up to that (x the time scale); the integral barely moves,
+as up and down edges lag alike.
 
 GPU-hours integrate the GPUs Ray has handed out, not healthy replicas x GPUs per replica: a
 replica holds its GPU from placement, through its start-up (weights loading) until it is
@@ -15,15 +17,18 @@ missing, healthy replicas x the stage's GPUs per replica stand in (and the summa
 
 from __future__ import annotations
 
+import csv
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from serving.simulate.cluster import STAGE_GPUS
 
+GAUGES = ("ray_serve_deployment_replica_healthy", "ray_serve_autoscaling_target_replicas", "ray_resources")
 DEPLOYMENTS = {"TextEncoder": "text_encoder", "Denoiser": "denoiser", "VAEDecoder": "vae_decoder"}
 APPLICATION = "ditserve"
 
@@ -49,7 +54,9 @@ def read_sample(metrics_urls: list[str]) -> Sample:
             text = requests.get(url, timeout=5).text
         except requests.RequestException:
             continue
-        for family in text_string_to_metric_families(text):
+        # Only the three gauges' lines: a node's endpoint holds thousands, and this runs every second.
+        wanted = "\n".join(line for line in text.splitlines() if line.startswith(GAUGES)) + "\n"
+        for family in text_string_to_metric_families(wanted):
             if family.name in ("ray_serve_deployment_replica_healthy", "ray_serve_autoscaling_target_replicas"):
                 into = sample.healthy if family.name.endswith("healthy") else sample.target
                 for s in family.samples:
@@ -86,8 +93,19 @@ class ClusterSampler:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.samples.append(read_sample(self.metrics_urls))
+            self.samples.append(carried(read_sample(self.metrics_urls), self.latest()))
             self._stop.wait(self.period_s)
+
+
+def carried(sample: Sample, previous: Sample | None) -> Sample:
+    """Ray's agents export a gauge only in the periods it was set, so a series can be missing
+    from one scrape: what was last seen still holds."""
+    if previous is not None:
+        sample.healthy = {**previous.healthy, **sample.healthy}
+        sample.target = {**previous.target, **sample.target}
+        if sample.gpus_used is None:
+            sample.gpus_used = previous.gpus_used
+    return sample
 
 
 def gpu_seconds(samples: list[Sample], start: float, end: float) -> float:
@@ -104,3 +122,14 @@ def gpu_seconds(samples: list[Sample], start: float, end: float) -> float:
 
 def uses_ray_accounting(samples: list[Sample]) -> bool:
     return any(s.gpus_used is not None for s in samples)
+
+
+def write_timeline(samples: list[Sample], started_at: float, time_scale: float, path: Path) -> None:
+    """One row per sample: uncompressed seconds since the first arrival, replicas per stage, GPUs held."""
+    stages = tuple(DEPLOYMENTS.values())
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["seconds", *(f"{s}_healthy" for s in stages), *(f"{s}_target" for s in stages), "gpus_held"])
+        for s in samples:
+            writer.writerow([round((s.at - started_at) * time_scale, 1), *(s.healthy.get(n, "") for n in stages),
+                             *(s.target.get(n, "") for n in stages), s.gpus_held])

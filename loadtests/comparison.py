@@ -244,6 +244,7 @@ def plot(out: Path, summaries: dict[str, dict], logs: dict[str, JobLog], samples
     load.set_ylabel("arrival rate (x base)", color="grey")
     load.set_ylim(0, 8)
     axis.set_yscale("symlog", linthresh=10)
+    axis.set_ylim(bottom=0)
     axis.set_xlabel("minutes since the first arrival, job submitted (uncompressed)")
     axis.set_ylabel("queue wait before denoising (s)")
     axis.legend(loc="upper left", fontsize=8)

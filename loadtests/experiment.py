@@ -25,10 +25,10 @@ import yaml
 from serving.simulate.profile import load_profile
 
 from loadtests.arrivals import schedule
-from loadtests.cluster_metrics import ClusterSampler
+from loadtests.cluster_metrics import ClusterSampler, write_timeline
 from loadtests.comparison import summarize_arm, write_comparison, write_summary
 from loadtests.plan import ARM_NAMES, Arm, Plan, plan as make_plan
-from loadtests.prometheus import Prometheus, binary as prometheus_binary
+from loadtests.prometheus import REPLICA_STARTUP_P50_MS, Prometheus, binary as prometheus_binary
 from loadtests.replay import Replay
 from loadtests.report import JobLog, write_jobs_csv
 from loadtests.simulated_service import SimulatedService, free_port
@@ -36,7 +36,7 @@ from loadtests.simulated_service import SimulatedService, free_port
 SAMPLE_EVERY_S = 1.0  # wall seconds between replica samples (and Prometheus scrapes)
 READY_TIMEOUT_S = 300  # for an arm's initial replicas to be healthy
 DRAIN_TIMEOUT_UNCOMPRESSED_S = 1800  # accepted jobs must end within this after the last arrival
-SETTLE_UNCOMPRESSED_S = 300  # an autoscaling arm's stages must be back at their minimum within this
+SETTLE_UNCOMPRESSED_S = 600  # an autoscaling arm's stages must be back at their minimum within this
 
 
 def log_line(text: str) -> None:
@@ -76,7 +76,8 @@ def run_arm(arm: Arm, plan: Plan, folder: Path, offsets: list[float], *, profile
             minutes: float, time_scale: float, slo_s: float, with_prometheus: bool, note: str):
     config = folder / "config.yaml"
     config.write_text(f"# {arm.name}: written by `ditserve loadtest experiment` (times uncompressed)\n"
-                      + yaml.safe_dump(arm.config(str((folder / "data").resolve())), sort_keys=False))
+                      + yaml.safe_dump(arm.config(str((folder / "data").resolve()), load_profile(profile)),
+                                       sort_keys=False))
     service = SimulatedService(folder, config, profile, gpus, nodes, time_scale)
     prometheus = sampler = None
     try:
@@ -87,8 +88,9 @@ def run_arm(arm: Arm, plan: Plan, folder: Path, offsets: list[float], *, profile
         if with_prometheus:
             prometheus = Prometheus(folder / "prometheus", service.metrics_urls, SAMPLE_EVERY_S, free_port())
             prometheus.start()
-        _wait_for(sampler, lambda healthy: all(healthy.get(s, 0) >= n for s, n in arm.replicas.items()),
-                  READY_TIMEOUT_S, f"{arm.name}: replicas {arm.replicas} healthy")
+        if not _wait_for(sampler, lambda healthy: all(healthy.get(s, 0) >= n for s, n in arm.replicas.items()),
+                         READY_TIMEOUT_S, f"{arm.name}: replicas {arm.replicas} healthy"):
+            raise RuntimeError(f"{arm.name}: its replicas never all started; see {folder}/serve.log")
         log = JobLog(started_at=time.time())
         replay = Replay(service.url, plan.job.body, log, poll_s=max(0.5, 10.0 / time_scale))
         replay.run([t / time_scale for t in offsets], DRAIN_TIMEOUT_UNCOMPRESSED_S / time_scale)
@@ -100,13 +102,19 @@ def run_arm(arm: Arm, plan: Plan, folder: Path, offsets: list[float], *, profile
             settled = _wait_for(sampler, lambda healthy: all(healthy.get(s, 0) <= n for s, n in arm.replicas.items()),
                                 SETTLE_UNCOMPRESSED_S / time_scale, f"{arm.name}: back at the minimum {arm.replicas}")
         promql: float | None | str = note or "Prometheus did not run"
+        startup_ms = None
         if prometheus is not None:
             started = sum(1 for r in log.rows.values() if r.queue_wait_denoiser_s is not None)
             promql = prometheus.queue_wait_p95(started)
+            startup_ms = prometheus.query(REPLICA_STARTUP_P50_MS)
         write_jobs_csv(log, folder / "jobs.csv")
+        write_timeline(list(sampler.samples), log.started_at, time_scale, folder / "timeline.csv")
         summary = summarize_arm(arm, plan, log, sampler.samples, profile=profile, time_scale=time_scale,
                                 minutes=minutes, slo_s=slo_s, window=window, promql_p95=promql)
         summary["scaled_back_to_min"] = settled
+        # Fidelity: a replica's start-up here is this CPU's process start plus the profile's sleep, x the scale.
+        summary["denoiser_replica_startup_p50_s"] = None if startup_ms is None else round(startup_ms / 1000 * time_scale, 1)
+        summary["denoiser_replica_startup_profile_s"] = load_profile(profile).startup_seconds("denoiser")
         return summary, log, sampler.samples
     finally:
         if sampler is not None:

@@ -16,7 +16,14 @@ for it; then:
 
 The Denoiser runs one job per replica (`engine.max_batch: 1`): at 480p x 81 frames a DiT
 forward is compute-bound (the profile's time is linear in rows), so a batch would not raise
-throughput, only hide queueing inside slower steps of jobs already "started".
+throughput, only hide queueing inside slower steps of jobs already "started". The Denoiser and
+the VAE decoder, which do one thing at a time, take one call at a time
+(`max_ongoing_requests: 1`), so waiting work stays at Serve's handles, where any replica takes
+it, a newly added one included, and not inside a busy replica's own queue (with Serve's default
+of several, a scale-up left the new replicas idle while the old ones worked through their
+queues one by one). A replica's start-up is the profile's (`startup_seconds`), as an operator
+who knows the hardware would set it: measured on this machine it would include the CPU's
+process start-up, multiplied by the time scale.
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ from loadtests.shapes import PEAK_MULTIPLIER
 
 UTILIZATION = 0.75
 ARM_NAMES = ("fixed-base", "fixed-peak", "autoscaling")
+ONE_AT_A_TIME = ("denoiser", "vae_decoder")  # stages whose replica runs one call at a time
 PROMPT = "a paper boat drifting down a rain-soaked street at dusk"
 
 
@@ -60,16 +68,19 @@ class Arm:
         replicas = self.replicas if replicas is None else replicas
         return sum(STAGE_GPUS[stage] * n for stage, n in replicas.items())
 
-    def config(self, data_dir: str) -> dict:
+    def config(self, data_dir: str, profile: CostProfile) -> dict:
         """The `ditserve serve --config` YAML (as a dict) of this arm, times uncompressed."""
         stages = {}
         for stage in STAGE_NAMES:
             if self.autoscaling:
                 stages[stage] = {"autoscaling": {"min_replicas": self.replicas[stage],
                                                  "max_replicas": self.max_replicas[stage],
-                                                 "target_queue_wait_seconds": self.target_queue_wait_s}}
+                                                 "target_queue_wait_seconds": self.target_queue_wait_s,
+                                                 "startup_seconds": profile.startup_seconds(stage)}}
             else:
                 stages[stage] = {"num_replicas": self.replicas[stage]}
+            if stage in ONE_AT_A_TIME:
+                stages[stage]["max_ongoing_requests"] = 1
         return {"engine": {"max_batch": 1}, "stages": stages,
                 "storage": {"job_store_url": f"sqlite:///{data_dir}/jobs.db", "artifacts_url": f"{data_dir}/artifacts"}}
 

@@ -23,6 +23,8 @@ from serving.metrics import SECONDS_BUCKETS
 
 QUEUE_WAIT_P95 = ('histogram_quantile(0.95, sum by (le) '
                   '(ray_ditserve_queue_wait_seconds_bucket{stage="denoiser"}))')
+REPLICA_STARTUP_P50_MS = ('histogram_quantile(0.5, sum by (le) '
+                          '(ray_serve_replica_startup_latency_ms_bucket{deployment="Denoiser"}))')
 QUEUE_WAIT_COUNT = 'sum(ray_ditserve_queue_wait_seconds_count{stage="denoiser"})'
 
 

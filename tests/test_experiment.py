@@ -21,7 +21,7 @@ import pytest
 from PIL import Image
 
 from loadtests.arrivals import schedule
-from loadtests.cluster_metrics import Sample, gpu_seconds, read_sample
+from loadtests.cluster_metrics import Sample, carried, gpu_seconds, read_sample
 from loadtests.comparison import summarize_arm, write_comparison
 from loadtests.plan import PlanError, plan
 from loadtests.prometheus import bucket_of
@@ -65,9 +65,11 @@ def test_arms_are_sized_for_base_and_peak_within_the_gpu_budget():
     assert arms.job.body["size"] == "832x480" and arms.job.body["seconds"] == "5"
     # Each arm's config is a valid service config, batch of one, autoscaling only where planned.
     for arm in arms.arms.values():
-        config = ServiceConfig.model_validate(arm.config("/tmp/x"))
-        assert config.engine.max_batch == 1
+        config = ServiceConfig.model_validate(arm.config("/tmp/x", profile))
+        assert config.engine.max_batch == 1 and config.stages.denoiser.max_ongoing_requests == 1
         assert (config.stages.denoiser.autoscaling is not None) == arm.autoscaling
+        if arm.autoscaling:  # the profile's cold start, not this CPU's
+            assert config.stages.denoiser.autoscaling.startup_seconds == profile.startup_seconds("denoiser")
     with pytest.raises(PlanError, match="give --gpus"):
         plan(profile, 4, 60.0)
 
@@ -120,6 +122,9 @@ def test_the_sampler_reads_serve_and_ray_gauges_from_every_node_over_http():
     assert sample.healthy == {"denoiser": 6.0, "vae_decoder": 2.0}  # summed over both endpoints, our app only
     assert sample.target == {"denoiser": 10.0}
     assert sample.gpus_used == 7.0 and sample.gpus_held == 7.0
+    # A series missing from one scrape (Ray exports a gauge only in periods it was set) still holds.
+    later = carried(Sample(1.0, healthy={"denoiser": 4.0}), sample)
+    assert later.healthy == {"denoiser": 4.0, "vae_decoder": 2.0} and later.gpus_used == 7.0
 
 
 # ---- the summary and the report -----------------------------------------------------------------
