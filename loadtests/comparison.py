@@ -130,8 +130,8 @@ def goal(summaries: dict[str, dict]) -> list[str]:
                      f"({auto['gpu_hours']} / {peak['gpu_hours']} = {share:.0%})")
     if base:
         p95 = base["queue_wait_p95_s"]
-        lines.append(f"- fixed-base misses the SLO: "
-                     f"{'**yes**' if p95 is None or p95 > base['slo_queue_wait_s'] or base['rejected_429'] else '**no**'}"
+        missed = p95 is None or p95 > base["slo_queue_wait_s"] or base["rejected_429"]
+        lines.append(f"- fixed-base misses the SLO: {'**yes**' if missed else '**no**'}"
                      f" (p95 {p95} s, {base['rejected_429']} rejected with 429)")
     return lines
 
@@ -168,9 +168,9 @@ def write_comparison(out: Path, summaries: dict[str, dict], plan: Plan, *, comma
         r, m = summary["replicas"], summary["max_replicas"]
         sizes = " / ".join(f"{r[s]}" + (f"–{m[s]}" if m else "") for s in ("text_encoder", "denoiser", "vae_decoder"))
         lines.append(f"| {name} | {sizes} | " + " | ".join(_cell(key, summary.get(key)) for key, _ in TABLE) + " |")
-    lines += ["", "Goal (issue 14, item 4):", "", *goal(summaries), "", "PromQL check (p95 queue wait from the Director's "
-              "histogram vs the jobs' own timestamps; agree = within the width of the histogram bucket the p95 "
-              "falls in):", ""]
+    lines += ["", "Goal (issue 14, item 4):", "", *goal(summaries), "",
+              "PromQL check (p95 queue wait from the Director's histogram vs the jobs' own timestamps; agree = within "
+              "the width of the histogram bucket the p95 falls in):", ""]
     if prometheus_note:
         lines.append(f"- {prometheus_note}")
     for name, summary in summaries.items():

@@ -113,7 +113,8 @@ def run_arm(arm: Arm, plan: Plan, folder: Path, offsets: list[float], *, profile
                                 minutes=minutes, slo_s=slo_s, window=window, promql_p95=promql)
         summary["scaled_back_to_min"] = settled
         # Fidelity: a replica's start-up here is this CPU's process start plus the profile's sleep, x the scale.
-        summary["denoiser_replica_startup_p50_s"] = None if startup_ms is None else round(startup_ms / 1000 * time_scale, 1)
+        summary["denoiser_replica_startup_p50_s"] = (None if startup_ms is None
+                                                     else round(startup_ms / 1000 * time_scale, 1))
         summary["denoiser_replica_startup_profile_s"] = load_profile(profile).startup_seconds("denoiser")
         return summary, log, sampler.samples
     finally:

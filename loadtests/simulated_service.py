@@ -29,7 +29,8 @@ def free_port() -> int:
 class SimulatedService:
     def __init__(self, folder: Path, config: Path, profile: str, gpus: int, nodes: int, time_scale: float):
         self.folder, self.config = folder, config
-        self.args = ["--simulate", profile, "--gpus", str(gpus), "--nodes", str(nodes), "--time-scale", f"{time_scale:g}"]
+        self.args = ["--simulate", profile, "--gpus", str(gpus), "--nodes", str(nodes),
+                     "--time-scale", f"{time_scale:g}"]
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.metrics_urls: list[str] = []  # every node's Prometheus endpoint, the head's first
