@@ -12,32 +12,12 @@ import math
 
 from locust import LoadTestShape
 
+from loadtests.shapes import SHAPES
+
 BASE_USERS = 2  # users at multiplier 1; the per-user rate makes up the requested base rate
 
 
-def steady(fraction: float) -> float:
-    return 1.0
-
-
-def ramp(fraction: float) -> float:
-    """From the base rate up to 4x, linearly over the whole run."""
-    return 1.0 + 3.0 * fraction
-
-
-def peak_hour(fraction: float) -> float:
-    """Quiet, a 4x burst, then quiet again: 30% quiet, 10% up, 25% at peak, 10% down, 25% quiet."""
-    if fraction < 0.30:
-        return 1.0
-    if fraction < 0.40:
-        return 1.0 + 3.0 * (fraction - 0.30) / 0.10
-    if fraction < 0.65:
-        return 4.0
-    if fraction < 0.75:
-        return 4.0 - 3.0 * (fraction - 0.65) / 0.10
-    return 1.0
-
-
-PROFILES = {"steady": steady, "ramp": ramp, "peak-hour": peak_hour}
+PROFILES = SHAPES  # the names `--profile` takes
 
 
 class ArrivalShape(LoadTestShape):

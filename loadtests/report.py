@@ -104,17 +104,21 @@ def summarize(log: JobLog, duration_s: float, extra: dict) -> dict:
 
 
 def write_report(log: JobLog, out: Path, duration_s: float, extra: dict) -> dict:
-    out.mkdir(parents=True, exist_ok=True)
-    rows = log.all_rows()
-    with open(out / "jobs.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["offset_s", *asdict(rows[0]).keys()] if rows else ["offset_s"])
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({"offset_s": round(row.submitted_at - log.started_at, 3), **asdict(row)})
+    write_jobs_csv(log, out / "jobs.csv")
     summary = summarize(log, duration_s, extra)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     plot(log, out, summary)
     return summary
+
+
+def write_jobs_csv(log: JobLog, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows = log.all_rows()
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["offset_s", *asdict(rows[0]).keys()] if rows else ["offset_s"])
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({"offset_s": round(row.submitted_at - log.started_at, 3), **asdict(row)})
 
 
 def plot(log: JobLog, out: Path, summary: dict) -> None:

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from serving.cli_keys import add_keys_commands, run_keys
+from serving.cli_loadtest import add_loadtest_command, run_loadtest
 from serving.cli_serve import add_serve_command, serve
 
 EXIT_USAGE = 2
@@ -63,19 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     profile.add_argument("--repeats", type=int, default=3, help="timed calls per shape, median kept (default 3)")
     _add_config(profile)
 
-    load = sub.add_parser("loadtest", help="replay a traffic profile against a running service (Locust, headless)")
-    load.add_argument("--url", default="http://127.0.0.1:8000", help="the service (default http://127.0.0.1:8000)")
-    load.add_argument("--profile", choices=["steady", "ramp", "peak-hour"], default="peak-hour")
-    load.add_argument("--minutes", type=float, default=2.0, help="length of the profile (default 2)")
-    load.add_argument("--out", type=Path, default=Path("loadtest-report"), help="report folder")
-    load.add_argument("--rate", type=float, default=6.0, help="base arrival rate, jobs per minute (default 6)")
-    load.add_argument("--size", default="64x64")
-    load.add_argument("--seconds", default="1")
-    load.add_argument("--steps", type=int, default=8)
-    load.add_argument("--metrics-url", default="http://127.0.0.1:8080/metrics",
-                      help="Ray's Prometheus endpoint, for the Denoiser replica count ('' to skip)")
-    load.add_argument("--application", default="ditserve", help="Serve application name (for replica counts)")
-    load.epilog = "With API keys on, put the key in DITSERVE_API_KEY (not on the command line, where ps shows it)."
+    add_loadtest_command(sub, _Parser)
 
     k8s = sub.add_parser("k8s", help="Kubernetes manifests derived from the config")
     k8s_sub = k8s.add_subparsers(dest="k8s", required=True, parser_class=_Parser)
@@ -117,8 +106,8 @@ def _add_config(parser: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "loadtest":  # talks HTTP only: no config, no models
-        return _loadtest(args)
+    if args.command == "loadtest":  # talks HTTP only (or starts its own simulated clusters): no config, no models
+        return run_loadtest(args, argv)
     if args.command == "keys":  # makes secrets: no config needed
         return run_keys(args)
     if args.command == "train-tiny":  # its own fixed recipe: no config needed
@@ -265,25 +254,6 @@ def _bench_profile(args, config) -> int:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text)
         print(f"wrote {args.out}: cost profile {profile.name!r} on {profile.device}", file=sys.stderr)
-    return 0
-
-
-def _loadtest(args) -> int:
-    if args.minutes <= 0 or args.rate <= 0 or args.steps < 1:
-        print("ditserve loadtest: error: --minutes and --rate must be positive, --steps at least 1", file=sys.stderr)
-        return EXIT_USAGE
-    try:
-        from loadtests.runner import run
-    except ImportError as exc:
-        print(f"ditserve loadtest: error: {exc.name} is not installed; pip install 'ditserve[loadtest]'",
-              file=sys.stderr)
-        return EXIT_USAGE
-    summary = run(args.url.rstrip("/"), args.profile, args.minutes, args.out, args.rate, args.size, args.seconds,
-                  args.steps, args.metrics_url or None, args.application,
-                  api_key=os.environ.get("DITSERVE_API_KEY") or None)
-    import json
-
-    print(json.dumps(summary, indent=2))
     return 0
 
 

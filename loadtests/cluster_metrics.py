@@ -1,0 +1,135 @@
+"""What an arm's cluster held over time, sampled from its own Prometheus endpoints, and the
+GPU-hours it cost.
+
+Every `period_s` the sampler reads every node's endpoint (the simulated cluster prints them
+all) and records, per stage, Serve's healthy replicas (`ray_serve_deployment_replica_healthy`)
+and its autoscaler's target (`ray_serve_autoscaling_target_replicas`), and the GPUs Ray has
+handed out (`ray_resources{Name="GPU", State="USED"}`, summed over nodes). Ray exports every 10 s, so
+the timeline lags the cluster by up to that (x the time scale); the integral barely moves,
+as up and down edges lag alike.
+
+GPU-hours integrate the GPUs Ray has handed out, not healthy replicas x GPUs per replica: a
+replica holds its GPU from placement, through its start-up (weights loading) until it is
+stopped, and that whole span is what a GPU fleet pays for. Healthy replicas would leave out
+every start-up, which is exactly the cost autoscaling adds. Where Ray's resource gauge is
+missing, healthy replicas x the stage's GPUs per replica stand in (and the summary says so).
+"""
+
+from __future__ import annotations
+
+import csv
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import requests
+from prometheus_client.parser import text_string_to_metric_families
+
+from serving.simulate.cluster import STAGE_GPUS
+
+GAUGES = ("ray_serve_deployment_replica_healthy", "ray_serve_autoscaling_target_replicas", "ray_resources")
+DEPLOYMENTS = {"TextEncoder": "text_encoder", "Denoiser": "denoiser", "VAEDecoder": "vae_decoder"}
+APPLICATION = "ditserve"
+
+
+@dataclass
+class Sample:
+    at: float  # unix time (compressed clock)
+    healthy: dict[str, float] = field(default_factory=dict)  # stage -> healthy replicas
+    target: dict[str, float] = field(default_factory=dict)  # stage -> the autoscaler's target
+    gpus_used: float | None = None  # GPUs Ray has handed out, all nodes
+
+    @property
+    def gpus_held(self) -> float:
+        if self.gpus_used is not None:
+            return self.gpus_used
+        return sum(STAGE_GPUS[stage] * n for stage, n in self.healthy.items())
+
+
+def read_sample(metrics_urls: list[str]) -> Sample:
+    sample, gpus_seen = Sample(at=time.time()), False
+    for url in metrics_urls:
+        try:
+            text = requests.get(url, timeout=5).text
+        except requests.RequestException:
+            continue
+        # Only the three gauges' lines: a node's endpoint holds thousands, and this runs every second.
+        wanted = "\n".join(line for line in text.splitlines() if line.startswith(GAUGES)) + "\n"
+        for family in text_string_to_metric_families(wanted):
+            if family.name in ("ray_serve_deployment_replica_healthy", "ray_serve_autoscaling_target_replicas"):
+                into = sample.healthy if family.name.endswith("healthy") else sample.target
+                for s in family.samples:
+                    stage = DEPLOYMENTS.get(s.labels.get("deployment", ""))
+                    if stage is not None and s.labels.get("application") == APPLICATION:
+                        into[stage] = into.get(stage, 0.0) + s.value
+            elif family.name == "ray_resources":
+                for s in family.samples:
+                    if s.labels.get("Name") == "GPU" and s.labels.get("State") == "USED":
+                        sample.gpus_used, gpus_seen = (sample.gpus_used or 0.0) + s.value, True
+    if not gpus_seen:
+        sample.gpus_used = None
+    return sample
+
+
+class ClusterSampler:
+    """Samples in a background thread between `start()` and `stop()`."""
+
+    def __init__(self, metrics_urls: list[str], period_s: float):
+        self.metrics_urls, self.period_s = metrics_urls, period_s
+        self.samples: list[Sample] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="cluster-sampler", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+
+    def latest(self) -> Sample | None:
+        return self.samples[-1] if self.samples else None
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.samples.append(carried(read_sample(self.metrics_urls), self.latest()))
+            self._stop.wait(self.period_s)
+
+
+def carried(sample: Sample, previous: Sample | None) -> Sample:
+    """Ray's agents export a gauge only in the periods it was set, so a series can be missing
+    from one scrape: what was last seen still holds."""
+    if previous is not None:
+        sample.healthy = {**previous.healthy, **sample.healthy}
+        sample.target = {**previous.target, **sample.target}
+        if sample.gpus_used is None:
+            sample.gpus_used = previous.gpus_used
+    return sample
+
+
+def gpu_seconds(samples: list[Sample], start: float, end: float) -> float:
+    """GPU-seconds held between `start` and `end` (compressed clock): each sample's GPUs held
+    until the next sample (a step function, as Ray holds them)."""
+    total = 0.0
+    for here, after in zip(samples, [*samples[1:], None]):
+        left = max(here.at, start)
+        right = min(after.at if after is not None else end, end)
+        if right > left:
+            total += here.gpus_held * (right - left)
+    return total
+
+
+def uses_ray_accounting(samples: list[Sample]) -> bool:
+    return any(s.gpus_used is not None for s in samples)
+
+
+def write_timeline(samples: list[Sample], started_at: float, time_scale: float, path: Path) -> None:
+    """One row per sample: uncompressed seconds since the first arrival, replicas per stage, GPUs held."""
+    stages = tuple(DEPLOYMENTS.values())
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["seconds", *(f"{s}_healthy" for s in stages), *(f"{s}_target" for s in stages), "gpus_held"])
+        for s in samples:
+            writer.writerow([round((s.at - started_at) * time_scale, 1), *(s.healthy.get(n, "") for n in stages),
+                             *(s.target.get(n, "") for n in stages), s.gpus_held])

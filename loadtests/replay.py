@@ -1,0 +1,118 @@
+"""Replay a fixed arrival schedule against a ditserve URL and follow every accepted job to its end.
+
+Open loop, as users at peak hour: each job is submitted at its own offset whatever the service
+does (submissions run on a small pool, so a slow answer never delays the next arrival); a 429
+is recorded as a rejection and not retried. Jobs are followed through the list endpoint (a few
+requests per round for all of them, instead of one poll per job: with 16+ replicas on 2 cores
+the load test must not be the load), into the same `JobLog` the Locust runner fills. Queue
+waits come from each job's own timestamps, so the polling period never blurs them.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import requests
+
+from loadtests.report import JobLog
+
+TERMINAL = ("completed", "failed", "cancelled")
+SUBMITTERS = 8
+PAGE = 100
+
+
+class Replay:
+    def __init__(self, url: str, body: dict, log: JobLog, poll_s: float):
+        self.url, self.body, self.log, self.poll_s = url, body, log, poll_s
+        self._session = requests.Session()
+        self._cursor: str | None = None  # every job up to it is recorded as ended
+        self._lock = threading.Lock()  # the submitters add rows while others count them
+
+    def run(self, offsets_s: list[float], drain_timeout_s: float, progress_every_s: float = 10.0) -> None:
+        """Submit at `offsets_s` (seconds after now, this machine's clock), then wait for every
+        accepted job to end, at most `drain_timeout_s` after the last submission."""
+        start = self.log.started_at
+        done = threading.Event()
+        follower = threading.Thread(target=self._follow, args=(done,), name="replay-follower", daemon=True)
+        follower.start()
+        next_progress = time.time() + progress_every_s
+        with ThreadPoolExecutor(SUBMITTERS, thread_name_prefix="replay-submit") as pool:
+            for index, offset in enumerate(offsets_s):
+                while (wait := start + offset - time.time()) > 0:
+                    time.sleep(min(wait, 0.5))
+                    if time.time() >= next_progress:
+                        self._progress("replaying")
+                        next_progress += progress_every_s
+                pool.submit(self._submit, index)
+        deadline = time.time() + drain_timeout_s
+        while self._outstanding() and time.time() < deadline:
+            time.sleep(min(1.0, progress_every_s))
+            if time.time() >= next_progress:
+                self._progress("draining")
+                next_progress += progress_every_s
+        done.set()
+        follower.join(timeout=30)
+        self._progress("done")
+
+    def _submit(self, index: int) -> None:
+        submitted = time.time()
+        body = {**self.body, "prompt": f"{self.body['prompt']} (take {index})"}
+        try:
+            response = self._session.post(f"{self.url}/v1/videos", json=body, timeout=60)
+        except requests.RequestException:
+            with self._lock:
+                self.log.create_failed(submitted, 0)
+            return
+        with self._lock:
+            if response.status_code == 429:
+                self.log.rejected(submitted, float(response.headers.get("Retry-After", "0")))
+            elif response.status_code != 200:
+                self.log.create_failed(submitted, response.status_code)
+            else:
+                self.log.accepted(response.json()["id"], submitted)
+
+    def _follow(self, done: threading.Event) -> None:
+        while True:
+            finished = done.is_set()
+            try:
+                self._read_ended()
+            except (requests.RequestException, ValueError, KeyError):
+                pass  # a transient error: the next round reads again
+            if finished:
+                return
+            done.wait(self.poll_s)
+
+    def _read_ended(self) -> None:
+        """Record every job that has ended; move the cursor over the leading run of recorded ones."""
+        after, contiguous = self._cursor, True
+        while True:
+            params = {"order": "asc", "limit": PAGE, **({"after": after} if after else {})}
+            page = self._session.get(f"{self.url}/v1/videos", params=params, timeout=30)
+            page.raise_for_status()
+            body = page.json()
+            for video in body["data"]:
+                row = self.log.rows.get(video["id"])
+                ended = row is not None and video["status"] in TERMINAL
+                if ended and row.outcome == "unfinished":
+                    self.log.finished(video, 0)
+                contiguous = contiguous and ended
+                if contiguous:
+                    self._cursor = video["id"]
+                after = video["id"]
+            if not body["has_more"]:
+                return
+
+    def _outstanding(self) -> int:
+        with self._lock:
+            return self.log.outstanding
+
+    def _progress(self, phase: str) -> None:
+        with self._lock:
+            rows, outstanding = self.log.all_rows(), self.log.outstanding
+        count = lambda outcome: sum(1 for r in rows if r.outcome == outcome)  # noqa: E731
+        print(f"experiment: {phase}: submitted {len(rows)}, completed {count('completed')}, "
+              f"in flight {outstanding}, rejected {count('rejected_429')}, failed {count('failed')}",
+              file=sys.stderr, flush=True)

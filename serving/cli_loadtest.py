@@ -1,0 +1,109 @@
+"""`ditserve loadtest`: replay a traffic profile against a running service (loadtests/runner.py),
+and `ditserve loadtest experiment`: the peak-hour experiment on simulated GPUs, three arms
+(loadtests/experiment.py). Both need the `loadtest` extra; neither loads a model."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+EXIT_USAGE = 2
+
+
+def add_loadtest_command(sub, parser_class) -> None:
+    load = sub.add_parser("loadtest", help="replay a traffic profile against a running service (Locust, headless)")
+    load.add_argument("--url", default="http://127.0.0.1:8000", help="the service (default http://127.0.0.1:8000)")
+    load.add_argument("--profile", choices=["steady", "ramp", "peak-hour"], default="peak-hour")
+    load.add_argument("--minutes", type=float, default=2.0, help="length of the profile (default 2)")
+    load.add_argument("--out", type=Path, default=Path("loadtest-report"), help="report folder")
+    load.add_argument("--rate", type=float, default=6.0, help="base arrival rate, jobs per minute (default 6)")
+    load.add_argument("--size", default="64x64")
+    load.add_argument("--seconds", default="1")
+    load.add_argument("--steps", type=int, default=8)
+    load.add_argument("--metrics-url", default="http://127.0.0.1:8080/metrics",
+                      help="Ray's Prometheus endpoint, for the Denoiser replica count ('' to skip)")
+    load.add_argument("--application", default="ditserve", help="Serve application name (for replica counts)")
+    load.epilog = "With API keys on, put the key in DITSERVE_API_KEY (not on the command line, where ps shows it)."
+
+    kinds = load.add_subparsers(dest="loadtest", required=False, parser_class=parser_class)
+    exp = kinds.add_parser(
+        "experiment", help="the seeded peak hour against fixed-base, fixed-peak and autoscaling arms, each on a fresh "
+        "simulated GPU cluster (SIMULATED: no model runs)")
+    exp.add_argument("--simulate", metavar="PROFILE", required=True,
+                     help="cost profile (h100-wan2.1-1.3b, h100-wan2.1-14b, tiny-cpu) or a profile JSON path")
+    exp.add_argument("--gpus", type=int, default=16, help="simulated GPUs: the budget every arm fits (default 16)")
+    exp.add_argument("--nodes", type=int, default=4, help="simulated GPU nodes (default 4)")
+    exp.add_argument("--minutes", type=float, default=20.0,
+                     help="the peak hour's length, uncompressed minutes (default 20: the burst rises in 2)")
+    exp.add_argument("--out", type=Path, required=True, help="report folder")
+    exp.add_argument("--time-scale", type=float, default=10.0,
+                     help="compress every time by this factor (default 10); reports show uncompressed seconds")
+    exp.add_argument("--seed", type=int, default=0, help="seed of the arrival schedule (default 0)")
+    exp.add_argument("--slo-seconds", type=float, default=60.0,
+                     help="queue-wait SLO, submitted -> denoising starts, uncompressed (default 60)")
+    exp.add_argument("--arms", default="fixed-base,fixed-peak,autoscaling",
+                     help="comma-separated arms to run, in order (default all three)")
+
+
+def run_loadtest(args, argv: list[str] | None = None) -> int:
+    try:
+        if args.loadtest == "experiment":
+            from loadtests.experiment import ARM_NAMES  # noqa: F401  (fails early without the extra)
+            import matplotlib  # noqa: F401
+        else:
+            from loadtests.runner import run  # noqa: F401
+    except ImportError as exc:
+        print(f"ditserve loadtest: error: {exc.name} is not installed; pip install 'ditserve[loadtest]'",
+              file=sys.stderr)
+        return EXIT_USAGE
+    if args.loadtest == "experiment":
+        return _experiment(args, argv)
+    if args.minutes <= 0 or args.rate <= 0 or args.steps < 1:
+        print("ditserve loadtest: error: --minutes and --rate must be positive, --steps at least 1", file=sys.stderr)
+        return EXIT_USAGE
+    from loadtests.runner import run
+
+    summary = run(args.url.rstrip("/"), args.profile, args.minutes, args.out, args.rate, args.size, args.seconds,
+                  args.steps, args.metrics_url or None, args.application,
+                  api_key=os.environ.get("DITSERVE_API_KEY") or None)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _experiment(args, argv: list[str] | None) -> int:
+    from pydantic import ValidationError
+
+    from loadtests.experiment import ARM_NAMES, command_line, run_experiment
+    from loadtests.plan import PlanError, plan
+    from serving.config import SimulationConfig
+    from serving.simulate.profile import ProfileError, load_profile
+
+    def usage(message: str) -> int:
+        print(f"ditserve loadtest experiment: error: {message}", file=sys.stderr)
+        return EXIT_USAGE
+
+    arms = [a.strip() for a in args.arms.split(",") if a.strip()]
+    unknown = [a for a in arms if a not in ARM_NAMES]
+    if not arms or unknown:
+        return usage(f"--arms: {', '.join(unknown) or 'none given'}: choose from {', '.join(ARM_NAMES)}")
+    if not args.minutes > 0:
+        return usage(f"--minutes must be positive, found {args.minutes:g}")
+    if not args.slo_seconds > 0:
+        return usage(f"--slo-seconds must be positive, found {args.slo_seconds:g}")
+    try:
+        SimulationConfig(profile=args.simulate, gpus=args.gpus, nodes=args.nodes, time_scale=args.time_scale)
+        plan(load_profile(args.simulate), args.gpus, args.slo_seconds)
+    except ValidationError as exc:
+        return usage("; ".join(f"--{'-'.join(str(p) for p in e['loc']).replace('_', '-')}: "
+                               f"{str(e['msg']).removeprefix('Value error, ')}" for e in exc.errors()))
+    except (ProfileError, PlanError) as exc:
+        return usage(f"--simulate {args.simulate}: {exc}" if isinstance(exc, ProfileError) else f"--gpus: {exc}")
+    summaries = run_experiment(profile=args.simulate, gpus=args.gpus, nodes=args.nodes, minutes=args.minutes,
+                               out=args.out, time_scale=args.time_scale, seed=args.seed, slo_s=args.slo_seconds,
+                               arms=arms, command=command_line(argv if argv is not None else sys.argv[1:]))
+    print(json.dumps({name: {k: s[k] for k in ("completed", "failed", "rejected_429", "slo_attainment",
+                                                "queue_wait_p95_s", "gpu_hours", "accelerator_seconds_per_video")}
+                      for name, s in summaries.items()}, indent=2))
+    return 0

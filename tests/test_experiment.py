@@ -1,0 +1,236 @@
+"""`ditserve loadtest experiment` (issue 14, items 4 and 6): seeded arrivals, arms sized from
+the cost profile, GPU-hours from sampled cluster gauges, summaries in uncompressed seconds,
+the PromQL agreement rule, the comparison report; and, live on a simulated GPU cluster, the
+autoscaling mechanism: in a burst the bottleneck stage (the Denoiser) scales up, after it
+scales back down, and every accepted job completes. Assertions are on the mechanism, never
+on speed (the figures themselves are a benchmark: docs/benchmarks.md)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from loadtests.arrivals import schedule
+from loadtests.cluster_metrics import Sample, carried, gpu_seconds, read_sample
+from loadtests.comparison import summarize_arm, write_comparison
+from loadtests.plan import PlanError, plan
+from loadtests.prometheus import bucket_of
+from loadtests.report import JobLog
+from loadtests.shapes import peak_hour
+from serving.config import ServiceConfig
+from serving.simulate.profile import load_profile
+
+PROFILE = "h100-wan2.1-1.3b"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# ---- arrivals and arms --------------------------------------------------------------------------
+
+
+def test_arrivals_are_seeded_and_follow_the_peak_hour_shape():
+    one = schedule("peak-hour", 200, 3.0, seed=7)
+    assert one == schedule("peak-hour", 200, 3.0, seed=7)  # every arm replays the same jobs
+    assert one != schedule("peak-hour", 200, 3.0, seed=8)
+    assert one == sorted(one) and 0 <= one[0] and one[-1] < 200 * 60
+    duration = 200 * 60
+
+    def rate(lo: float, hi: float) -> float:  # arrivals per minute between two fractions
+        return sum(1 for t in one if lo <= t / duration < hi) / ((hi - lo) * 200)
+
+    quiet, peak = rate(0.0, 0.30), rate(0.40, 0.65)
+    assert 2.0 < quiet < 4.0 and 3.0 < peak / quiet < 5.0  # base 3/min, the burst 4x
+    assert peak_hour(0.35) == pytest.approx(2.5)  # rising: 10 % of the run (2 min of the default 20)
+
+
+def test_arms_are_sized_for_base_and_peak_within_the_gpu_budget():
+    profile = load_profile(PROFILE)
+    arms = plan(profile, 16, 60.0)
+    base, peak, auto = (arms.arms[n] for n in ("fixed-base", "fixed-peak", "autoscaling"))
+    assert base.replicas["denoiser"] == 3 and peak.replicas["denoiser"] == 4 * base.replicas["denoiser"]
+    # The base rate keeps the base Denoisers 75 % busy: 43.1 s of DiT per job.
+    assert arms.base_rate_per_min / 60 * arms.job.seconds.denoiser / 3 == pytest.approx(0.75, rel=1e-3)
+    assert peak.gpus() <= 16 and auto.gpus(auto.max_replicas) <= 16 < auto.gpus(auto.max_replicas) + 1
+    assert auto.replicas == base.replicas and auto.max_replicas["denoiser"] >= peak.replicas["denoiser"]
+    assert auto.target_queue_wait_s == 30.0 and not base.autoscaling and auto.autoscaling
+    assert arms.job.body["size"] == "832x480" and arms.job.body["seconds"] == "5"
+    # Each arm's config is a valid service config, batch of one, autoscaling only where planned.
+    for arm in arms.arms.values():
+        config = ServiceConfig.model_validate(arm.config("/tmp/x", profile))
+        assert config.engine.max_batch == 1 and config.stages.denoiser.max_ongoing_requests == 1
+        assert (config.stages.denoiser.autoscaling is not None) == arm.autoscaling
+        if arm.autoscaling:  # the profile's cold start, not this CPU's
+            assert config.stages.denoiser.autoscaling.startup_seconds == profile.startup_seconds("denoiser")
+    with pytest.raises(PlanError, match="give --gpus"):
+        plan(profile, 4, 60.0)
+
+
+# ---- GPU-hours from the cluster's gauges --------------------------------------------------------
+
+
+def test_gpu_seconds_integrate_what_was_held_as_a_step_function():
+    samples = [Sample(0.0, gpus_used=2.0), Sample(10.0, gpus_used=5.0), Sample(20.0, gpus_used=1.0)]
+    assert gpu_seconds(samples, 5.0, 25.0) == pytest.approx(2 * 5 + 5 * 10 + 1 * 5)
+    # Without Ray's resource gauge: healthy replicas x GPUs per replica (Denoiser 1, others 0.5).
+    fallback = [Sample(0.0, healthy={"denoiser": 3, "text_encoder": 1, "vae_decoder": 1})]
+    assert gpu_seconds(fallback, 0.0, 10.0) == pytest.approx(40.0)
+
+
+EXPOSITION = """# TYPE ray_serve_deployment_replica_healthy gauge
+ray_serve_deployment_replica_healthy{application="ditserve",deployment="Denoiser"} 3.0
+ray_serve_deployment_replica_healthy{application="ditserve",deployment="VAEDecoder"} 1.0
+ray_serve_deployment_replica_healthy{application="other",deployment="Denoiser"} 9.0
+# TYPE ray_serve_autoscaling_target_replicas gauge
+ray_serve_autoscaling_target_replicas{application="ditserve",deployment="Denoiser"} 5.0
+# TYPE ray_resources gauge
+ray_resources{Name="GPU",State="USED",NodeAddress="127.0.0.1"} 3.5
+ray_resources{Name="GPU",State="AVAILABLE",NodeAddress="127.0.0.1"} 0.5
+ray_resources{Name="CPU",State="USED",NodeAddress="127.0.0.1"} 0.2
+"""
+
+
+def test_the_sampler_reads_serve_and_ray_gauges_from_every_node_over_http():
+    class Metrics(BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = EXPOSITION.encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain; version=0.0.4")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    servers = [ThreadingHTTPServer(("127.0.0.1", 0), Metrics) for _ in range(2)]
+    for server in servers:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        sample = read_sample([f"http://127.0.0.1:{s.server_address[1]}/metrics" for s in servers])
+    finally:
+        for server in servers:
+            server.shutdown()
+    assert sample.healthy == {"denoiser": 6.0, "vae_decoder": 2.0}  # summed over both endpoints, our app only
+    assert sample.target == {"denoiser": 10.0}
+    assert sample.gpus_used == 7.0 and sample.gpus_held == 7.0
+    # A series missing from one scrape (Ray exports a gauge only in periods it was set) still holds.
+    later = carried(Sample(1.0, healthy={"denoiser": 4.0}), sample)
+    assert later.healthy == {"denoiser": 4.0, "vae_decoder": 2.0} and later.gpus_used == 7.0
+
+
+# ---- the summary and the report -----------------------------------------------------------------
+
+
+def synthetic_log(waits_compressed: list[float], rejected: int) -> JobLog:
+    """Jobs one compressed second apart; each waits `wait`, denoises 4.31 s, decodes 0.35 s."""
+    log = JobLog(started_at=1000.0)
+    for i, wait in enumerate(waits_compressed):
+        submitted = 1000.0 + i
+        log.accepted(f"video_{i:032x}", submitted)
+        stamps = {"submitted_at": submitted, "text_encoder_started_at": submitted + 0.05,
+                  "denoiser_started_at": submitted + wait, "vae_decoder_started_at": submitted + wait + 4.31,
+                  "completed_at": submitted + wait + 4.7}
+        log.finished({"id": f"video_{i:032x}", "status": "completed", "timestamps": stamps}, 0)
+    for i in range(rejected):
+        log.rejected(1000.0 + i + 0.5, 30.0)
+    return log
+
+
+def summary_of(name: str, waits: list[float], rejected: int, gpus: float, promql):
+    arms = plan(load_profile(PROFILE), 16, 60.0)
+    log = synthetic_log(waits, rejected)
+    samples = [Sample(1000.0, gpus_used=gpus)]
+    return arms, log, samples, summarize_arm(arms.arms[name], arms, log, samples, profile=PROFILE, time_scale=10.0,
+                                             minutes=20 / 60 * len(waits) / 20, slo_s=60.0,
+                                             window=(1000.0, 1000.0 + 36.0), promql_p95=promql)
+
+
+def test_the_summary_is_in_uncompressed_seconds_and_counts_refusals_as_misses():
+    waits = [0.5] * 16 + [8.0] * 4  # compressed: 5 s and 80 s uncompressed
+    _, _, _, summary = summary_of("autoscaling", waits, rejected=5, gpus=4.0, promql=0.6)
+    assert summary["simulated"] is True and summary["profile"] == PROFILE and summary["time_scale"] == 10.0
+    assert "UNCOMPRESSED" in summary["note"]
+    assert (summary["completed"], summary["failed"], summary["rejected_429"]) == (20, 0, 5)
+    assert summary["slo_attainment"] == pytest.approx(16 / 25)  # the 4 slow jobs and the 5 refused missed it
+    assert summary["queue_wait_p50_s"] == pytest.approx(5.0) and summary["queue_wait_p95_s"] == pytest.approx(80.0)
+    assert summary["gpu_hours"] == pytest.approx(4.0 * 360 / 3600, abs=1e-3)  # 4 GPUs for 36 s x 10
+    assert summary["accelerator_seconds_per_video"] == pytest.approx(4.0 * 360 / 20, abs=0.1)
+    assert summary["denoise_seconds_p50"] == pytest.approx(43.1)  # 4.31 s compressed
+    # PromQL said 6 s, the jobs 80 s: the jobs' p95 (8 s compressed) falls in the (5, 10] s bucket,
+    # (50, 100] s uncompressed, and 6 s is further from it than that bucket's width -> disagree.
+    check = summary["prometheus"]
+    assert check["checked"] and check["bucket_s"] == [50.0, 100.0] and check["tolerance_s"] == 50.0
+    assert check["agree"] is False
+    _, _, _, agreeing = summary_of("autoscaling", waits, rejected=5, gpus=4.0, promql=9.1)
+    assert agreeing["prometheus"]["agree"] is True and agreeing["prometheus"]["promql_p95_s"] == 91.0
+    _, _, _, skipped = summary_of("autoscaling", waits, 0, 4.0, promql="Prometheus is not installed")
+    assert skipped["prometheus"] == {"checked": False, "reason": "Prometheus is not installed"}
+    assert bucket_of(5.0) == (2, 5) and bucket_of(5.01) == (5, 10) and bucket_of(1e9)[1] == float("inf")
+
+
+def test_comparison_has_the_table_the_goal_and_the_plots(tmp_path):
+    arms, logs, samples, summaries = None, {}, {}, {}
+    for name, waits, rejected, gpus in (("fixed-base", [30.0] * 20, 6, 4.0), ("fixed-peak", [0.2] * 20, 0, 13.0),
+                                        ("autoscaling", [0.5] * 20, 0, 6.0)):
+        arms, logs[name], samples[name], summaries[name] = summary_of(name, waits, rejected, gpus, None)
+    path = write_comparison(tmp_path, summaries, arms, command="ditserve loadtest experiment ...", logs=logs,
+                            samples=samples, minutes=20.0, prometheus_note="")
+    text = path.read_text()
+    assert "SIMULATED" in text and "time scale 10x" in text and PROFILE in text
+    for name in summaries:
+        assert f"| {name} |" in text
+    assert "| autoscaling | 1–2 / 3–14 / 1–2 |" in text
+    assert "holds p95 queue wait within the 60 s SLO through the burst: **yes**" in text
+    assert "GPU-hours: **yes** (0.6 / 1.3 = 46%)" in text
+    assert "| fixed-base | 1 / 3 / 1 | 20 | 0 | 6 | 0 | 0% |" in text  # 429s count against the SLO
+    assert "fixed-base misses the SLO: **yes**" in text
+    for name in ("replicas.png", "queue_wait.png"):
+        with Image.open(tmp_path / name) as image:
+            assert image.format == "PNG" and image.size[0] >= 800
+
+
+# ---- live: the mechanism on a simulated GPU cluster ---------------------------------------------
+
+
+def test_autoscaling_arm_scales_the_bottleneck_up_in_the_burst_and_down_after(tmp_path):
+    """A short peak hour (10 simulated minutes at 20x) against the autoscaling arm on 6 simulated
+    GPUs: the Denoiser, 90 % of each job's work, starts at the 1 replica the base load needs and
+    must go above it in the 4x burst, be back at 1 after, with every accepted job completed."""
+    out = tmp_path / "experiment"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "serving.cli", "loadtest", "experiment", "--simulate", PROFILE, "--gpus", "6",
+         "--nodes", "2", "--minutes", "10", "--time-scale", "20", "--seed", "3", "--arms", "autoscaling",
+         "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=420)
+    finally:
+        try:  # nothing it started outlives the test
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert process.returncode == 0, stderr[-4000:]
+    summary = json.loads((out / "autoscaling" / "summary.json").read_text())
+    assert summary["simulated"] is True and summary["time_scale"] == 20.0
+    assert summary["accepted"] > 5 and summary["completed"] == summary["accepted"]  # every accepted job completes
+    assert summary["failed"] == 0 and summary["unfinished"] == 0
+    denoiser = summary["replicas_seen"]["denoiser"]
+    assert denoiser["min"] == 1 and denoiser["max"] > 1, "the Denoiser never scaled up in the burst"
+    assert summary["scaled_back_to_min"] is True and denoiser["last"] == 1, "it did not scale back down"
+    assert summary["gpu_hours"] > 0 and summary["gpu_accounting"]
+    if shutil.which("prometheus"):
+        assert summary["prometheus"]["checked"] and summary["prometheus"]["agree"], summary["prometheus"]
+    assert "experiment: autoscaling: back at the minimum" in stderr
+    assert (out / "comparison.md").is_file() and (out / "replicas.png").is_file()
+    assert json.loads(stdout)["autoscaling"]["completed"] == summary["completed"]
