@@ -17,7 +17,7 @@ from serving.simulate.cluster import STAGE_GPUS
 from loadtests.cluster_metrics import Sample, gpu_seconds, uses_ray_accounting
 from loadtests.plan import Arm, Plan
 from loadtests.prometheus import bucket_of
-from loadtests.report import JobLog, JobRow, percentile
+from loadtests.report import JobLog, JobRow, outcome_counts, percentile
 from loadtests.shapes import SHAPES
 
 BURST = (0.30, 0.75)  # the peak-hour shape's fractions from the start of the rise to the end of the fall
@@ -34,14 +34,14 @@ def summarize_arm(arm: Arm, plan: Plan, log: JobLog, samples: list[Sample], *, p
     `promql_p95`: PromQL's answer (compressed seconds), None when it had none, or why it was skipped."""
     x = time_scale
     rows = log.all_rows()
-    count = lambda outcome: sum(1 for r in rows if r.outcome == outcome)  # noqa: E731
+    outcomes = outcome_counts(log)
     started = [r for r in rows if r.queue_wait_denoiser_s is not None]
     waits = [r.queue_wait_denoiser_s * x for r in started]
     duration = minutes * 60.0
     burst = [r.queue_wait_denoiser_s * x for r in started
              if BURST[0] <= (r.submitted_at - log.started_at) * x / duration < BURST[1]]
     latencies = [r.latency_s * x for r in rows if r.outcome == "completed" and r.latency_s is not None]
-    completed = count("completed")
+    completed = outcomes["completed"]
     held = gpu_seconds(samples, *window) * x
     busy = sum(plan.job.seconds.of(s) * STAGE_GPUS[s] for s in STAGE_NAMES)  # GPU-seconds of one video
     denoise = [_denoise_seconds(r) * x for r in started if _denoise_seconds(r) is not None]
@@ -57,13 +57,7 @@ def summarize_arm(arm: Arm, plan: Plan, log: JobLog, samples: list[Sample], *, p
         "target_queue_wait_s": arm.target_queue_wait_s or None,
         "gpus_at_rest": arm.gpus(),
         "slo_queue_wait_s": slo_s,
-        "submitted": len(rows),
-        "accepted": len(log.rows),
-        "completed": completed,
-        "failed": count("failed"),
-        "unfinished": count("unfinished"),
-        "rejected_429": count("rejected_429"),
-        "create_errors": count("create_error"),
+        **outcomes,
         # Of every submitted job (a 429 or a job that never started misses it too).
         "slo_attainment": _r(sum(1 for w in waits if w <= slo_s) / len(rows), 4) if rows else None,
         "queue_wait_p50_s": _r(percentile(waits, 0.50)),

@@ -72,12 +72,21 @@ def percentile(values: list[float], q: float) -> float | None:
     return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
 
 
-def summarize(log: JobLog, duration_s: float, extra: dict) -> dict:
+def outcome_counts(log: JobLog) -> dict[str, int]:
+    """How every submitted job ended (the summaries' first fields, shared by every report)."""
     rows = log.all_rows()
     count = lambda outcome: sum(1 for r in rows if r.outcome == outcome)  # noqa: E731
+    return {"submitted": len(rows), "accepted": len(log.rows), "completed": count("completed"),
+            "failed": count("failed"), "unfinished": count("unfinished"), "rejected_429": count("rejected_429"),
+            "create_errors": count("create_error")}
+
+
+def summarize(log: JobLog, duration_s: float, extra: dict) -> dict:
+    rows = log.all_rows()
+    outcomes = outcome_counts(log)
     waits = [r.queue_wait_denoiser_s for r in rows if r.queue_wait_denoiser_s is not None]
     latencies = [r.latency_s for r in rows if r.outcome == "completed" and r.latency_s is not None]
-    completed = count("completed")
+    completed = outcomes["completed"]
     replica_counts = [n for _, n in log.replicas]
 
     def rounded(value):
@@ -85,13 +94,7 @@ def summarize(log: JobLog, duration_s: float, extra: dict) -> dict:
 
     return {
         **extra,
-        "submitted": len(rows),
-        "accepted": len(log.rows),
-        "completed": completed,
-        "failed": count("failed"),
-        "unfinished": count("unfinished"),
-        "rejected_429": count("rejected_429"),
-        "create_errors": count("create_error"),
+        **outcomes,
         "throughput_jobs_per_min": round(60.0 * completed / duration_s, 2) if duration_s > 0 else None,
         # Queue wait: submitted -> the Denoiser starts the job (the wait users feel at peak hour).
         "queue_wait_p50_s": rounded(percentile(waits, 0.50)),
