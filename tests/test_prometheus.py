@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 import time
 
 import pytest
@@ -28,35 +27,15 @@ def binary(name: str) -> str:
 
 @pytest.fixture
 def prometheus(service, tmp_path):
-    port = _free_port()
-    target = service.metrics_url.removeprefix("http://").removesuffix("/metrics")
-    config = tmp_path / "prometheus.yml"
-    config.write_text(f"""
-global:
-  scrape_interval: 1s
-scrape_configs:
-  - job_name: ditserve
-    static_configs:
-      - targets: ["{target}"]
-""")
-    process = subprocess.Popen([binary("prometheus"), f"--config.file={config}", f"--storage.tsdb.path={tmp_path}/data",
-                                f"--web.listen-address=127.0.0.1:{port}"],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
+    from loadtests.prometheus import Prometheus
+
+    binary("prometheus")  # skips without it
+    server = Prometheus(tmp_path / "prometheus", [service.metrics_url], scrape_s=1, port=_free_port())
+    server.start()
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if requests.get(f"{url}/-/ready", timeout=2).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            assert time.monotonic() < deadline, "prometheus did not start"
-            time.sleep(0.5)
-        yield url
+        yield server.url
     finally:
-        process.terminate()
-        process.wait(timeout=30)
+        server.stop()
 
 
 def query(url: str, expr: str) -> list[dict]:
