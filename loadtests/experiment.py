@@ -33,7 +33,7 @@ from loadtests.replay import Replay
 from loadtests.report import JobLog, write_jobs_csv
 from loadtests.simulated_service import SimulatedService, free_port
 
-SAMPLE_EVERY_S = 1.0  # wall seconds between replica samples (and Prometheus scrapes)
+SAMPLE_EVERY_S = 5.0  # wall seconds between replica samples and Prometheus scrapes: Ray exports every 10 s, and each scrape of 5 agents costs CPU the simulated cluster needs
 READY_TIMEOUT_S = 300  # for an arm's initial replicas to be healthy
 DRAIN_TIMEOUT_UNCOMPRESSED_S = 1800  # accepted jobs must end within this after the last arrival
 SETTLE_UNCOMPRESSED_S = 600  # an autoscaling arm's stages must be back at their minimum within this

@@ -18,12 +18,17 @@ _LOADED_AT = time.monotonic()
 _startup_seconds: float | None = None
 
 
+def replica_age_seconds() -> float:
+    """Seconds since Ray loaded this replica's class (the start of its imports and weights load)."""
+    return time.monotonic() - _LOADED_AT
+
+
 def startup_seconds() -> float:
     """This replica's start-up: class load to its first stats report (which Serve makes only
     once the constructor has returned), so weights loading is in it."""
     global _startup_seconds
     if _startup_seconds is None:
-        _startup_seconds = time.monotonic() - _LOADED_AT
+        _startup_seconds = replica_age_seconds()
     return _startup_seconds
 
 

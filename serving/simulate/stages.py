@@ -15,9 +15,15 @@ from serving.simulate.standins import SimulatedTextEncoder, SimulatedTransformer
 
 
 def _start(simulation: SimulationConfig, stage: str) -> CostProfile:
+    """A new replica pays its cold start before it serves. The profile's figure is the whole of
+    it, counted from when Ray loaded the replica's class: process work (imports, CUDA context)
+    and weights load. This machine's own imports already took part of it, so the stand-in waits
+    only the rest; on a busy CPU they can take longer than the profile, and the replica's
+    measured `startup_seconds` (which the reports show) says so."""
+    from serving.deployments.stage_load import replica_age_seconds
+
     profile = load_profile(simulation.profile)
-    # A new replica pays its cold start (weights read and moved to the device) before it serves.
-    time.sleep(profile.startup_seconds(stage) / simulation.time_scale)
+    time.sleep(max(0.0, profile.startup_seconds(stage) / simulation.time_scale - replica_age_seconds()))
     return profile
 
 
