@@ -176,6 +176,22 @@ def test_a_request_waiting_for_a_slot_hears_from_the_engine(tiny_pipeline):
     assert not [e for e in events if e.request_id == "first" and e.kind == "waiting"]
 
 
+def test_a_started_request_left_out_of_batches_still_hears_from_the_engine(tiny_pipeline):
+    """A more urgent job takes the only slot from one already denoising: the one left out is
+    queued, not stuck, so its caller must go on hearing from the engine (or it would time the
+    silence out and retry a job that was only waiting)."""
+    p = tiny_pipeline
+    engine = DenoiseEngine(p.transformer, max_batch=1, waiting_event_seconds=0.0)
+    engine.add(request(p, "low", "x", seed=1, steps=3))
+    events = engine.step_batch()  # "low" starts and runs its first step
+    engine.add(request(p, "urgent", "y", seed=2, steps=3, priority=5))
+    events += run_until_idle(engine)
+    low = [e.kind for e in events if e.request_id == "low"]
+    assert low[:2] == ["started", "step"]
+    assert low[2:5] == ["waiting", "waiting", "waiting"]  # one per step of "urgent"
+    assert low[-1] == "finished"
+
+
 def test_the_forward_in_flight_is_timed_for_the_hang_watchdog(tiny_pipeline):
     p = tiny_pipeline
     seen = []

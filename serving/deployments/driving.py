@@ -203,6 +203,7 @@ class JobDriving:
                     raise RetryLater("stage_timeout") from StageTimeout("denoiser", clock.timeout())
                 accepted = True
                 if "accepted" in event or "waiting" in event:
+                    last_step_at = None  # time spent out of the batch is not a step's
                     continue
                 if "started" in event:  # the engine took the job: the end of its queue wait
                     changes = {"resumed_from_step": event["step"]} if resume else {}

@@ -27,8 +27,9 @@ from serving.pipeline.denoise import DenoiseState, batch_key, denoise_batch_step
 
 logger = logging.getLogger("ray.serve")
 
-# A request still waiting for a slot hears from a live engine this often, so its caller can
-# tell "queued behind others" from "the engine is stuck".
+# A request left out of the running batch (not started yet, or put aside for a more urgent
+# one) hears from a live engine this often, so its caller can tell "queued behind others"
+# from "the engine is stuck".
 WAITING_EVENT_SECONDS = 2.0
 
 
@@ -172,7 +173,8 @@ class DenoiseEngine:
         now = time.monotonic()
         chosen = {r.id for r in batch}
         with self._lock:
-            waiting = [r for r in self.active.values() if r.id not in chosen and not r.started
+            # Started ones too: a more urgent batch can leave a request out after it started.
+            waiting = [r for r in self.active.values() if r.id not in chosen
                        and now - r.told_waiting_at >= self.waiting_event_seconds]
         for request in waiting:
             request.told_waiting_at = now
