@@ -5,6 +5,7 @@ the live service comparing each job's estimated start with its actual one."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import pytest
@@ -294,3 +295,24 @@ def test_estimated_starts_track_actual_starts_across_mixed_shapes(service):
             # Generous on a shared 2-core machine: a unit mistake (steps for seconds, a prior for
             # a measurement) is off by a large factor, not by seconds.
             assert abs(estimated - actual) <= 30 + 2 * (actual - submitted)
+
+
+def test_the_gateway_asks_the_director_once_however_many_creates_wait():
+    """Under a burst, every create needs the wait estimate at once: they share one question to
+    the (busy) Director instead of each sending their own."""
+    from serving.deployments.gateway import SharedAnswer
+
+    asked = []
+
+    async def ask():  # answers slowly, as a Director under a burst
+        asked.append(1)
+        await asyncio.sleep(0.3)
+        return object()
+
+    async def burst():
+        estimate = SharedAnswer(ask, ttl_seconds=60.0)
+        first = await asyncio.gather(*(estimate.get() for _ in range(20)))
+        return first, await estimate.get()
+
+    first, later = asyncio.run(burst())
+    assert len(asked) == 1 and all(a is first[0] for a in first) and later is first[0]

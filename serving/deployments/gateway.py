@@ -21,6 +21,32 @@ ESTIMATE_TTL_SECONDS = 1.0
 ESTIMATE_TIMEOUT_SECONDS = 5.0
 
 
+class SharedAnswer:
+    """An answer asked for at most once per `ttl_seconds`, however many callers want it: while
+    the question is in flight, every caller awaits that one question."""
+
+    def __init__(self, ask, ttl_seconds: float):
+        self.ask, self.ttl = ask, ttl_seconds
+        self.answer: tuple[float, object] | None = None  # (monotonic time, answer)
+        self.asking: asyncio.Future | None = None
+
+    async def get(self):
+        if self.answer is not None and time.monotonic() - self.answer[0] <= self.ttl:
+            return self.answer[1]
+        if self.asking is None:
+            self.asking = asyncio.ensure_future(self._refresh())
+        # Shielded: a caller that gives up (its client hung up) cancels its own wait, not the question.
+        return await asyncio.shield(self.asking)
+
+    async def _refresh(self):
+        try:
+            found = await self.ask()
+            self.answer = (time.monotonic(), found)
+            return found
+        finally:
+            self.asking = None
+
+
 @serve.deployment(name="Gateway")
 @serve.ingress()
 class Gateway:
@@ -33,7 +59,9 @@ class Gateway:
         self.director = director
         self.jobs = VideoJobs(config)
         self.metrics = metrics()
-        self.cached_estimate: tuple[float, object] | None = None
+        # One Director round trip per second at most, however many requests arrive; a missing
+        # answer is remembered as long as a found one, so an outage does not stall every request.
+        self.estimate = SharedAnswer(self._ask_estimate, ESTIMATE_TTL_SECONDS)
 
     async def _wake_director(self, _job_id: str) -> None:
         # Best effort: the Director also polls the store, so a lost wake-up only delays.
@@ -42,23 +70,14 @@ class Gateway:
     async def _stages_ready(self) -> dict[str, bool]:
         return await self.director.ready.remote()
 
-    async def _estimate(self):
-        # One Director round trip per second at most, however many requests arrive; a missing
-        # answer is remembered as long as a found one, so an outage does not stall every request.
+    async def _ask_estimate(self):
         from serving.admission import WaitEstimate
 
-        now = time.monotonic()
-        if self.cached_estimate is None or now - self.cached_estimate[0] > ESTIMATE_TTL_SECONDS:
-            try:
-                found = WaitEstimate(**await asyncio.wait_for(self._ask_estimate(), ESTIMATE_TIMEOUT_SECONDS))
-            except Exception as exc:  # TimeoutError included
-                logger.warning("no wait estimate from the Director (%s); going on without one", type(exc).__name__)
-                found = None
-            self.cached_estimate = (time.monotonic(), found)
-        return self.cached_estimate[1]
-
-    async def _ask_estimate(self) -> dict:
-        return await self.director.estimate.remote()
+        try:
+            return WaitEstimate(**await asyncio.wait_for(self.director.estimate.remote(), ESTIMATE_TIMEOUT_SECONDS))
+        except Exception as exc:  # TimeoutError included
+            logger.warning("no wait estimate from the Director (%s); going on without one", type(exc).__name__)
+            return None
 
     def _rejected(self, reason: str) -> None:
         self.metrics.rejections.inc(tags={"reason": reason})
@@ -67,4 +86,4 @@ class Gateway:
         from serving.api.app import create_api
 
         return create_api(self.config, self.jobs, on_submitted=self._wake_director, stages_ready=self._stages_ready,
-                          estimate=self._estimate, on_rejected=self._rejected)
+                          estimate=self.estimate.get, on_rejected=self._rejected)
