@@ -89,7 +89,7 @@ def _denoise_seconds(row: JobRow) -> float | None:
 
 def _replicas_seen(samples: list[Sample]) -> dict:
     seen: dict[str, dict] = {}
-    for stage in ("text_encoder", "denoiser", "vae_decoder"):
+    for stage in STAGE_NAMES:
         values = [s.healthy[stage] for s in samples if stage in s.healthy]
         if values:
             seen[stage] = {"min": min(values), "max": max(values), "last": values[-1]}
@@ -160,7 +160,7 @@ def write_comparison(out: Path, summaries: dict[str, dict], plan: Plan, *, comma
     ]
     for name, summary in summaries.items():
         r, m = summary["replicas"], summary["max_replicas"]
-        sizes = " / ".join(f"{r[s]}" + (f"–{m[s]}" if m else "") for s in ("text_encoder", "denoiser", "vae_decoder"))
+        sizes = " / ".join(f"{r[s]}" + (f"–{m[s]}" if m else "") for s in STAGE_NAMES)
         lines.append(f"| {name} | {sizes} | " + " | ".join(_cell(key, summary.get(key)) for key, _ in TABLE) + " |")
     lines += ["", "Goal (issue 14, item 4):", "", *goal(summaries), "",
               "PromQL check (p95 queue wait from the Director's histogram vs the jobs' own timestamps; agree = within "
@@ -208,7 +208,7 @@ def plot(out: Path, summaries: dict[str, dict], logs: dict[str, JobLog], samples
         t0 = logs[name].started_at
         series = samples.get(name, [])
         minutes_at = [(s.at - t0) * x / 60 for s in series]
-        for stage in ("text_encoder", "denoiser", "vae_decoder"):
+        for stage in STAGE_NAMES:
             axis.step(minutes_at, [s.healthy.get(stage, 0) for s in series], where="post", label=f"{stage} replicas")
         axis.step(minutes_at, [s.gpus_held for s in series], where="post", color="black", linestyle=":",
                   label="GPUs held")

@@ -10,9 +10,7 @@ import time
 import gevent
 from locust import HttpUser, task
 
-from loadtests.report import JobLog
-
-TERMINAL = ("completed", "failed")
+from loadtests.report import TERMINAL, JobLog
 
 
 class VideoUser(HttpUser):
@@ -49,6 +47,9 @@ class VideoUser(HttpUser):
         while True:
             gevent.sleep(poll_ms / 1000)
             response = self.client.get(f"/v1/videos/{video_id}", name="GET /v1/videos/{id}")
+            if response.status_code == 404:  # deleted meanwhile: nothing more will happen to it
+                self.log.gone(video_id)
+                return
             if response.status_code != 200:
                 continue  # a transient error: keep following the job
             video = response.json()

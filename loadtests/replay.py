@@ -17,9 +17,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import requests
 
-from loadtests.report import JobLog
+from loadtests.report import TERMINAL, JobLog
 
-TERMINAL = ("completed", "failed", "cancelled")
 SUBMITTERS = 8
 PAGE = 100
 

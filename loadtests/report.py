@@ -9,13 +9,16 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-STAGES = ("text_encoder", "denoiser", "vae_decoder")
+from serving.cost_model import STAGE_NAMES as STAGES
+from serving.jobs.records import JobStatus
+
+TERMINAL = frozenset(status.value for status in JobStatus if status.terminal)
 
 
 @dataclass
 class JobRow:
     submitted_at: float
-    outcome: str  # completed | failed | rejected_429 | create_error | unfinished
+    outcome: str  # completed | failed | cancelled | gone | rejected_429 | create_error | unfinished
     job_id: str = ""
     http_status: int = 200
     retry_after_s: float | None = None
@@ -57,6 +60,10 @@ class JobLog:
         row.error_code = (video.get("error") or {}).get("code")
         row.bytes_downloaded = downloaded
 
+    def gone(self, job_id: str) -> None:
+        """The job was deleted (or expired) before it was seen to end."""
+        self.rows[job_id].outcome = "gone"
+
     @property
     def outstanding(self) -> int:
         return sum(1 for row in self.rows.values() if row.outcome == "unfinished")
@@ -77,7 +84,8 @@ def outcome_counts(log: JobLog) -> dict[str, int]:
     rows = log.all_rows()
     count = lambda outcome: sum(1 for r in rows if r.outcome == outcome)  # noqa: E731
     return {"submitted": len(rows), "accepted": len(log.rows), "completed": count("completed"),
-            "failed": count("failed"), "unfinished": count("unfinished"), "rejected_429": count("rejected_429"),
+            "failed": count("failed"), "cancelled": count("cancelled"), "gone": count("gone"),
+            "unfinished": count("unfinished"), "rejected_429": count("rejected_429"),
             "create_errors": count("create_error")}
 
 

@@ -43,3 +43,40 @@ def test_peak_hour_smoke_run(service, tmp_path):
     for name in ("queue_wait.png", "latency_cdf.png"):
         with Image.open(out / name) as image:
             assert image.format == "PNG" and image.size[0] >= 600
+
+
+FOLLOW = """
+import sys
+import gevent  # first: Locust patches the standard library (it must come before requests)
+from locust.env import Environment
+from loadtests.locustfile import VideoUser
+from loadtests.report import JobLog
+
+url, jobs = sys.argv[1], sys.argv[2:]
+VideoUser.host, VideoUser.log = url, JobLog(started_at=0.0)
+for job in jobs:
+    VideoUser.log.accepted(job, 0.0)
+user = VideoUser(Environment(user_classes=[VideoUser]))
+follows = [gevent.spawn(user.follow, job, 10) for job in jobs]
+gevent.joinall(follows, timeout=30)
+assert all(follow.dead for follow in follows), "a follow is still polling"
+print(" ".join(VideoUser.log.rows[job].outcome for job in jobs))
+"""
+
+
+def test_a_followed_job_that_ends_without_completing_ends_the_follow(tmp_path):
+    """A Locust user stops following a job that ended without completing: cancelled (the API
+    shows it as failed, as OpenAI's does) or deleted (a 404, which it used to poll forever)."""
+    import requests
+
+    from live_api import config_for, live_api
+
+    with live_api(config_for(tmp_path)) as api:
+        body = {"prompt": "a red circle", "seconds": "1", "size": "64x64"}
+        cancelled, deleted = (requests.post(f"{api.url}/v1/videos", json=body, timeout=30).json()["id"] for _ in range(2))
+        assert requests.post(f"{api.url}/v1/videos/{cancelled}/cancel", timeout=30).status_code == 200
+        assert requests.delete(f"{api.url}/v1/videos/{deleted}", timeout=30).status_code in (200, 202)
+        result = subprocess.run([sys.executable, "-c", FOLLOW, api.url, cancelled, deleted],
+                                capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split() == ["failed", "gone"]
