@@ -100,13 +100,13 @@ def test_simulated_dit_waits_the_scaled_profile_time_without_cpu(monkeypatch):
     model_cfg = config.model.model_copy(update={"preset": "wan2.1-t2v-1.3b"})
     profile = load_profile("h100-wan2.1-1.3b")
     cold_start = profile.startup_seconds("denoiser") / 2  # 11.2 s at 2x
-    # A replica whose class Ray loaded 2 s ago (its imports took them) waits the rest of its cold start.
-    monkeypatch.setattr(stage_load, "_LOADED_AT", time.monotonic() - 2.0)
+    # A replica that began to start 2 s ago (its imports took them) waits the rest of its cold start.
+    monkeypatch.setattr(stage_load, "_started_at", time.monotonic() - 2.0)
     started = time.perf_counter()
     transformer = load_transformer(model_cfg, config.simulation)
     assert time.perf_counter() - started == pytest.approx(cold_start - 2.0, abs=0.5)
     # One whose own start-up already took longer than the profile's waits no more.
-    monkeypatch.setattr(stage_load, "_LOADED_AT", time.monotonic() - 2 * cold_start)
+    monkeypatch.setattr(stage_load, "_started_at", time.monotonic() - 2 * cold_start)
     started = time.perf_counter()
     load_transformer(model_cfg, config.simulation)
     assert time.perf_counter() - started < 0.5

@@ -9,6 +9,9 @@ from serving.config import StageConfig
 
 
 def prepare_replica(stage: StageConfig) -> None:
+    from serving.deployments.stage_load import mark_replica_start
+
+    mark_replica_start()  # the start of this replica's start-up (see stage_load.startup_seconds)
     # One Ray CPU share means one torch thread: oversubscribed cores slow every replica.
     import torch
 

@@ -13,19 +13,25 @@ from __future__ import annotations
 import itertools
 import time
 
-# Imported when Ray loads the replica's class, before its constructor loads any weights.
-_LOADED_AT = time.monotonic()
+# When this replica began to start: its constructor marks it (`mark_replica_start`, first
+# thing, before it imports torch or loads weights). Until then, when this module was imported.
+_started_at = time.monotonic()
 _startup_seconds: float | None = None
 
 
+def mark_replica_start() -> None:
+    global _started_at
+    _started_at = time.monotonic()
+
+
 def replica_age_seconds() -> float:
-    """Seconds since Ray loaded this replica's class (the start of its imports and weights load)."""
-    return time.monotonic() - _LOADED_AT
+    """Seconds since this replica began to start (its imports and weights load included)."""
+    return time.monotonic() - _started_at
 
 
 def startup_seconds() -> float:
-    """This replica's start-up: class load to its first stats report (which Serve makes only
-    once the constructor has returned), so weights loading is in it."""
+    """This replica's start-up: its constructor's start to its first stats report (which Serve
+    makes only once the constructor has returned), so imports and weights loading are in it."""
     global _startup_seconds
     if _startup_seconds is None:
         _startup_seconds = replica_age_seconds()

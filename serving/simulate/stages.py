@@ -16,7 +16,7 @@ from serving.simulate.standins import SimulatedTextEncoder, SimulatedTransformer
 
 def _start(simulation: SimulationConfig, stage: str) -> CostProfile:
     """A new replica pays its cold start before it serves. The profile's figure is the whole of
-    it, counted from when Ray loaded the replica's class: process work (imports, CUDA context)
+    it, counted from when the replica's constructor began: process work (imports, CUDA context)
     and weights load. This machine's own imports already took part of it, so the stand-in waits
     only the rest; on a busy CPU they can take longer than the profile, and the replica's
     measured `startup_seconds` (which the reports show) says so."""
