@@ -144,11 +144,12 @@ class JobDriving:
                                 stage=Stage.TEXT_ENCODER, progress=PROGRESS_SPAN[Stage.TEXT_ENCODER][0], step=0)
         self._check_cancel(job)
         prompts = [spec["prompt"], spec["negative_prompt"]] if with_negative else [spec["prompt"]]
-        started = time.monotonic()
-        embeddings = await self._call(Stage.TEXT_ENCODER, self.text_encoder.encode.remote(
+        encoded = await self._call(Stage.TEXT_ENCODER, self.text_encoder.encode.remote(
             prompts, spec["max_sequence_length"]))
-        self._measured(Stage.TEXT_ENCODER, time.monotonic() - started,
-                       lambda s: self.cost.observe_encode(len(prompts), spec["max_sequence_length"], s))
+        embeddings = encoded["embeddings"]
+        if encoded["device_seconds"] > 0:  # cached prompts cost nothing and teach nothing
+            self._measured(Stage.TEXT_ENCODER, encoded["device_seconds"],
+                           lambda s: self.cost.observe_encode(len(prompts), spec["max_sequence_length"], s))
         self.in_flight.encoded(job.id)
         # From here the job waits in (then runs on) the Denoiser: the stage says where it is.
         job = await self._write(job.id, [f"{Stage.TEXT_ENCODER.value}_finished_at"], stage=Stage.DENOISER,
@@ -161,10 +162,9 @@ class JobDriving:
                                 stage=Stage.VAE_DECODER, progress=PROGRESS_SPAN[Stage.VAE_DECODER][0])
         self._check_cancel(job)
         units = decode_units(spec["num_frames"], spec["width"], spec["height"])
-        started = time.monotonic()
         result = await self._call(Stage.VAE_DECODER, self.vae_decoder.decode.remote(latents, spec["fps"], units),
                                   units)
-        self._measured(Stage.VAE_DECODER, time.monotonic() - started,
+        self._measured(Stage.VAE_DECODER, result["device_seconds"],
                        lambda s: self.cost.observe_decode(spec["num_frames"], spec["width"], spec["height"], s))
         self.in_flight.decoded(job.id)
 

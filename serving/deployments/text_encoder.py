@@ -35,8 +35,10 @@ class TextEncoder:
         if hung is not None:
             raise RuntimeError(hung)
 
-    async def encode(self, prompts: list[str], max_sequence_length: int):
-        """Return a (len(prompts), max_sequence_length, dim) CPU tensor."""
+    async def encode(self, prompts: list[str], max_sequence_length: int) -> dict:
+        """{"embeddings": a (len(prompts), max_sequence_length, dim) CPU tensor, "device_seconds":
+        the encoder time this call used (its share of batched forwards; 0 when cached)}, so the
+        Director learns the cost without the time the call waited in front of the replica."""
         call = self.clock.start()
         # Waiting until it ends: its prompts share batched forwards, whose share it is charged.
         work = self.load.arrive()
@@ -53,7 +55,7 @@ class TextEncoder:
     async def _encode(self, prompts: list[str], max_sequence_length: int, work: int | None = None):
         import torch
 
-        rows = []
+        rows, device_seconds = [], 0.0
         for prompt in prompts:
             key = (prompt, max_sequence_length)
             if key in self.cache:
@@ -74,7 +76,7 @@ class TextEncoder:
                 self.cache[(prompt, max_sequence_length)] = row
                 while len(self.cache) > self.CACHE_SIZE:
                     self.cache.popitem(last=False)
-        return torch.stack(rows)
+        return {"embeddings": torch.stack(rows), "device_seconds": device_seconds}
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
     async def _encode_one(self, items: list[tuple[str, int]]):

@@ -48,10 +48,13 @@ class VAEDecoder:
                     frames = await asyncio.to_thread(self._decode, latents)
                 finally:
                     self.clock.finish(call)
-                metrics().accelerator_seconds.observe(time.perf_counter() - started, tags={"stage": "vae_decoder"})
+                device_seconds = time.perf_counter() - started
+                metrics().accelerator_seconds.observe(device_seconds, tags={"stage": "vae_decoder"})
         finally:
             self.load.finish(work)
-        return await asyncio.to_thread(self._package, frames, fps, self.simulated_by)
+        # The decode's own time, without its wait for the replica: the Director learns the cost from it.
+        return {**await asyncio.to_thread(self._package, frames, fps, self.simulated_by),
+                "device_seconds": device_seconds}
 
     async def record_autoscaling_stats(self) -> dict[str, float]:
         """What this replica holds, for `serving.autoscaling.StagePolicy`."""
