@@ -17,7 +17,7 @@ import requests
 
 BANNER_END = "Ctrl-C stops the service."
 SCRAPE_LINE = "Prometheus scrape URL: "
-START_TIMEOUT_S = 400
+START_TIMEOUT_S = 900  # a 32-GPU simulated cluster warms ~32 workers (torch imported) on 2 cores first
 
 
 def free_port() -> int:

@@ -39,8 +39,10 @@ STAGE_GPUS = {"text_encoder": 0.5, "denoiser": 1.0, "vae_decoder": 0.5}
 STAGE_CPUS = 0.01  # a sleeping stand-in needs none; Ray still counts it
 HEAD_CPUS = 1  # logical CPUs of the head node (the Gateway and Director take 0.1 each)
 # A GPU node's logical CPUs are its warm workers (Ray prestarts one per CPU): one per replica
-# that fits with a whole GPU each, plus one.
+# that fits with a whole GPU each, plus one; at most MAX_WARM_WORKERS in the cluster (each
+# holds ~300 MB: torch and diffusers imported). Replicas beyond them start cold.
 WARM_WORKERS_BEYOND_GPUS = 1
+MAX_WARM_WORKERS = 32
 WARM_IMPORTS = ("serving.deployments.denoiser", "serving.deployments.text_encoder",
                 "serving.deployments.vae_decoder", "serving.models.loading", "serving.engine.scheduler",
                 "serving.simulate.stages", "serving.storage", "serving.metrics")
@@ -101,9 +103,10 @@ class SimulatedCluster:
             metrics_export_port=self.metrics_port, dashboard_agent_listen_port=_free_port(),
             gcs_server_port=_free_port()))
         self.metrics_ports = [self.metrics_port]
+        warm_per_node = max(1, MAX_WARM_WORKERS // self.nodes)
         for gpus in gpus_per_node(self.gpus, self.nodes):
             port = _free_port()
-            self.cluster.add_node(num_cpus=gpus + WARM_WORKERS_BEYOND_GPUS, num_gpus=gpus,
+            self.cluster.add_node(num_cpus=min(gpus + WARM_WORKERS_BEYOND_GPUS, warm_per_node), num_gpus=gpus,
                                   object_store_memory=NODE_OBJECT_STORE_BYTES, metrics_export_port=port,
                                   dashboard_agent_listen_port=_free_port())
             self.metrics_ports.append(port)
