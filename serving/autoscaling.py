@@ -22,6 +22,11 @@ a new replica's start-up time (configured, else the longest the stage's replicas
   that arrives when the target is nearly or already lost is still bought to work, not to
   help for an instant.
 - The oldest waiter is the second signal: past T, one more replica (when R > 0).
+- Throughput is the floor: never fewer replicas than the stage keeps busy (each replica reports
+  `busy`, the share of its capacity in use, averaged by Serve over the look-back window),
+  at most `MAX_UTILIZATION` busy. A stage's backlog says how much work waits now, not how
+  fast it arrives: under a steady stream the running work alone would price fewer replicas
+  than are busy, and every replica removed would grow the queue back.
 - Scale-down keeps an idle replica as long as restarting it would cost (the break-even
   rule): only after the stage has wanted fewer replicas for S seconds may Serve's
   `downscale_delay_s` start, so removing a replica waits max(S, downscale_delay_s).
@@ -36,6 +41,9 @@ from typing import Any, Callable
 
 from serving.backlog import PendingWork, read_published
 
+# The busiest a stage is kept: at full utilization it has no slack for the next arrival, and
+# its queue wait grows without bound.
+MAX_UTILIZATION = 0.85
 # How often the policy reads the published pending work at most (the control loop ticks
 # every 0.1 s; the Director publishes every second).
 PENDING_READ_SECONDS = 1.0
@@ -90,9 +98,11 @@ class StagePolicy:
         backlog = held + queued + coming
         oldest_wait = max(values("oldest_wait_s") or [0.0])
         desired = replicas_for(backlog, ctx.current_num_replicas, self.target, startup, oldest_wait)
+        busy = sum(values("busy"))
+        desired = max(desired, math.ceil(busy / MAX_UTILIZATION - 1e-9))
         desired = self._hold_idle_replicas(desired, ctx, startup, state)
         state.update(backlog_seconds=backlog, held_seconds=held, queued_seconds=queued, coming_seconds=coming,
-                     oldest_wait_s=oldest_wait)
+                     oldest_wait_s=oldest_wait, busy_replicas=busy)
         return desired, state
 
     def _pending_seconds(self, ctx, per_job: float, per_step: float) -> float:

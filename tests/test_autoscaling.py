@@ -9,6 +9,7 @@ own cluster.)"""
 
 from __future__ import annotations
 
+import math
 import time
 
 import openai
@@ -20,7 +21,7 @@ from ray.serve.config import AutoscalingConfig, AutoscalingContext
 
 from conftest import Service, wait_ready
 from serving.app import _stage_options, build_app
-from serving.autoscaling import StagePolicy, replicas_for
+from serving.autoscaling import MAX_UTILIZATION, StagePolicy, replicas_for
 from serving.backlog import PendingWork, StageWork
 from serving.config import ConfigError, StageConfig, load_config
 from serving.cost_model import STAGE_NAMES
@@ -105,6 +106,21 @@ def test_start_up_time_decides_whether_a_new_replica_helps():
     assert policy("denoiser", startup=None)(context("denoiser", [busy_replica(30.0)]))[0] == 3
     # ... and the configured one over it.
     assert policy("denoiser", startup=0.0)(context("denoiser", [slow_start]))[0] == 3
+
+
+def test_a_stage_keeps_the_replicas_its_stream_keeps_busy():
+    """Steady peak traffic: 12 replicas, each busy 80 % of the look-back window, little queued.
+    Priced by its backlog alone (each job half done, 43 s a job, 30 s target) the stage would
+    want 9: removing the busy replicas would grow the queue back, so it keeps them."""
+    steady = [busy_replica(21.5, per_job=43.0, busy=0.8) for _ in range(12)]
+    assert replicas_for(12 * 21.5, 12, 30.0, 0.0, 0.0) == 9  # the backlog rule alone
+    assert policy("denoiser", target=30.0)(context("denoiser", steady))[0] == 12
+    # The stream thins: 12 replicas, each busy 40 %: enough for ceil(4.8 / 0.85) = 6 ...
+    thinner = [busy_replica(8.0, per_job=43.0, busy=0.4) for _ in range(12)]
+    assert policy("denoiser", target=30.0)(context("denoiser", thinner))[0] == 6
+    # ... and replicas kept fully busy ask for more, at most MAX_UTILIZATION busy.
+    full = [busy_replica(21.5, per_job=43.0, busy=1.0) for _ in range(12)]
+    assert policy("denoiser", target=30.0)(context("denoiser", full))[0] == math.ceil(12 / MAX_UTILIZATION)
 
 
 def test_idle_stage_scales_down_after_the_restart_break_even():

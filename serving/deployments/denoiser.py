@@ -73,8 +73,10 @@ class Denoiser:
         per_step = self.step_seconds / self.engine.engine.max_batch
         if load["requests"]:
             self.steps_per_job = load["remaining_steps"] / load["requests"]
+        running = load["requests"] - load["waiting"]
         return {"backlog_seconds": load["remaining_steps"] * per_step, "waiting": load["waiting"],
-                "running": load["requests"] - load["waiting"], "oldest_wait_s": load["oldest_wait_s"],
+                "running": running, "busy": min(1.0, running / self.engine.engine.max_batch),
+                "oldest_wait_s": load["oldest_wait_s"],
                 "seconds_per_step": per_step, "seconds_per_job": self.steps_per_job * per_step,
                 "startup_seconds": startup_seconds()}
 

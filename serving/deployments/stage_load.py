@@ -2,7 +2,7 @@
 
 Every model stage reports the same few numbers from `record_autoscaling_stats`, so one
 policy scales all three: the device-seconds of work the replica holds (`backlog_seconds`),
-its calls `waiting` and `running`, how long the oldest waiter has waited, what one call
+its calls `waiting` and `running`, the share of its capacity in use (`busy`), how long the oldest waiter has waited, what one call
 costs here (`seconds_per_job`, measured), and how long this replica took to start
 (`startup_seconds`, measured: a simulated replica waits its profile's start-up in its
 constructor, so the same measurement carries the profile's figure).
@@ -80,7 +80,9 @@ class StageLoad:
         # Until a call has finished, the longest-running one says at least what a call costs.
         per_call = self.seconds_per_call if self.measured else max(running, default=0.0)
         backlog = len(waiting) * per_call + sum(max(per_call - elapsed, 0.0) for elapsed in running)
+        # A call on the accelerator keeps this replica busy (concurrent calls share its forwards).
         return {"backlog_seconds": backlog, "waiting": float(len(waiting)), "running": float(len(running)),
+                "busy": 1.0 if running else 0.0,
                 "oldest_wait_s": max(waiting, default=0.0), "seconds_per_job": per_call,
                 "startup_seconds": startup_seconds()}
 
