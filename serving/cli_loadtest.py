@@ -137,7 +137,8 @@ def _experiment(args, argv: list[str] | None) -> int:
 def _ceiling(args, argv: list[str] | None) -> int:
     from pydantic import ValidationError
 
-    from loadtests.ceiling import default_nodes, point_gpus, run_ceiling
+    from loadtests.ceiling import run_ceiling
+    from loadtests.ceiling_cluster import default_nodes, point_gpus
     from loadtests.experiment import command_line
     from serving.config import SimulationConfig
     from serving.simulate.profile import ProfileError, load_profile

@@ -12,10 +12,14 @@ from collections import namedtuple
 
 import pytest
 
-from loadtests.ceiling import (SEGMENTS, ClosedLoop, FreshDatabase, default_nodes, job_overhead, machine_busy_share,
-                               point_config, point_gpus, render_ceiling, summarize_point)
+from loadtests.ceiling_cluster import default_nodes, point_config, point_gpus
+from loadtests.ceiling_report import render_ceiling, summarize_point
+from loadtests.closed_loop import ClosedLoop
+from loadtests.host_cpu import machine_busy_share
+from loadtests.overhead import SEGMENTS, job_overhead
 from loadtests.plan import default_job
 from loadtests.report import JobLog
+from loadtests.scratch_database import FreshDatabase
 from serving.cli import main as cli_main
 from serving.config import config_from_dict
 from serving.cost_model import StageSeconds
