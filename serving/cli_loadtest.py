@@ -1,6 +1,7 @@
-"""`ditserve loadtest`: replay a traffic profile against a running service (loadtests/runner.py),
-and `ditserve loadtest experiment`: the peak-hour experiment on simulated GPUs, three arms
-(loadtests/experiment.py). Both need the `loadtest` extra; neither loads a model."""
+"""`ditserve loadtest`: replay a traffic profile against a running service (loadtests/runner.py);
+`ditserve loadtest experiment`: the peak-hour experiment on simulated GPUs, three arms
+(loadtests/experiment.py); `ditserve loadtest ceiling`: the control plane's ceiling on simulated
+GPUs (loadtests/ceiling.py). All need the `loadtest` extra; none loads a model."""
 
 from __future__ import annotations
 
@@ -46,12 +47,34 @@ def add_loadtest_command(sub, parser_class) -> None:
     exp.add_argument("--arms", default="fixed-base,fixed-peak,autoscaling",
                      help="comma-separated arms to run, in order (default all three)")
 
+    ceiling = kinds.add_parser(
+        "ceiling", help="how much load one Director drives before orchestration adds 2 %% to a job's latency: a "
+        "closed loop at each time scale, each on a fresh simulated GPU cluster (SIMULATED: no model runs)")
+    ceiling.add_argument("--simulate", metavar="PROFILE", required=True,
+                         help="cost profile (h100-wan2.1-1.3b, h100-wan2.1-14b, tiny-cpu) or a profile JSON path")
+    ceiling.add_argument("--replicas", type=int, default=8,
+                         help="Denoisers, one client each; text encoders and VAE decoders: a quarter of it, rounded "
+                         "up (default 8)")
+    ceiling.add_argument("--time-scales", default="1,4,16",
+                         help="comma-separated time scales, one point each: N replicas at X stand for N x X GPUs "
+                         "for the control plane (default 1,4,16)")
+    ceiling.add_argument("--minutes", type=float, default=10.0,
+                         help="closed-loop length per point, uncompressed minutes (default 10)")
+    ceiling.add_argument("--nodes", type=int, default=None,
+                         help="simulated GPU nodes (default: the GPUs in nodes of 8)")
+    ceiling.add_argument("--job-store-url", default=None,
+                         help="a Postgres server (postgresql+psycopg://USER@HOST:PORT/DB; the password in PGPASSWORD): "
+                         "each point gets a fresh database on it, dropped after. Default: SQLite in the point's folder")
+    ceiling.add_argument("--out", type=Path, required=True, help="report folder")
+
 
 def run_loadtest(args, argv: list[str] | None = None) -> int:
     try:
         if args.loadtest == "experiment":
             from loadtests.experiment import ARM_NAMES  # noqa: F401  (fails early without the extra)
             import matplotlib  # noqa: F401
+        elif args.loadtest == "ceiling":
+            from loadtests.ceiling import run_ceiling  # noqa: F401
         else:
             from loadtests.runner import run  # noqa: F401
     except ImportError as exc:
@@ -60,6 +83,8 @@ def run_loadtest(args, argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     if args.loadtest == "experiment":
         return _experiment(args, argv)
+    if args.loadtest == "ceiling":
+        return _ceiling(args, argv)
     if args.minutes <= 0 or args.rate <= 0 or args.steps < 1:
         print("ditserve loadtest: error: --minutes and --rate must be positive, --steps at least 1", file=sys.stderr)
         return EXIT_USAGE
@@ -106,4 +131,54 @@ def _experiment(args, argv: list[str] | None) -> int:
     print(json.dumps({name: {k: s[k] for k in ("completed", "failed", "rejected_429", "slo_attainment",
                                                 "queue_wait_p95_s", "gpu_hours", "accelerator_seconds_per_video")}
                       for name, s in summaries.items()}, indent=2))
+    return 0
+
+
+def _ceiling(args, argv: list[str] | None) -> int:
+    from pydantic import ValidationError
+
+    from loadtests.ceiling import run_ceiling
+    from loadtests.ceiling_cluster import default_nodes, point_gpus
+    from loadtests.experiment import command_line
+    from serving.config import SimulationConfig
+    from serving.simulate.profile import ProfileError, load_profile
+
+    def usage(message: str) -> int:
+        print(f"ditserve loadtest ceiling: error: {message}", file=sys.stderr)
+        return EXIT_USAGE
+
+    if args.replicas < 1:
+        return usage(f"--replicas must be at least 1, found {args.replicas}")
+    try:
+        scales = [float(x) for x in args.time_scales.split(",") if x.strip()]
+    except ValueError:
+        return usage(f"--time-scales: {args.time_scales!r} is not a comma-separated list of numbers such as 1,4,16")
+    if not scales:
+        return usage("--time-scales: none given")
+    if not args.minutes > 0:
+        return usage(f"--minutes must be positive, found {args.minutes:g}")
+    url = args.job_store_url
+    if url is not None and not url.startswith(("postgresql://", "postgresql+psycopg://")):
+        return usage("--job-store-url: give a Postgres server as postgresql+psycopg://USER@HOST:PORT/DB "
+                     "(leave it out for SQLite in each point's folder)")
+    gpus = point_gpus(args.replicas)
+    nodes = args.nodes or default_nodes(gpus)
+    try:
+        load_profile(args.simulate)
+        for x in scales:
+            SimulationConfig(profile=args.simulate, gpus=gpus, nodes=nodes, time_scale=x)
+    except ValidationError as exc:
+        flags = {"time_scale": "--time-scales", "gpus": "--replicas", "nodes": "--nodes"}
+        return usage("; ".join(": ".join(part for part in (flags.get(".".join(map(str, e["loc"])), ""),
+                                                            str(e["msg"]).removeprefix("Value error, ")) if part)
+                               for e in exc.errors()))
+    except ProfileError as exc:
+        return usage(f"--simulate {args.simulate}: {exc}")
+    summaries = run_ceiling(profile=args.simulate, replicas=args.replicas, time_scales=scales, minutes=args.minutes,
+                            nodes=nodes, job_store_url=url, out=args.out,
+                            command=command_line(argv if argv is not None else sys.argv[1:]))
+    print(json.dumps({f"{s['time_scale']:g}x": {k: s[k] for k in ("equivalent_gpus", "completed", "failed",
+                                                                   "jobs_per_min", "overhead_share", "under_budget",
+                                                                   "director_cpu_share", "machine_cpu_busy_share")}
+                      for s in summaries}, indent=2))
     return 0
