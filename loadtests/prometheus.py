@@ -91,12 +91,3 @@ def bucket_of(seconds: float) -> tuple[float, float]:
             return lower, upper
         lower = upper
     return lower, float("inf")
-
-
-def agreement(promql_s: float | None, jobs_s: float | None) -> dict:
-    """Do PromQL's p95 and the jobs' p95 (same clock, compressed) agree within the bucket's width?"""
-    if promql_s is None or jobs_s is None:
-        return {"agree": None, "reason": "no PromQL answer" if promql_s is None else "no job started"}
-    lower, upper = bucket_of(jobs_s)
-    width = upper - lower
-    return {"agree": bool(abs(promql_s - jobs_s) <= width), "bucket": [lower, upper], "tolerance": width}

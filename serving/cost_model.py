@@ -33,10 +33,6 @@ class CostModel(Protocol):
     def vae_decode_seconds(self, frames: int, width: int, height: int) -> float:
         """Decoding one clip of `frames` frames at width x height pixels."""
 
-    def startup_seconds(self, stage: str) -> float:
-        """A new replica of `stage` ("text_encoder" | "denoiser" | "vae_decoder"), from
-        placement to ready (weights loaded): what a scale-up pays before it helps."""
-
 
 @dataclass(frozen=True)
 class StageSeconds:

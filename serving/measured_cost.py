@@ -30,7 +30,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from serving.config import parse_size
-from serving.cost_model import CostModel, StageSeconds, spec_seconds
+from serving.cost_model import CostModel
 from serving.models.presets import Preset
 from serving.pipeline.cost import guidance_rows, latent_frames, tokens_per_frame
 
@@ -43,7 +43,6 @@ MAX_SHAPES = 256
 # DiT forward; decoding a clip about a tenth of its denoising (Wan2.1 480p: ~5 s of ~50 s).
 PRIOR_ENCODE_STEPS = 1.0
 PRIOR_DECODE_STEPS = 5.0
-PRIOR_STARTUP_SECONDS = 60.0  # weights load; replaced by a profile's figure when one is used
 
 Shape = tuple[int, int, int]  # (rows, latent tokens, text tokens) of one denoise step
 
@@ -70,9 +69,6 @@ class PresetPrior:
     def vae_decode_seconds(self, frames: int, width: int, height: int) -> float:
         size = frames * width * height / self._default_pixel_frames
         return self.preset.typical_step_seconds * PRIOR_DECODE_STEPS * size
-
-    def startup_seconds(self, stage: str) -> float:
-        return PRIOR_STARTUP_SECONDS
 
 
 @dataclass
@@ -129,9 +125,6 @@ class MeasuredCost:
     def vae_decode_seconds(self, frames: int, width: int, height: int) -> float:
         return self.base.vae_decode_seconds(frames, width, height) * self.calibration.vae_decoder
 
-    def startup_seconds(self, stage: str) -> float:
-        return self.base.startup_seconds(stage)
-
     # ---- measuring (the Director) ---------------------------------------------------------
 
     def observe_step(self, shape: Shape, seconds: float) -> None:
@@ -153,9 +146,6 @@ class MeasuredCost:
         setattr(self.calibration, stage, _average(old, ratio))
         self._ratio_seen[stage] = True
 
-    def job_seconds(self, geometry, spec: dict) -> StageSeconds:
-        return spec_seconds(self, geometry, spec)
-
 
 class Compressed:
     """A cost model whose every time is divided by a simulation's time scale: what simulated
@@ -172,9 +162,6 @@ class Compressed:
 
     def vae_decode_seconds(self, frames: int, width: int, height: int) -> float:
         return self.model.vae_decode_seconds(frames, width, height) / self.time_scale
-
-    def startup_seconds(self, stage: str) -> float:
-        return self.model.startup_seconds(stage) / self.time_scale
 
 
 def base_cost_model(preset: Preset, simulation=None) -> CostModel:

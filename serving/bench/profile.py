@@ -83,7 +83,7 @@ def measure(config: ServiceConfig, repeats: int = 3, name: str | None = None,
     startup["vae_decoder"] = time.perf_counter() - started
     load_scheduler_config(model_cfg)
     param = next(transformer.parameters())
-    channels, dim = transformer.config.in_channels, text.model.config.d_model
+    channels = transformer.config.in_channels
 
     rows_te, te_seconds = [], []
     for prompts in prompt_counts:

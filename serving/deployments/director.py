@@ -189,8 +189,6 @@ class Director(JobDriving):
                 logger.warning("publishing the pending work failed (%r); the autoscalers see only their stages", exc)
             await asyncio.sleep(PENDING_PUBLISH_SECONDS)
 
-    # ---- one job ------------------------------------------------------------------------
-
 def _replicas_at_least(stage: StageConfig) -> float:
     """Replicas a stage always has (at least one: a stage scaled to zero starts one for work)."""
     return float(max(1, stage.autoscaling.min_replicas if stage.autoscaling is not None else stage.num_replicas))

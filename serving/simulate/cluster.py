@@ -115,21 +115,24 @@ class SimulatedCluster:
         self._wait_until_warm()
 
     def _wait_until_warm(self) -> None:
-        """Until the cluster's processes (all under this cluster's private temp dir) are quiet:
-        the warm workers have done their imports and use no more CPU."""
+        """Until this cluster's processes are quiet: the warm workers have done their imports."""
         import psutil
 
-        def cpu_seconds() -> float:  # of the raylets of this cluster and all they started
+        def cpu_seconds() -> float:
+            # Its raylets, GCS and agents name its private temp dir on their command lines;
+            # the workers are their children.
+            members: dict[int, psutil.Process] = {}
+            for process in psutil.process_iter(["cmdline"]):
+                if any(self.ray_tmp in part for part in process.info["cmdline"] or ()):
+                    for member in [process, *process.children(recursive=True)]:
+                        members[member.pid] = member
             total = 0.0
-            for raylet in psutil.process_iter(["cmdline"]):
-                if not any(self.ray_tmp in part for part in raylet.info["cmdline"] or ()):
+            for member in members.values():
+                try:
+                    times = member.cpu_times()
+                except psutil.Error:  # gone meanwhile
                     continue
-                for process in [raylet, *raylet.children(recursive=True)]:
-                    try:
-                        times = process.cpu_times()
-                    except psutil.Error:  # gone meanwhile
-                        continue
-                    total += times.user + times.system
+                total += times.user + times.system
             return total
 
         deadline, quiet, last = time.monotonic() + WARM_TIMEOUT_S, 0, cpu_seconds()
