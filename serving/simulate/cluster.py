@@ -47,7 +47,7 @@ WARM_IMPORTS = ("serving.deployments.denoiser", "serving.deployments.text_encode
                 "serving.deployments.vae_decoder", "serving.models.loading", "serving.engine.scheduler",
                 "serving.simulate.stages", "serving.storage", "serving.metrics")
 WARM_TIMEOUT_S = 600.0
-QUIET_CPU_SECONDS_PER_SECOND = 0.2  # the cluster's processes together, once the warm-up is done
+BUSY_PROCESS_CPU_SECONDS_PER_SECOND = 0.25  # a process still warming up (importing) uses more
 NODE_OBJECT_STORE_BYTES = 128 * 1024 * 1024  # simulated latents are small (see standins.py)
 SIMULATED_DATA = "ditserve-data/simulated"
 
@@ -115,35 +115,40 @@ class SimulatedCluster:
         self._wait_until_warm()
 
     def _wait_until_warm(self) -> None:
-        """Until this cluster's processes are quiet: the warm workers have done their imports."""
+        """Until no process of this cluster is busy for a few seconds running: the warm workers
+        have done their imports (an importing worker uses a whole core; an idle one ~2 %)."""
         import psutil
 
-        def cpu_seconds() -> float:
+        def members() -> dict[int, psutil.Process]:
             # Its raylets, GCS and agents name its private temp dir on their command lines;
             # the workers are their children.
-            members: dict[int, psutil.Process] = {}
+            found: dict[int, psutil.Process] = {}
             for process in psutil.process_iter(["cmdline"]):
                 if any(self.ray_tmp in part for part in process.info["cmdline"] or ()):
                     for member in [process, *process.children(recursive=True)]:
-                        members[member.pid] = member
-            total = 0.0
-            for member in members.values():
+                        found[member.pid] = member
+            return found
+
+        def cpu_seconds(processes: dict[int, psutil.Process]) -> dict[int, float]:
+            seconds = {}
+            for pid, process in processes.items():
                 try:
-                    times = member.cpu_times()
+                    times = process.cpu_times()
                 except psutil.Error:  # gone meanwhile
                     continue
-                total += times.user + times.system
-            return total
+                seconds[pid] = times.user + times.system
+            return seconds
 
-        deadline, quiet, last = time.monotonic() + WARM_TIMEOUT_S, 0, cpu_seconds()
+        deadline, quiet, last = time.monotonic() + WARM_TIMEOUT_S, 0, cpu_seconds(members())
         while quiet < 3:
             if time.monotonic() > deadline:
                 logging.getLogger(__name__).warning("simulated nodes still busy warming up after %.0f s; going on",
                                                     WARM_TIMEOUT_S)
                 return
             time.sleep(1.0)
-            now = cpu_seconds()
-            quiet = quiet + 1 if now - last < QUIET_CPU_SECONDS_PER_SECOND else 0
+            now = cpu_seconds(members())
+            busiest = max((seconds - last.get(pid, 0.0) for pid, seconds in now.items()), default=0.0)
+            quiet = quiet + 1 if busiest < BUSY_PROCESS_CPU_SECONDS_PER_SECOND else 0
             last = now
 
     @property
