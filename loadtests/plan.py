@@ -110,7 +110,14 @@ def replicas_for(rate_per_s: float, seconds: float) -> int:
     return max(1, math.ceil(rate_per_s * seconds / UTILIZATION - 1e-9))
 
 
-def plan(profile: CostProfile, gpus: int, slo_s: float) -> Plan:
+# The autoscaling arm's queue-wait target, as a share of the SLO: the policy drains the whole
+# backlog within its target, while the SLO bounds the p95, so the target may sit below it.
+TARGET_SHARE_OF_SLO = 0.5
+
+
+def plan(profile: CostProfile, gpus: int, slo_s: float, target_s: float | None = None) -> Plan:
+    """`target_s`: the autoscaling arm's target queue wait (default TARGET_SHARE_OF_SLO x SLO)."""
+    target_s = TARGET_SHARE_OF_SLO * slo_s if target_s is None else target_s
     job = default_job(profile)
     for base_denoisers in range(max(1, gpus // int(PEAK_MULTIPLIER)), 0, -1):
         rate = UTILIZATION * base_denoisers / job.seconds.denoiser  # jobs/s the base Denoisers are sized for
@@ -122,7 +129,7 @@ def plan(profile: CostProfile, gpus: int, slo_s: float) -> Plan:
         fixed_peak = Arm("fixed-peak", peak)
         if fixed_peak.gpus() <= gpus and ceiling["denoiser"] >= peak["denoiser"]:
             arms = [Arm("fixed-base", base), fixed_peak,
-                    Arm("autoscaling", base, {s: ceiling[s] for s in STAGE_NAMES}, slo_s / 2)]
+                    Arm("autoscaling", base, {s: ceiling[s] for s in STAGE_NAMES}, target_s)]
             return Plan(gpus, round(rate * 60.0, 4), job, {arm.name: arm for arm in arms})
     raise PlanError(f"{gpus} GPUs cannot hold a fixed-peak arm ({PEAK_MULTIPLIER:g}x one base Denoiser plus the "
                     f"other stages); give --gpus {int(PEAK_MULTIPLIER) + 2} or more")

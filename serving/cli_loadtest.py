@@ -44,6 +44,8 @@ def add_loadtest_command(sub, parser_class) -> None:
     exp.add_argument("--seed", type=int, default=0, help="seed of the arrival schedule (default 0)")
     exp.add_argument("--slo-seconds", type=float, default=60.0,
                      help="queue-wait SLO, submitted -> denoising starts, uncompressed (default 60)")
+    exp.add_argument("--target-seconds", type=float, default=None,
+                     help="the autoscaling arm's queue-wait target, uncompressed (default: half the SLO)")
     exp.add_argument("--arms", default="fixed-base,fixed-peak,autoscaling",
                      help="comma-separated arms to run, in order (default all three)")
 
@@ -117,9 +119,11 @@ def _experiment(args, argv: list[str] | None) -> int:
         return usage(f"--minutes must be positive, found {args.minutes:g}")
     if not args.slo_seconds > 0:
         return usage(f"--slo-seconds must be positive, found {args.slo_seconds:g}")
+    if args.target_seconds is not None and not 0 < args.target_seconds <= args.slo_seconds:
+        return usage(f"--target-seconds must be above 0 and at most --slo-seconds, found {args.target_seconds:g}")
     try:
         SimulationConfig(profile=args.simulate, gpus=args.gpus, nodes=args.nodes, time_scale=args.time_scale)
-        plan(load_profile(args.simulate), args.gpus, args.slo_seconds)
+        plan(load_profile(args.simulate), args.gpus, args.slo_seconds, args.target_seconds)
     except ValidationError as exc:
         return usage("; ".join(f"--{'-'.join(str(p) for p in e['loc']).replace('_', '-')}: "
                                f"{str(e['msg']).removeprefix('Value error, ')}" for e in exc.errors()))
@@ -127,6 +131,7 @@ def _experiment(args, argv: list[str] | None) -> int:
         return usage(f"--simulate {args.simulate}: {exc}" if isinstance(exc, ProfileError) else f"--gpus: {exc}")
     summaries = run_experiment(profile=args.simulate, gpus=args.gpus, nodes=args.nodes, minutes=args.minutes,
                                out=args.out, time_scale=args.time_scale, seed=args.seed, slo_s=args.slo_seconds,
+                               target_s=args.target_seconds,
                                arms=arms, command=command_line(argv if argv is not None else sys.argv[1:]))
     print(json.dumps({name: {k: s[k] for k in ("completed", "failed", "rejected_429", "slo_attainment",
                                                 "queue_wait_p95_s", "gpu_hours", "accelerator_seconds_per_video")}

@@ -72,6 +72,17 @@ def test_arms_are_sized_for_base_and_peak_within_the_gpu_budget():
             assert config.stages.denoiser.autoscaling.startup_seconds == profile.startup_seconds("denoiser")
     with pytest.raises(PlanError, match="give --gpus"):
         plan(profile, 4, 60.0)
+    # The autoscaling arm's target: half the SLO unless given.
+    assert auto.target_queue_wait_s == 30.0
+    assert plan(profile, 16, 60.0, target_s=45.0).arms["autoscaling"].target_queue_wait_s == 45.0
+
+
+def test_a_target_above_the_slo_is_refused_before_any_cluster_starts(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "serving.cli", "loadtest", "experiment", "--simulate", PROFILE, "--slo-seconds", "60",
+         "--target-seconds", "90", "--out", str(tmp_path / "never")], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "--target-seconds" in result.stderr
+    assert not (tmp_path / "never").exists()
 
 
 # ---- GPU-hours from the cluster's gauges --------------------------------------------------------
