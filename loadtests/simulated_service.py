@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,15 +14,11 @@ from pathlib import Path
 
 import requests
 
+from serving.simulate.cluster import free_port
+
 BANNER_END = "Ctrl-C stops the service."
 SCRAPE_LINE = "Prometheus scrape URL: "
 START_TIMEOUT_S = 900  # a 32-GPU simulated cluster warms ~32 workers (torch imported) on 2 cores first
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class SimulatedService:

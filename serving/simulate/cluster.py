@@ -75,7 +75,8 @@ def gpus_per_node(gpus: int, nodes: int) -> list[int]:
     return [gpus // nodes + (1 if i < gpus % nodes else 0) for i in range(nodes)]
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A free TCP port on loopback (for a node's or a tool's listener)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -100,15 +101,15 @@ class SimulatedCluster:
         # All nodes are processes of this machine (on its own address, as Ray's test cluster sets them up).
         self.cluster = Cluster(initialize_head=True, head_node_args=dict(
             num_cpus=HEAD_CPUS, object_store_memory=NODE_OBJECT_STORE_BYTES, num_gpus=0, include_dashboard=False,
-            metrics_export_port=self.metrics_port, dashboard_agent_listen_port=_free_port(),
-            gcs_server_port=_free_port()))
+            metrics_export_port=self.metrics_port, dashboard_agent_listen_port=free_port(),
+            gcs_server_port=free_port()))
         self.metrics_ports = [self.metrics_port]
         warm_per_node = max(1, MAX_WARM_WORKERS // self.nodes)
         for gpus in gpus_per_node(self.gpus, self.nodes):
-            port = _free_port()
+            port = free_port()
             self.cluster.add_node(num_cpus=min(gpus + WARM_WORKERS_BEYOND_GPUS, warm_per_node), num_gpus=gpus,
                                   object_store_memory=NODE_OBJECT_STORE_BYTES, metrics_export_port=port,
-                                  dashboard_agent_listen_port=_free_port())
+                                  dashboard_agent_listen_port=free_port())
             self.metrics_ports.append(port)
         self.cluster.wait_for_nodes()
         ray.init(address=self.cluster.address, logging_level="WARNING", log_to_driver=False)
