@@ -42,7 +42,8 @@ def _stage_options(name: str, stage: StageConfig, prior_seconds_per_step: float 
         "policy": {"policy_function": "serving.autoscaling:StagePolicy",
                    "policy_kwargs": {"stage": name, "target_queue_wait_s": scaling.target_queue_wait_seconds,
                                      "startup_seconds": scaling.startup_seconds,
-                                     "prior_seconds_per_step": prior_seconds_per_step}},
+                                     "prior_seconds_per_step": prior_seconds_per_step,
+                                     "inflow_window_s": scaling.inflow_window_s}},
     }
     return options
 

@@ -22,11 +22,14 @@ a new replica's start-up time (configured, else the longest the stage's replicas
   that arrives when the target is nearly or already lost is still bought to work, not to
   help for an instant.
 - The oldest waiter is the second signal: past T, one more replica (when R > 0).
-- Throughput is the floor: never fewer replicas than the stage keeps busy (each replica reports
-  `busy`, the share of its capacity in use, averaged by Serve over the look-back window),
-  at most `MAX_UTILIZATION` busy. A stage's backlog says how much work waits now, not how
-  fast it arrives: under a steady stream the running work alone would price fewer replicas
-  than are busy, and every replica removed would grow the queue back.
+- The arrival rate is the floor: never fewer replicas than the work arriving keeps busy, at
+  most `MAX_UTILIZATION` busy. A stage's backlog says how much work waits now, not how fast it
+  arrives: under a steady stream the running work alone would price fewer replicas than are
+  busy, and every replica removed would grow the queue back. The rate is measured by work
+  conservation over the stage's `inflow_window_s`: work in = work done + growth of the
+  backlog, where work done is the replicas' `busy` (a busy replica does one device-second per
+  second). Not `busy` alone: while a queue drains every replica is busy, so a floor on `busy`
+  would ratchet the stage up to its maximum and hold it there until the queue is empty.
 - Scale-down keeps an idle replica as long as restarting it would cost (the break-even
   rule): only after the stage has wanted fewer replicas for S seconds may Serve's
   `downscale_delay_s` start, so removing a replica waits max(S, downscale_delay_s).
@@ -47,6 +50,9 @@ MAX_UTILIZATION = 0.85
 # How often the policy reads the published pending work at most (the control loop ticks
 # every 0.1 s; the Director publishes every second).
 PENDING_READ_SECONDS = 1.0
+# Samples of (time, backlog, busy) the inflow estimate keeps per window: enough to average
+# busy over it, few enough that the policy state stays small.
+INFLOW_SAMPLES = 30
 
 
 def replicas_for(backlog_s: float, running: int, target_s: float, startup_s: float, oldest_wait_s: float) -> int:
@@ -64,10 +70,11 @@ class StagePolicy:
     """Serve's custom policy for one stage (`autoscaling_config.policy` in serving/app.py)."""
 
     def __init__(self, stage: str, target_queue_wait_s: float, startup_seconds: float | None = None,
-                 prior_seconds_per_step: float = 0.0):
+                 prior_seconds_per_step: float = 0.0, inflow_window_s: float = 60.0):
         self.stage = stage
         self.target = target_queue_wait_s
         self.startup = startup_seconds  # None: what the replicas measured
+        self.inflow_window = inflow_window_s
         self.prior_seconds_per_step = prior_seconds_per_step
         # Where the work not yet at this stage comes from; tests hand in their own snapshot.
         self.read_pending: Callable[[str | None], PendingWork | None] = read_published
@@ -99,11 +106,25 @@ class StagePolicy:
         oldest_wait = max(values("oldest_wait_s") or [0.0])
         desired = replicas_for(backlog, ctx.current_num_replicas, self.target, startup, oldest_wait)
         busy = sum(values("busy"))
-        desired = max(desired, math.ceil(busy / MAX_UTILIZATION - 1e-9))
+        inflow = self._inflow(ctx.current_time or 0.0, backlog, busy, state)
+        desired = max(desired, math.ceil(inflow / MAX_UTILIZATION - 1e-9))
         desired = self._hold_idle_replicas(desired, ctx, startup, state)
         state.update(backlog_seconds=backlog, held_seconds=held, queued_seconds=queued, coming_seconds=coming,
-                     oldest_wait_s=oldest_wait, busy_replicas=busy)
+                     oldest_wait_s=oldest_wait, busy_replicas=busy, inflow_replicas=inflow)
         return desired, state
+
+    def _inflow(self, now: float, backlog: float, busy: float, state: dict[str, Any]) -> float:
+        """Device-seconds of work arriving per second (= replicas it keeps busy), over the
+        window: the mean of `busy` plus the backlog's growth. 0 until half a window is seen."""
+        samples = [s for s in state.get("inflow_samples", []) if now - s[0] <= self.inflow_window]
+        if not samples or now - samples[-1][0] >= self.inflow_window / INFLOW_SAMPLES:
+            samples.append((now, backlog, busy))
+        state["inflow_samples"] = samples
+        span = now - samples[0][0]
+        if span < self.inflow_window / 2:
+            return 0.0
+        mean_busy = sum(s[2] for s in samples) / len(samples)
+        return max(0.0, mean_busy + (backlog - samples[0][1]) / span)
 
     def _pending_seconds(self, ctx, per_job: float, per_step: float) -> float:
         now = ctx.current_time or 0.0

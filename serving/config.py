@@ -94,6 +94,9 @@ class AutoscalingConfig(_Section):
     upscale_delay_s: float = Field(default=5.0, ge=0)
     downscale_delay_s: float = Field(default=60.0, ge=0)
     look_back_period_s: float = Field(default=10.0, gt=0, description="Window the replicas' metrics average over.")
+    inflow_window_s: float = Field(
+        default=60.0, gt=0, description="Window the arrival rate of work is measured over; the stage keeps "
+        "replicas for that rate at most 85 % busy. Longer is steadier, shorter follows a burst sooner.")
 
     @model_validator(mode="after")
     def _bounds(self) -> "AutoscalingConfig":

@@ -108,19 +108,42 @@ def test_start_up_time_decides_whether_a_new_replica_helps():
     assert policy("denoiser", startup=0.0)(context("denoiser", [slow_start]))[0] == 3
 
 
-def test_a_stage_keeps_the_replicas_its_stream_keeps_busy():
-    """Steady peak traffic: 12 replicas, each busy 80 % of the look-back window, little queued.
-    Priced by its backlog alone (each job half done, 43 s a job, 30 s target) the stage would
-    want 9: removing the busy replicas would grow the queue back, so it keeps them."""
-    steady = [busy_replica(21.5, per_job=43.0, busy=0.8) for _ in range(12)]
+def over_a_window(chosen: StagePolicy, replicas: int, busy: float, backlog_at, seconds: float = 60.0,
+                  tick: float = 1.0) -> tuple[int, dict]:
+    """Tick the policy for `seconds`: `replicas` each `busy`, holding `backlog_at(t)` device-seconds in all."""
+    state: dict = {}
+    for i in range(int(seconds / tick) + 1):
+        t = i * tick
+        stats = [busy_replica(backlog_at(t) / replicas, per_job=43.0, busy=busy) for _ in range(replicas)]
+        desired, state = chosen(context("denoiser", stats, now=1000.0 + t, state=state))
+    return desired, state
+
+
+def test_a_stage_keeps_the_replicas_its_arriving_work_keeps_busy():
+    """Steady peak traffic: 12 replicas, each busy 80 % of the time, the backlog steady (each job
+    half done, 43 s a job). Priced by its backlog alone against a 30 s target the stage would want
+    9; the work arriving keeps 9.6 replicas busy, so it keeps ceil(9.6 / 0.85) = 12."""
     assert replicas_for(12 * 21.5, 12, 30.0, 0.0, 0.0) == 9  # the backlog rule alone
-    assert policy("denoiser", target=30.0)(context("denoiser", steady))[0] == 12
-    # The stream thins: 12 replicas, each busy 40 %: enough for ceil(4.8 / 0.85) = 6 ...
-    thinner = [busy_replica(8.0, per_job=43.0, busy=0.4) for _ in range(12)]
-    assert policy("denoiser", target=30.0)(context("denoiser", thinner))[0] == 6
-    # ... and replicas kept fully busy ask for more, at most MAX_UTILIZATION busy.
-    full = [busy_replica(21.5, per_job=43.0, busy=1.0) for _ in range(12)]
-    assert policy("denoiser", target=30.0)(context("denoiser", full))[0] == math.ceil(12 / MAX_UTILIZATION)
+    desired, state = over_a_window(policy("denoiser", target=30.0), 12, 0.8, lambda t: 12 * 21.5)
+    assert state["inflow_replicas"] == pytest.approx(9.6)
+    assert desired == math.ceil(9.6 / MAX_UTILIZATION) == 12
+    # Before half a window is seen there is no rate yet, and the backlog rule alone decides.
+    desired, state = over_a_window(policy("denoiser", target=30.0), 12, 0.8, lambda t: 12 * 21.5, seconds=20.0)
+    assert (desired, state["inflow_replicas"]) == (9, 0.0)
+
+
+def test_a_draining_queue_is_not_mistaken_for_arriving_work():
+    """After a burst: 14 replicas all busy working off a queue that shrinks by 5 device-seconds a
+    second. Work arrives for 14 - 5 = 9 replicas, so the stage may shrink to ceil(9 / 0.85) = 11
+    while the queue drains; a floor on `busy` alone would ask for ceil(14 / 0.85) = 17, the
+    maximum, until the queue was empty."""
+    desired, state = over_a_window(policy("denoiser", target=30.0), 14, 1.0, lambda t: 600.0 - 5.0 * t)
+    assert state["inflow_replicas"] == pytest.approx(9.0)
+    assert desired == 11 < 14
+    # A queue that grows while every replica works means more arrives than they do.
+    desired, state = over_a_window(policy("denoiser", target=300.0), 12, 1.0, lambda t: 100.0 + 3.0 * t)
+    assert state["inflow_replicas"] == pytest.approx(15.0)
+    assert desired == math.ceil(15.0 / MAX_UTILIZATION)
 
 
 def test_idle_stage_scales_down_after_the_restart_break_even():
