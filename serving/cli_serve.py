@@ -149,6 +149,16 @@ def _quiet_libraries() -> None:
     quiet()
 
 
+def shown_url(database_url: str) -> str:
+    """A job-store URL fit for a terminal or a log: its password masked."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(database_url).render_as_string(hide_password=True)
+    except Exception:  # not a URL SQLAlchemy reads; the config check reports it elsewhere
+        return "(unreadable URL)"
+
+
 def banner(config, metrics_url: str, profile=None, scale=None, cluster=None) -> str:
     url = f"http://{config.server.host}:{config.server.port}"
     size = "64x64" if profile is None else "832x480"
@@ -167,7 +177,7 @@ def banner(config, metrics_url: str, profile=None, scale=None, cluster=None) -> 
 """
     return f"""{simulated}
 ditserve is serving {config.model.preset!r} at {url}
-  jobs: {config.storage.job_store_url}
+  jobs: {shown_url(config.storage.job_store_url)}
   videos: {config.storage.artifacts_url}
   Prometheus scrape URL: {metrics_url}
 

@@ -126,6 +126,39 @@ def test_async_engine_streams_events_and_cancels_on_close(tiny_pipeline):
     assert first == "started" and idle
 
 
+def test_a_request_hears_it_started_before_its_first_forward_ends(tiny_pipeline):
+    """The Director stamps `denoiser_started_at` (the end of the queue wait) on "started": sent
+    with the first step's results, it made every queue wait one forward too long."""
+    import threading
+
+    p = tiny_pipeline
+    heard = threading.Event()
+    during_first_forward = []
+    original = p.transformer.forward
+
+    def first_forward_waits_for_the_news(*args, **kwargs):
+        if not during_first_forward:
+            during_first_forward.append(heard.wait(timeout=5.0))
+        return original(*args, **kwargs)
+
+    async def scenario():
+        engine = AsyncDenoiseEngine(DenoiseEngine(p.transformer, max_batch=1))
+        kinds = []
+        async for event in engine.submit(request(p, "a", "x", seed=1, steps=2)):
+            kinds.append(event.kind)
+            if event.kind == "started":
+                heard.set()
+        return kinds
+
+    p.transformer.forward = first_forward_waits_for_the_news
+    try:
+        kinds = asyncio.run(scenario())
+    finally:
+        del p.transformer.forward
+    assert kinds == ["started", "step", "step", "finished"]
+    assert during_first_forward == [True]
+
+
 def test_a_failure_outside_the_forward_fails_no_stream_and_stops_no_loop(tiny_pipeline):
     """A step-boundary error that is not the forward's (here the metrics callback) used to end
     the engine's loop and leave every open stream waiting forever."""

@@ -35,3 +35,14 @@ def test_serve_starts_serves_and_stops_cleanly(tmp_path):
     assert process.returncode == 0
     assert f"ditserve is serving 'tiny' at {url}" in out
     assert "client.videos.create_and_poll" in out  # the copy-paste example
+
+
+def test_the_banner_never_shows_the_job_store_password():
+    from serving.cli_serve import banner
+    from serving.config import load_config
+
+    config = load_config(None, environ={
+        "DITSERVE_STORAGE__JOB_STORE_URL": "postgresql+psycopg://ditserve:s3cret-pw@127.0.0.1:5432/jobs"})
+    shown = banner(config, "http://127.0.0.1:8001/metrics")
+    assert "s3cret-pw" not in shown
+    assert "postgresql+psycopg://ditserve:***@127.0.0.1:5432/jobs" in shown

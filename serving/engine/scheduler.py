@@ -108,8 +108,10 @@ class DenoiseEngine:
         key = batch_key(queue[0].state)
         return [r for r in queue if batch_key(r.state) == key][: self.max_batch]
 
-    def step_batch(self) -> list[EngineEvent]:
-        """Run one step boundary: one forward for the selected batch. Returns what happened.
+    def step_batch(self, before_forward: Callable[[list[EngineEvent]], None] | None = None) -> list[EngineEvent]:
+        """Run one step boundary: one forward for the selected batch. Returns what happened;
+        what is known before the forward ("started", "waiting") goes to `before_forward` when
+        given, so a job's denoising start is reported when it starts, not a step later.
         Whatever goes wrong fails only the requests it concerns: a failed forward its batch,
         a failed hand-back (checkpoint, latents) its own request; the engine goes on."""
         batch = self.select_batch()
@@ -120,6 +122,9 @@ class DenoiseEngine:
         for request in batch:
             request.started = True
         events += self._waiting_events(batch)
+        if before_forward is not None:
+            before_forward(events)
+            events = []
         started = time.perf_counter()
         self.forward_started_at = time.monotonic()
         try:
@@ -227,16 +232,25 @@ class AsyncDenoiseEngine:
         return len(stale)
 
     async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+
+        def before_forward(events: list[EngineEvent]) -> None:  # on the engine's thread
+            for event in events:
+                loop.call_soon_threadsafe(self._deliver, event)
+
         while True:
             if self.engine.idle:
                 self.work.clear()
                 await self.work.wait()
             try:
-                events = await asyncio.to_thread(self.engine.step_batch)
+                events = await asyncio.to_thread(self.engine.step_batch, before_forward)
             except Exception as exc:  # never let the loop die with streams waiting on it
                 logger.exception("denoise step boundary failed; failing the requests it held")
                 events = self.engine.fail_all(exc)
             for event in events:
-                queue = self.streams.get(event.request_id)
-                if queue is not None:
-                    queue.put_nowait(event)
+                self._deliver(event)
+
+    def _deliver(self, event: EngineEvent) -> None:
+        queue = self.streams.get(event.request_id)
+        if queue is not None:
+            queue.put_nowait(event)
