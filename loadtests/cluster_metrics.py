@@ -28,7 +28,12 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from serving.simulate.cluster import STAGE_GPUS
 
-GAUGES = ("ray_serve_deployment_replica_healthy", "ray_serve_autoscaling_target_replicas", "ray_resources")
+GAUGES = ("ray_serve_deployment_replica_healthy", "ray_serve_autoscaling_target_replicas", "ray_resources",
+          "ray_ditserve_autoscaler_")
+# Our policy's own gauges (serving/metrics.py AutoscalerMetrics): why a stage wanted what it did.
+POLICY_GAUGES = {"ray_ditserve_autoscaler_wanted_replicas": "wanted",
+                 "ray_ditserve_autoscaler_backlog_seconds": "backlog_s",
+                 "ray_ditserve_autoscaler_inflow_replicas": "inflow"}
 DEPLOYMENTS = {"TextEncoder": "text_encoder", "Denoiser": "denoiser", "VAEDecoder": "vae_decoder"}
 APPLICATION = "ditserve"
 
@@ -39,6 +44,7 @@ class Sample:
     healthy: dict[str, float] = field(default_factory=dict)  # stage -> healthy replicas
     target: dict[str, float] = field(default_factory=dict)  # stage -> the autoscaler's target
     gpus_used: float | None = None  # GPUs Ray has handed out, all nodes
+    policy: dict[str, float] = field(default_factory=dict)  # "<stage>_<wanted|backlog_s|inflow>" -> value
 
     @property
     def gpus_held(self) -> float:
@@ -63,6 +69,9 @@ def read_sample(metrics_urls: list[str]) -> Sample:
                     stage = DEPLOYMENTS.get(s.labels.get("deployment", ""))
                     if stage is not None and s.labels.get("application") == APPLICATION:
                         into[stage] = into.get(stage, 0.0) + s.value
+            elif family.name in POLICY_GAUGES:
+                for s in family.samples:
+                    sample.policy[f"{s.labels.get('stage')}_{POLICY_GAUGES[family.name]}"] = s.value
             elif family.name == "ray_resources":
                 for s in family.samples:
                     if s.labels.get("Name") == "GPU" and s.labels.get("State") == "USED":
@@ -103,6 +112,7 @@ def carried(sample: Sample, previous: Sample | None) -> Sample:
     if previous is not None:
         sample.healthy = {**previous.healthy, **sample.healthy}
         sample.target = {**previous.target, **sample.target}
+        sample.policy = {**previous.policy, **sample.policy}
         if sample.gpus_used is None:
             sample.gpus_used = previous.gpus_used
     return sample
@@ -125,11 +135,16 @@ def uses_ray_accounting(samples: list[Sample]) -> bool:
 
 
 def write_timeline(samples: list[Sample], started_at: float, time_scale: float, path: Path) -> None:
-    """One row per sample: uncompressed seconds since the first arrival, replicas per stage, GPUs held."""
+    """One row per sample: uncompressed seconds since the first arrival, replicas per stage, GPUs
+    held, then what each stage's policy wanted and saw (backlog in uncompressed device-seconds)."""
     stages = tuple(DEPLOYMENTS.values())
+    policy = [f"{stage}_{name}" for stage in stages for name in POLICY_GAUGES.values()]
     with open(path, "w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["seconds", *(f"{s}_healthy" for s in stages), *(f"{s}_target" for s in stages), "gpus_held"])
+        writer.writerow(["seconds", *(f"{s}_healthy" for s in stages), *(f"{s}_target" for s in stages), "gpus_held",
+                         *policy])
         for s in samples:
+            seen = [s.policy.get(column, "") for column in policy]
+            seen = [v * time_scale if column.endswith("_backlog_s") and v != "" else v for column, v in zip(policy, seen)]
             writer.writerow([round((s.at - started_at) * time_scale, 1), *(s.healthy.get(n, "") for n in stages),
-                             *(s.target.get(n, "") for n in stages), s.gpus_held])
+                             *(s.target.get(n, "") for n in stages), s.gpus_held, *seen])

@@ -14,9 +14,11 @@ control-loop tick, in the Serve controller. Its inputs, all in device-seconds of
 With B that backlog, T the stage's `target_queue_wait_seconds`, n the running replicas and S
 a new replica's start-up time (configured, else the longest the stage's replicas measured):
 
-- Enough replicas to drain B within T, were they all ready now: need = ceil(B / T).
+- The last job waiting starts once the work ahead of it is done, B minus its own work J
+  (a job is never split across replicas), shared by the replicas: enough replicas that this
+  takes at most T, were they all ready now: need = ceil((B - J) / T).
 - Scale-up pays the start-up: a replica asked for now helps only with work still waiting in
-  S seconds, R = B - n*S (the running replicas drain n*S meanwhile). If R <= 0 the running
+  S seconds, R = B - J - n*S (the running replicas drain n*S meanwhile). If R <= 0 the running
   replicas finish first and nothing is added. Otherwise ask for enough that R drains in the
   time the target leaves after start-up, T - S, but sized for no less than T/2: a replica
   that arrives when the target is nearly or already lost is still bought to work, not to
@@ -55,10 +57,13 @@ PENDING_READ_SECONDS = 1.0
 INFLOW_SAMPLES = 30
 
 
-def replicas_for(backlog_s: float, running: int, target_s: float, startup_s: float, oldest_wait_s: float) -> int:
-    """Replicas one stage needs (the rule in the module docstring), before min/max and delays."""
-    need = math.ceil(backlog_s / target_s) if backlog_s > 0 else 0
-    left = backlog_s - running * startup_s  # still waiting when a replica asked for now is ready
+def replicas_for(backlog_s: float, running: int, target_s: float, startup_s: float, oldest_wait_s: float,
+                 job_s: float = 0.0) -> int:
+    """Replicas one stage needs (the rule in the module docstring), before min/max and delays.
+    `job_s`: one job's work here, which does not delay the last waiter's own start."""
+    ahead = max(0.0, backlog_s - job_s)
+    need = math.ceil(ahead / target_s) if ahead > 0 else 0
+    left = ahead - running * startup_s  # still waiting when a replica asked for now is ready
     if need > running:
         need = running if left <= 0 else max(running, math.ceil(left / max(target_s - startup_s, target_s / 2)))
     if oldest_wait_s > target_s and left > 0:
@@ -104,14 +109,29 @@ class StagePolicy:
         coming = self._pending_seconds(ctx, per_job, per_step)
         backlog = held + queued + coming
         oldest_wait = max(values("oldest_wait_s") or [0.0])
-        desired = replicas_for(backlog, ctx.current_num_replicas, self.target, startup, oldest_wait)
+        # A job's price at this stage is the one queued calls get (the Denoiser's: its replicas'
+        # requests' remaining steps, which errs towards more replicas).
+        desired = replicas_for(backlog, ctx.current_num_replicas, self.target, startup, oldest_wait, per_job)
         busy = sum(values("busy"))
         inflow = self._inflow(ctx.current_time or 0.0, backlog, busy, state)
         desired = max(desired, math.ceil(inflow / MAX_UTILIZATION - 1e-9))
         desired = self._hold_idle_replicas(desired, ctx, startup, state)
         state.update(backlog_seconds=backlog, held_seconds=held, queued_seconds=queued, coming_seconds=coming,
                      oldest_wait_s=oldest_wait, busy_replicas=busy, inflow_replicas=inflow)
+        self._report(desired, backlog, inflow)
         return desired, state
+
+    def _report(self, desired: int, backlog: float, inflow: float) -> None:
+        """The decision and its inputs, for operators (ditserve_autoscaler_* metrics)."""
+        try:
+            from serving.metrics import autoscaler_metrics
+
+            gauges, tags = autoscaler_metrics(), {"stage": self.stage}
+            gauges.wanted.set(desired, tags=tags)
+            gauges.backlog.set(backlog, tags=tags)
+            gauges.inflow.set(inflow, tags=tags)
+        except Exception:  # outside a Ray worker (unit tests), or a metrics hiccup: never block a decision
+            pass
 
     def _inflow(self, now: float, backlog: float, busy: float, state: dict[str, Any]) -> float:
         """Device-seconds of work arriving per second (= replicas it keeps busy), over the

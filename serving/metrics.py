@@ -63,3 +63,29 @@ def mark_simulated(stage: str, simulation) -> None:
 @lru_cache(maxsize=1)
 def metrics() -> Metrics:
     return Metrics()
+
+
+class AutoscalerMetrics:
+    """Why a stage's autoscaler wants what it wants, set by `serving.autoscaling.StagePolicy`
+    on every decision. The policy runs in Serve's controller, not in a replica, so these are
+    plain Ray metrics (`ray.util.metrics`), exported by the head node's agent."""
+
+    def __init__(self):
+        from ray.util.metrics import Gauge
+
+        self.wanted = Gauge(
+            "ditserve_autoscaler_wanted_replicas",
+            "Replicas the stage's policy asks for, before Serve's bounds and delays.", tag_keys=("stage",))
+        self.backlog = Gauge(
+            "ditserve_autoscaler_backlog_seconds",
+            "Device-seconds of work the stage's policy sees: held by its replicas, queued at its handles, and "
+            "on its way from the job store and earlier stages.", tag_keys=("stage",))
+        self.inflow = Gauge(
+            "ditserve_autoscaler_inflow_replicas",
+            "Replicas the work arriving at the stage keeps busy (device-seconds arriving per second).",
+            tag_keys=("stage",))
+
+
+@lru_cache(maxsize=1)
+def autoscaler_metrics() -> AutoscalerMetrics:
+    return AutoscalerMetrics()

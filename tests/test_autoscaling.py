@@ -146,6 +146,17 @@ def test_a_draining_queue_is_not_mistaken_for_arriving_work():
     assert desired == math.ceil(15.0 / MAX_UTILIZATION)
 
 
+def test_the_last_waiter_waits_only_for_the_work_ahead_of_it():
+    """11 replicas each half-way through a 43 s job, 3 more jobs waiting: the last of them starts
+    once the 236.5 s running and the two jobs before it (86 s) are done, (236.5 + 86) / 11 = 29 s,
+    within a 30 s target, so 11 replicas are enough. Counting its own job too asked for 13."""
+    backlog = 11 * 21.5 + 3 * 43.0
+    assert replicas_for(backlog, 11, 30.0, 0.0, 0.0, job_s=43.0) == 11
+    assert math.ceil(backlog / 30.0) == 13
+    stats = [busy_replica(21.5, per_job=43.0)] * 10 + [busy_replica(21.5 + 3 * 43.0, per_job=43.0)]
+    assert policy("denoiser", target=30.0)(context("denoiser", stats))[0] == 11
+
+
 def test_idle_stage_scales_down_after_the_restart_break_even():
     idle = {"backlog_seconds": 0.0, "waiting": 0.0, "running": 0.0, "oldest_wait_s": 0.0, "seconds_per_job": 2.0,
             "startup_seconds": 0.0}

@@ -26,18 +26,23 @@ BURST = 16
 JOB = {"prompt": "a red ball bouncing", "seconds": "1", "size": "128x128", "num_inference_steps": 2}
 
 
-def target_replicas(metrics_url: str, deployment: str) -> float | None:
-    """The replicas Serve's autoscaler is scaling `deployment` to (None until exported)."""
+def gauge(metrics_url: str, name: str, **labels: str) -> float | None:
+    """The value of gauge `name` with these labels on Ray's endpoint (None until exported)."""
     try:
         text = requests.get(metrics_url, timeout=5).text
     except requests.RequestException:
         return None
     for family in text_string_to_metric_families(text):
-        if family.name == "ray_serve_autoscaling_target_replicas":
+        if family.name == name:
             for sample in family.samples:
-                if sample.labels.get("deployment") == deployment and sample.labels.get("application") == "ditserve":
+                if all(sample.labels.get(key) == value for key, value in labels.items()):
                     return sample.value
     return None
+
+
+def target_replicas(metrics_url: str, deployment: str) -> float | None:
+    """The replicas Serve's autoscaler is scaling `deployment` to."""
+    return gauge(metrics_url, "ray_serve_autoscaling_target_replicas", deployment=deployment, application="ditserve")
 
 
 def test_bottleneck_stage_scales_up_in_a_burst_and_down_after(tmp_path):
@@ -63,9 +68,12 @@ def test_bottleneck_stage_scales_up_in_a_burst_and_down_after(tmp_path):
         assert [r.status_code for r in burst] == [200] * BURST, [r.text for r in burst if r.status_code != 200]
         ids = [r.json()["id"] for r in burst]
 
-        peak, deadline = 1.0, time.monotonic() + 240
+        peak, wanted, deadline = 1.0, 0.0, time.monotonic() + 240
         while True:
             peak = max(peak, target_replicas(metrics_url, "VAEDecoder") or 0.0)
+            # The policy says what it wants and why, for operators (serving/metrics.py).
+            wanted = max(wanted, gauge(metrics_url, "ray_ditserve_autoscaler_wanted_replicas", stage="vae_decoder")
+                         or 0.0)
             statuses = [requests.get(f"{url}/v1/videos/{i}", timeout=30).json()["status"] for i in ids]
             if all(s in ("completed", "failed") for s in statuses):
                 break
@@ -73,6 +81,7 @@ def test_bottleneck_stage_scales_up_in_a_burst_and_down_after(tmp_path):
             time.sleep(1.0)
         assert statuses == ["completed"] * BURST  # every accepted job completes
         assert peak == 2, "the VAE decoder, the burst's bottleneck, never scaled up"
+        assert wanted >= 2, "the policy's wish is not on the metrics endpoint"
         assert _wait_for_target(metrics_url, lambda n: n == 1, 90) == 1, "it did not scale back down"
     finally:
         server.send_signal(signal.SIGTERM)

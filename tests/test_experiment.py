@@ -7,6 +7,7 @@ on speed (the figures themselves are a benchmark: docs/benchmarks.md)."""
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import shutil
@@ -21,7 +22,7 @@ import pytest
 from PIL import Image
 
 from loadtests.arrivals import schedule
-from loadtests.cluster_metrics import Sample, carried, gpu_seconds, read_sample
+from loadtests.cluster_metrics import Sample, carried, gpu_seconds, read_sample, write_timeline
 from loadtests.comparison import summarize_arm, write_comparison
 from loadtests.plan import PlanError, plan
 from loadtests.prometheus import bucket_of
@@ -106,6 +107,10 @@ ray_serve_autoscaling_target_replicas{application="ditserve",deployment="Denoise
 ray_resources{Name="GPU",State="USED",NodeAddress="127.0.0.1"} 3.5
 ray_resources{Name="GPU",State="AVAILABLE",NodeAddress="127.0.0.1"} 0.5
 ray_resources{Name="CPU",State="USED",NodeAddress="127.0.0.1"} 0.2
+# TYPE ray_ditserve_autoscaler_wanted_replicas gauge
+ray_ditserve_autoscaler_wanted_replicas{stage="denoiser"} 6.0
+# TYPE ray_ditserve_autoscaler_backlog_seconds gauge
+ray_ditserve_autoscaler_backlog_seconds{stage="denoiser"} 40.0
 """
 
 
@@ -133,9 +138,22 @@ def test_the_sampler_reads_serve_and_ray_gauges_from_every_node_over_http():
     assert sample.healthy == {"denoiser": 6.0, "vae_decoder": 2.0}  # summed over both endpoints, our app only
     assert sample.target == {"denoiser": 10.0}
     assert sample.gpus_used == 7.0 and sample.gpus_held == 7.0
+    # The policy's own gauges, from the head node (not summed: one controller sets them).
+    assert sample.policy == {"denoiser_wanted": 6.0, "denoiser_backlog_s": 40.0}
     # A series missing from one scrape (Ray exports a gauge only in periods it was set) still holds.
     later = carried(Sample(1.0, healthy={"denoiser": 4.0}), sample)
     assert later.healthy == {"denoiser": 4.0, "vae_decoder": 2.0} and later.gpus_used == 7.0
+    assert later.policy == sample.policy
+
+
+def test_the_timeline_shows_the_policy_in_uncompressed_seconds(tmp_path):
+    samples = [Sample(100.0, healthy={"denoiser": 3.0}, target={"denoiser": 4.0}, gpus_used=4.0,
+                      policy={"denoiser_wanted": 4.0, "denoiser_backlog_s": 40.0, "denoiser_inflow": 2.5})]
+    write_timeline(samples, started_at=90.0, time_scale=3.0, path=tmp_path / "timeline.csv")
+    row = next(csv.DictReader(open(tmp_path / "timeline.csv")))
+    assert (row["seconds"], row["denoiser_healthy"], row["gpus_held"]) == ("30.0", "3.0", "4.0")
+    assert (row["denoiser_wanted"], row["denoiser_backlog_s"], row["denoiser_inflow"]) == ("4.0", "120.0", "2.5")
+    assert row["vae_decoder_wanted"] == ""
 
 
 # ---- the summary and the report -----------------------------------------------------------------
