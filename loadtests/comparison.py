@@ -122,6 +122,12 @@ def goal(summaries: dict[str, dict]) -> list[str]:
         share = auto["gpu_hours"] / peak["gpu_hours"]
         lines.append(f"- using <= 60 % of fixed-peak's GPU-hours: {'**yes**' if share <= 0.60 else '**no**'} "
                      f"({auto['gpu_hours']} / {peak['gpu_hours']} = {share:.0%})")
+        bound = auto.get("clairvoyant_gpu_hours")
+        if bound:
+            lines.append(f"  - the clairvoyant bound on these arrivals (loadtests/bound.py: sized every second for "
+                         f"the arrivals around it, at most 85 % busy, no start-up, no lag): {bound} GPU-hours = "
+                         f"{bound / peak['gpu_hours']:.0%} of fixed-peak; autoscaling spent "
+                         f"{auto['gpu_hours'] / bound:.0%} of it")
     if base:
         p95 = base["queue_wait_p95_s"]
         missed = p95 is None or p95 > base["slo_queue_wait_s"] or base["rejected_429"]

@@ -25,6 +25,7 @@ import yaml
 from serving.simulate.profile import load_profile
 
 from loadtests.arrivals import schedule
+from loadtests.bound import clairvoyant_gpu_hours
 from loadtests.cluster_metrics import ClusterSampler, write_timeline
 from loadtests.comparison import summarize_arm, write_comparison, write_summary
 from loadtests.plan import ARM_NAMES, Arm, Plan, plan as make_plan
@@ -63,6 +64,9 @@ def run_experiment(*, profile: str, gpus: int, nodes: int, minutes: float, out: 
         summary, logs[name], samples[name] = run_arm(plan.arms[name], plan, folder, offsets, profile=profile,
                                                      gpus=gpus, nodes=nodes, minutes=minutes, time_scale=time_scale,
                                                      slo_s=slo_s, with_prometheus=has_prometheus, note=note)
+        if plan.arms[name].autoscaling:  # what no reacting policy can beat on these arrivals
+            summary["clairvoyant_gpu_hours"] = round(clairvoyant_gpu_hours(
+                offsets, plan.job.seconds, plan.arms[name].replicas, summary["window_s"]), 3)
         write_summary(folder, summary)
         summaries[name] = summary
         log_line(f"{name}: completed {summary['completed']}, 429 {summary['rejected_429']}, p95 queue wait "

@@ -211,6 +211,7 @@ def test_comparison_has_the_table_the_goal_and_the_plots(tmp_path):
     for name, waits, rejected, gpus in (("fixed-base", [30.0] * 20, 6, 4.0), ("fixed-peak", [0.2] * 20, 0, 13.0),
                                         ("autoscaling", [0.5] * 20, 0, 6.0)):
         arms, logs[name], samples[name], summaries[name] = summary_of(name, waits, rejected, gpus, None)
+    summaries["autoscaling"]["clairvoyant_gpu_hours"] = 0.52
     path = write_comparison(tmp_path, summaries, arms, command="ditserve loadtest experiment ...", logs=logs,
                             samples=samples, minutes=20.0, prometheus_note="")
     text = path.read_text()
@@ -220,6 +221,7 @@ def test_comparison_has_the_table_the_goal_and_the_plots(tmp_path):
     assert "| autoscaling | 1–2 / 3–14 / 1–2 |" in text
     assert "holds p95 queue wait within the 60 s SLO through the burst: **yes**" in text
     assert "GPU-hours: **yes** (0.6 / 1.3 = 46%)" in text
+    assert "0.52 GPU-hours = 40% of fixed-peak; autoscaling spent 115% of it" in text
     assert "| fixed-base | 1 / 3 / 1 | 20 | 0 | 6 | 0 | 0% |" in text  # 429s count against the SLO
     assert "fixed-base misses the SLO: **yes**" in text
     for name in ("replicas.png", "queue_wait.png"):
@@ -266,3 +268,18 @@ def test_autoscaling_arm_scales_the_bottleneck_up_in_the_burst_and_down_after(tm
     assert "experiment: autoscaling: back at the minimum" in stderr
     assert (out / "comparison.md").is_file() and (out / "replicas.png").is_file()
     assert json.loads(stdout)["autoscaling"]["completed"] == summary["completed"]
+
+
+def test_the_clairvoyant_bound_sizes_each_second_for_the_arrivals_around_it():
+    from loadtests.bound import clairvoyant_gpu_hours
+    from serving.cost_model import StageSeconds
+
+    job = StageSeconds(text_encoder=1.0, denoiser=40.0, vae_decoder=4.0)
+    minimum = {"text_encoder": 1, "denoiser": 1, "vae_decoder": 1}
+    # No arrivals beyond the first: the minimum all along, 1 + 1 GPU (encoder and decoder share one).
+    assert clairvoyant_gpu_hours([0.0], job, minimum, span_s=3600.0) == pytest.approx(2.0, abs=0.01)
+    # A steady job every 4 s keeps 10 Denoisers busy: ceil(10 / 0.85) = 12 of them, 2 decoders (1 busy
+    # / 0.85), 1 encoder; the first and last half-minute see half the window's arrivals.
+    steady = [4.0 * i for i in range(901)]
+    hours = clairvoyant_gpu_hours(steady, job, minimum, span_s=3600.0)
+    assert 12.0 + 0.5 + 1.0 - 0.2 < hours < 12.0 + 0.5 + 1.0
