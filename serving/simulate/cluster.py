@@ -97,7 +97,10 @@ class SimulatedCluster:
         os.environ["RAY_TMPDIR"] = self.ray_tmp
         os.environ.update(self.env)  # inherited by every raylet and worker started below
         os.environ.update(RAY_enable_worker_prestart="1", RAY_preload_python_modules=",".join(WARM_IMPORTS),
-                          RAY_worker_maximum_startup_concurrency=str(max(self.gpus, 1)))
+                          RAY_worker_maximum_startup_concurrency=str(max(self.gpus, 1)),
+                          # Serve's controller kills a proxy not ready within 5 s, and `serve.start`
+                          # then fails: with dozens of replicas starting on two cores, one often is not.
+                          RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S="60")
         # All nodes are processes of this machine (on its own address, as Ray's test cluster sets them up).
         self.cluster = Cluster(initialize_head=True, head_node_args=dict(
             num_cpus=HEAD_CPUS, object_store_memory=NODE_OBJECT_STORE_BYTES, num_gpus=0, include_dashboard=False,
