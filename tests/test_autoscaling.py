@@ -122,14 +122,14 @@ def over_a_window(chosen: StagePolicy, replicas: int, busy: float, backlog_at, s
 def test_a_stage_keeps_the_replicas_its_arriving_work_keeps_busy():
     """Steady peak traffic: 12 replicas, each busy 80 % of the time, the backlog steady (each job
     half done, 43 s a job). Priced by its backlog alone against a 30 s target the stage would want
-    9; the work arriving keeps 9.6 replicas busy, so it keeps ceil(9.6 / 0.85) = 12."""
-    assert replicas_for(12 * 21.5, 12, 30.0, 0.0, 0.0) == 9  # the backlog rule alone
+    8; the work arriving keeps 9.6 replicas busy, so it keeps ceil(9.6 / 0.85) = 12."""
+    assert replicas_for(12 * 21.5, 12, 30.0, 0.0, 0.0, job_s=43.0) == 8  # the backlog rule alone
     desired, state = over_a_window(policy("denoiser", target=30.0), 12, 0.8, lambda t: 12 * 21.5)
     assert state["inflow_replicas"] == pytest.approx(9.6)
     assert desired == math.ceil(9.6 / MAX_UTILIZATION) == 12
     # Before half a window is seen there is no rate yet, and the backlog rule alone decides.
     desired, state = over_a_window(policy("denoiser", target=30.0), 12, 0.8, lambda t: 12 * 21.5, seconds=20.0)
-    assert (desired, state["inflow_replicas"]) == (9, 0.0)
+    assert (desired, state["inflow_replicas"]) == (8, 0.0)
 
 
 def test_a_draining_queue_is_not_mistaken_for_arriving_work():
