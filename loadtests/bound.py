@@ -1,4 +1,6 @@
-"""The clairvoyant bound: the fewest GPU-hours any autoscaler could hold an arm's arrivals with.
+"""The clairvoyant bound: the fewest GPU-hours an autoscaler with our sizing rule could hold an
+arm's arrivals with (a policy may spend less only by letting replicas run busier than the rule,
+and its queue waits grow).
 
 An autoscaler reacts: it sees work only once it has arrived, and a replica it adds holds its GPU
 through start-up before it helps. The bound has neither cost. It knows the whole schedule in
