@@ -34,6 +34,7 @@ import triton.language as tl
 LOG2E = 1.4426950408889634
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM = 256  # FlashAttention's own limit; Wan uses 128
 
 
 @triton.jit
@@ -183,6 +184,9 @@ def _check(q, k, v, key_lengths) -> None:
                          "and head_dim, and k and v their shape")
     if not (q.dtype == k.dtype == v.dtype) or q.dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"q, k, v must share one of {SUPPORTED_DTYPES}, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if q.shape[-1] > MAX_HEAD_DIM:
+        raise ValueError(f"head_dim {q.shape[-1]} is over {MAX_HEAD_DIM}: a query tile and its accumulator would "
+                         "not fit in a streaming multiprocessor's registers and shared memory")
     if k.shape[1] == 0:
         raise ValueError("there must be at least one key")
     if key_lengths is not None:

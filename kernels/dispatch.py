@@ -2,9 +2,12 @@
 
 One function, `attend`, for every caller. The backend comes from the config
 (`model.attention_backend`: auto | triton | xformers | sdpa) and from what this machine can
-do: Triton needs CUDA (or TRITON_INTERPRET=1, for the CPU tests); xformers must import and
-actually run this dtype and head size. A choice is logged once per (request, device, dtype,
-head size); a fallback is logged with its reason. SDPA always works and is the last resort.
+do: Triton needs CUDA (or TRITON_INTERPRET=1, for the CPU tests); xformers must import. A
+backend that can run here must then pass its self-check (kernels/selfcheck.py: probe shapes
+against the float64 definition) before any request's attention runs on it, once per
+(device, dtype, head dim). The choice is logged once, a fallback with its reason, and kept
+in `choices()` for the Denoiser's /readyz report and metrics. SDPA is the last resort and
+is not checked: it is the reference every other backend is measured against.
 """
 
 from __future__ import annotations
@@ -12,10 +15,13 @@ from __future__ import annotations
 import functools
 import logging
 import os
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
+
+from kernels.selfcheck import self_check
 
 logger = logging.getLogger("ditserve.attention")
 
@@ -23,65 +29,104 @@ Backend = Literal["auto", "triton", "xformers", "sdpa"]
 BACKENDS = ("auto", "triton", "xformers", "sdpa")
 
 
+@dataclass(frozen=True)
+class Choice:
+    """The backend serving one (device, dtype, head dim), and why the ones before it did not."""
+
+    requested: str
+    backend: str
+    device: str
+    dtype: str
+    head_dim: int
+    passed_over: tuple[tuple[str, str], ...] = field(default=())  # (backend, reason), in the order tried
+
+    def to_dict(self) -> dict:
+        return {"backend": self.backend, "requested": self.requested, "device": self.device, "dtype": self.dtype,
+                "head_dim": self.head_dim, "passed_over": [{"backend": b, "reason": r} for b, r in self.passed_over]}
+
+
+_chosen: dict[tuple, Choice] = {}
+
+
+def choices() -> list[Choice]:
+    """Every choice this process has made, oldest first."""
+    return list(_chosen.values())
+
+
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: Backend = "auto",
            key_lengths: torch.Tensor | None = None, scale: float | None = None) -> torch.Tensor:
     """Attention over (batch, seq, heads, head_dim) tensors with the chosen backend."""
-    chosen = choose_backend(backend, q.device.type, q.dtype, q.shape[-1])
-    if chosen == "triton":
+    chosen = choose_backend(backend, str(q.device), q.dtype, q.shape[-1])
+    return _run(chosen, q, k, v, key_lengths, scale)
+
+
+def choose_backend(requested: Backend, device: str, dtype: torch.dtype, head_dim: int) -> str:
+    return choose(requested, device, dtype, head_dim).backend
+
+
+@functools.lru_cache(maxsize=None)
+def choose(requested: Backend, device: str, dtype: torch.dtype, head_dim: int) -> Choice:
+    """The first backend, in order of preference, that can run here and passes its self-check."""
+    if requested not in BACKENDS:
+        raise ValueError(f"attention_backend must be one of {BACKENDS}, got {requested!r}")
+    wanted = ["triton", "xformers", "sdpa"] if requested == "auto" else [requested, "sdpa"]
+    passed_over: list[tuple[str, str]] = []
+    for name in dict.fromkeys(wanted):
+        reason = _unavailable(name, device, dtype, head_dim, explicit=name == requested)
+        if reason is None and name != "sdpa":
+            failure = self_check(functools.partial(_run, name, scale=None), device, dtype, head_dim)
+            reason = None if failure is None else f"self-check failed: {failure}"
+        if reason is None:
+            choice = Choice(requested, name, device, str(dtype).removeprefix("torch."), head_dim, tuple(passed_over))
+            _chosen[(device, dtype, head_dim, requested)] = choice
+            logger.info("attention backend: %s (asked for %s; %s, %s, head_dim %d)", name, requested, device,
+                        dtype, head_dim)
+            return choice
+        passed_over.append((name, reason))
+        log = logger.warning if name == requested else logger.info
+        log("attention backend %s not used for %s, %s, head_dim %d: %s", name, device, dtype, head_dim, reason)
+    raise AssertionError("sdpa is always available")
+
+
+def forget_choices() -> None:
+    """Choose afresh at the next use (tests; a process serves one model on one device)."""
+    choose.cache_clear()
+    _chosen.clear()
+
+
+def _run(name: str, q, k, v, key_lengths, scale) -> torch.Tensor:
+    if name == "triton":
         from kernels.attention import attention
 
         return attention(q, k, v, key_lengths=key_lengths, scale=scale)
-    if chosen == "xformers":
+    if name == "xformers":
         return _xformers(q, k, v, key_lengths, scale)
     return _sdpa(q, k, v, key_lengths, scale)
 
 
-@functools.lru_cache(maxsize=None)
-def choose_backend(requested: Backend, device: str, dtype: torch.dtype, head_dim: int) -> str:
-    if requested not in BACKENDS:
-        raise ValueError(f"attention_backend must be one of {BACKENDS}, got {requested!r}")
-    wanted = ["triton", "xformers", "sdpa"] if requested == "auto" else [requested, "sdpa"]
-    for name in wanted:
-        reason = _unavailable(name, device, dtype, head_dim, explicit=name == requested)
-        if reason is None:
-            logger.info("attention backend: %s (asked for %s; %s, %s, head_dim %d)", name, requested, device,
-                        dtype, head_dim)
-            return name
-        log = logger.warning if name == requested else logger.info
-        log("attention backend %s not used: %s", name, reason)
-    raise AssertionError("sdpa is always available")
-
-
 def _unavailable(name: str, device: str, dtype: torch.dtype, head_dim: int, explicit: bool) -> str | None:
-    """None if `name` can run here, else why not."""
+    """None if `name` can be tried here, else why not. Whether it computes correctly is the
+    self-check's question, not this one's."""
+    kind = device.split(":")[0]
     if name == "sdpa":
         return None
     if name == "triton":
         # The interpreter is for tests: only an explicit request gets it, never "auto".
         interpreting = explicit and os.environ.get("TRITON_INTERPRET") == "1"
-        if device != "cuda" and not interpreting:
+        if kind != "cuda" and not interpreting:
             return f"needs a CUDA device (this is {device}; TRITON_INTERPRET=1 runs it on the CPU, slowly)"
         try:
             import triton  # noqa: F401
         except ImportError as exc:
             return f"triton is not importable ({exc})"
-        from kernels.attention import SUPPORTED_DTYPES
-
-        if dtype not in SUPPORTED_DTYPES:
-            return f"dtype {dtype} is not supported"
         return None
     if name == "xformers":
-        if device != "cuda":
+        if kind != "cuda":
             return "xformers has no CPU kernels"
         try:
             import xformers.ops  # noqa: F401
         except Exception as exc:  # ImportError, or a build for another torch/CUDA
             return f"xformers is not importable ({type(exc).__name__}: {exc})"
-        try:  # capability tables lie less than a real call does
-            probe = torch.zeros(1, 16, 1, head_dim, device=device, dtype=dtype)
-            _xformers(probe, probe, probe, None, None)
-        except Exception as exc:
-            return f"xformers cannot run {dtype} with head_dim {head_dim} here ({type(exc).__name__}: {exc})"
         return None
     return f"unknown backend {name!r}"
 

@@ -61,3 +61,19 @@ def use_kernel_attention(transformer: torch.nn.Module, backend: Backend = "auto"
     for module in modules:
         module.set_processor(processor)
     return len(modules)
+
+
+def attention_in_use(transformer: torch.nn.Module, requested: Backend) -> dict:
+    """Which attention `transformer` runs, as reported by a Denoiser replica. When its
+    attention goes through `attend`, the backend is chosen now, self-check included (see
+    kernels/dispatch.py), so the replica knows it before its first request."""
+    from kernels.dispatch import choose
+
+    param = next(transformer.parameters())
+    device, dtype, head_dim = str(param.device), param.dtype, int(transformer.config.attention_head_dim)
+    routed = [p for p in transformer.attn_processors.values() if isinstance(p, KernelAttnProcessor)]
+    if routed:
+        return choose(routed[0].backend, device, dtype, head_dim).to_dict()
+    # Not routed (sdpa asked for, or "auto" off CUDA): diffusers' own processor, which calls SDPA.
+    return {"backend": "sdpa", "requested": requested, "device": device, "dtype": str(dtype).removeprefix("torch."),
+            "head_dim": head_dim, "passed_over": [], "via": "diffusers' attention processor"}

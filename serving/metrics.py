@@ -47,6 +47,11 @@ class Metrics:
             "ditserve_accelerator_seconds_per_job",
             "Device seconds one job used in a stage (its share of each batched forward).",
             boundaries=SECONDS_BUCKETS, tag_keys=("stage",))
+        self.attention_backend = Gauge(
+            "ditserve_attention_backend",
+            "1 on each Denoiser replica for the attention backend its DiT runs (after its self-check), with the "
+            "backend asked for; 'simulated' where compute is simulated.",
+            tag_keys=("backend", "requested", "dtype", "head_dim"))
         self.simulated = Gauge(
             "ditserve_simulated_time_scale",
             "Set only on replicas whose compute is SIMULATED (serving/simulate/): the time scale their waits are "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import time
 import warnings
 
 import av
@@ -181,6 +182,27 @@ def test_health_and_readiness(service):
     ready = requests.get(f"{service.url}/readyz")
     assert ready.status_code == 200
     assert ready.json()["checks"] == {"storage": True, "text_encoder": True, "denoiser": True, "vae_decoder": True}
+
+
+def test_readyz_and_metrics_say_which_attention_each_denoiser_runs(service):
+    """Each Denoiser replica self-checks its attention at start-up and reports the backend:
+    here the CPU default, diffusers' own SDPA attention (kernels/dispatch.py)."""
+    deadline = time.monotonic() + 60
+    while not (denoisers := requests.get(f"{service.url}/readyz", timeout=10).json()["denoisers"]):
+        assert time.monotonic() < deadline, "no Denoiser replica reported its attention backend"
+        time.sleep(1)
+    assert len({d["replica"] for d in denoisers}) == len(denoisers)
+    for denoiser in denoisers:
+        assert denoiser["attention"] == {"backend": "sdpa", "requested": "auto", "device": "cpu", "dtype": "float32",
+                                         "head_dim": 32, "passed_over": [], "via": "diffusers' attention processor"}
+    def reported(text: str) -> bool:
+        return any(line.startswith("ray_ditserve_attention_backend{") and 'backend="sdpa"' in line
+                   and 'deployment="Denoiser"' in line and line.endswith(" 1.0") for line in text.splitlines())
+
+    deadline = time.monotonic() + 60
+    while not reported(requests.get(service.metrics_url, timeout=10).text):
+        assert time.monotonic() < deadline, "ray_ditserve_attention_backend never reached the metrics endpoint"
+        time.sleep(1)
 
 
 def test_held_out_prompts_over_http_show_what_the_model_makes(service):

@@ -8,7 +8,7 @@ import torch
 
 # conftest.py sets TRITON_INTERPRET=1 before triton is first imported when there is no GPU.
 from kernels.attention import attention, reference_attention
-from kernels.dispatch import attend, choose_backend
+from kernels.dispatch import attend, choose_backend, forget_choices
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -98,7 +98,7 @@ def test_bad_inputs_are_refused(bad):
 def test_dispatch_prefers_sdpa_on_cpu_and_falls_back_with_a_reason(caplog):
     assert choose_backend("auto", "cpu", torch.float32, 64) == "sdpa"  # the interpreter is never "auto"
     assert choose_backend("triton", "cpu", torch.float32, 64) == "triton"  # asked for, under TRITON_INTERPRET
-    choose_backend.cache_clear()
+    forget_choices()
     with caplog.at_level("INFO", logger="ditserve.attention"):
         assert choose_backend("xformers", "cpu", torch.float16, 64) == "sdpa"
     assert "xformers has no CPU kernels" in caplog.text

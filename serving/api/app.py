@@ -43,7 +43,7 @@ READ_METHODS = ("GET", "HEAD")
 
 def create_api(config: ServiceConfig, jobs: VideoJobs,
                on_submitted: Callable[[str], Awaitable[Any]] | None = None,
-               stages_ready: Callable[[], Awaitable[dict[str, bool]]] | None = None,
+               stages_ready: Callable[[], Awaitable[dict]] | None = None,
                estimate: Callable[[], Awaitable[WaitEstimate | None]] | None = None,
                on_rejected: Callable[[str], None] | None = None) -> FastAPI:
     """The Videos API over `jobs`. The callables connect it to the rest of the service
@@ -263,6 +263,7 @@ def create_api(config: ServiceConfig, jobs: VideoJobs,
     @app.get("/readyz")
     async def readyz():
         checks: dict[str, bool] = {}
+        denoisers: list[dict] = []  # per live Denoiser replica: its attention backend and why
         try:
             await asyncio.to_thread(jobs.ping)
             checks["storage"] = True
@@ -270,12 +271,14 @@ def create_api(config: ServiceConfig, jobs: VideoJobs,
             checks["storage"] = False
         if stages_ready is not None:
             try:
-                checks.update(await asyncio.wait_for(stages_ready(), timeout=10))
+                stages = await asyncio.wait_for(stages_ready(), timeout=10)
+                checks.update(stages["checks"])
+                denoisers = stages["denoisers"]
             except Exception:
                 checks["stages"] = False
         ready = all(checks.values())
         simulation = config.simulation.model_dump() if simulated else False
-        return JSONResponse({"status": "ready" if ready else "not_ready", "checks": checks, "simulated": simulation},
-                            status_code=200 if ready else 503)
+        return JSONResponse({"status": "ready" if ready else "not_ready", "checks": checks, "denoisers": denoisers,
+                             "simulated": simulation}, status_code=200 if ready else 503)
 
     return app

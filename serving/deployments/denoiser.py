@@ -21,6 +21,8 @@ from serving.deployments.watchdog import StageClock
 
 logger = logging.getLogger("ray.serve")
 
+DENOISER_REPORT_SECONDS = 30.0  # how often a replica repeats its report to the Director
+
 
 def checkpoint_key(job_id: str) -> str:
     return f"{job_id}/denoise-checkpoint.pt"
@@ -48,6 +50,39 @@ class Denoiser:
             on_forward=self._on_forward))
         self.clock = StageClock("denoiser", config.stages.denoiser.timeout_seconds,
                                 preset_of(config.model).typical_step_seconds * config.engine.max_batch)
+        self.attention = self._choose_attention(config)
+        self.replica = serve.get_replica_context().replica_id.unique_id
+        self.report_loop = asyncio.get_running_loop().create_task(self._report_forever())
+
+    def _choose_attention(self, config: ServiceConfig) -> dict:
+        """The attention backend this replica's DiT runs, self-checked now, before any request
+        (kernels/dispatch.py): a kernel that fails its check is passed over here, with the reason."""
+        if config.simulation is not None:
+            attention = {"backend": "simulated", "requested": config.model.attention_backend, "passed_over": []}
+        else:
+            from kernels.wan import attention_in_use
+
+            attention = attention_in_use(self.transformer, config.model.attention_backend)
+        self.metrics.attention_backend.set(1, tags={
+            "backend": attention["backend"], "requested": attention["requested"],
+            "dtype": attention.get("dtype", ""), "head_dim": str(attention.get("head_dim", ""))})
+        for passed in attention["passed_over"]:
+            logger.warning("attention backend %s passed over: %s", passed["backend"], passed["reason"])
+        return attention
+
+    async def _report_forever(self) -> None:
+        """Tell the Director what this replica runs, for /readyz; again every period, so the
+        Director can forget replicas that are gone."""
+        app = serve.get_replica_context().app_name
+        while True:
+            try:
+                director = serve.get_deployment_handle("Director", app)
+                await asyncio.wait_for(director.note_denoiser.remote(self.replica, {"attention": self.attention}),
+                                       timeout=DENOISER_REPORT_SECONDS)
+                await asyncio.sleep(DENOISER_REPORT_SECONDS)
+            except Exception as exc:  # the Director not deployed yet, or restarting: soon again
+                logger.debug("attention report to the Director failed (%s); retrying", exc)
+                await asyncio.sleep(2.0)
 
     def _on_forward(self, batch_size: int, seconds: float) -> None:
         self.metrics.step_time.observe(seconds)
@@ -61,6 +96,8 @@ class Denoiser:
         running = self.engine.engine.forward_running_seconds()
         if running > self.clock.timeout():
             raise RuntimeError(f"a denoise forward has run {running:.0f} s, over its {self.clock.timeout():.0f} s timeout")
+        if self.report_loop.done() and not self.report_loop.cancelled():
+            raise RuntimeError(f"the report loop stopped: {self.report_loop.exception()!r}")
         loop = self.engine.loop_task
         if loop is not None and loop.done() and not loop.cancelled() and loop.exception() is not None:
             raise RuntimeError(f"the denoise loop stopped: {loop.exception()!r}")

@@ -25,6 +25,7 @@ from serving.backlog import PendingWork
 from serving.backlog import publish as publish_pending_work
 from serving.config import ServiceConfig, StageConfig
 from serving.cost_model import STAGE_NAMES
+from serving.deployments.denoiser import DENOISER_REPORT_SECONDS
 from serving.deployments.driving import JobDriving
 from serving.deployments.watchdog import PRIOR_DECODE_SECONDS_PER_MEGAPIXEL_FRAME, PRIOR_ENCODE_SECONDS, StageClock
 from serving.jobs.records import Stage
@@ -72,6 +73,7 @@ class Director(JobDriving):
                                           PRIOR_DECODE_SECONDS_PER_MEGAPIXEL_FRAME),
         }
         self.retry_reasons: dict[str, str] = {}  # job id -> why its last attempt here was handed back
+        self.denoiser_reports: dict[str, tuple[float, dict]] = {}  # replica -> (monotonic, what it runs)
         self.wakeup = asyncio.Event()
         self.claim_loop = asyncio.create_task(self._claim_forever())
         self.heartbeat_loop = asyncio.create_task(self._heartbeat_forever())
@@ -87,8 +89,21 @@ class Director(JobDriving):
         """A job was queued: look now instead of at the next poll."""
         self.wakeup.set()
 
-    async def ready(self) -> dict[str, bool]:
-        """Whether every stage answers (the Gateway's /readyz)."""
+    async def note_denoiser(self, replica: str, report: dict) -> None:
+        """A Denoiser replica says what it runs (its attention backend); it repeats this every
+        `DENOISER_REPORT_SECONDS`, so a report not renewed in three periods is a gone replica's."""
+        now = time.monotonic()
+        self.denoiser_reports[replica] = (now, report)
+        for name, (seen, _) in list(self.denoiser_reports.items()):
+            if now - seen > 3 * DENOISER_REPORT_SECONDS:
+                del self.denoiser_reports[name]
+
+    async def ready(self) -> dict:
+        """Whether every stage answers, and what each live Denoiser replica runs (the
+        Gateway's /readyz)."""
+        now = time.monotonic()
+        denoisers = [{"replica": name, **report} for name, (seen, report) in sorted(self.denoiser_reports.items())
+                     if now - seen <= 3 * DENOISER_REPORT_SECONDS]
         names = {"text_encoder": self.text_encoder, "denoiser": self.denoiser, "vae_decoder": self.vae_decoder}
 
         async def ping(handle) -> bool:
@@ -98,7 +113,7 @@ class Director(JobDriving):
                 return False
 
         results = await asyncio.gather(*(ping(h) for h in names.values()))
-        return dict(zip(names, results))
+        return {"checks": dict(zip(names, results)), "denoisers": denoisers}
 
     async def estimate(self) -> dict:
         """The live wait estimate (see serving/admission.py) for the Gateway."""

@@ -67,7 +67,7 @@ class Gateway:
         # Best effort: the Director also polls the store, so a lost wake-up only delays.
         self.director.wake.remote()
 
-    async def _stages_ready(self) -> dict[str, bool]:
+    async def _stages_ready(self) -> dict:
         return await self.director.ready.remote()
 
     async def _ask_estimate(self):
