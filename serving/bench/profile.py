@@ -14,6 +14,7 @@ import datetime as dt
 import platform
 import statistics
 import time
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -23,6 +24,7 @@ from serving.config import ServiceConfig
 from serving.cost_model import STAGE_NAMES
 from serving.models.loading import (load_scheduler_config, load_text_encoder, load_transformer, load_vae, preset_of,
                                     resolve_device)
+from serving.models.presets import Preset
 from serving.pipeline.cost import guidance_rows, latent_frames, tokens_per_frame
 from serving.simulate.profile import CostProfile
 
@@ -59,18 +61,25 @@ def nonnegative_fit(columns: np.ndarray, seconds: np.ndarray) -> np.ndarray:
         active = [i for i in active if i not in negative]
 
 
+@dataclass
+class Parts:
+    """A model's three stages, loaded on one device, and what loading each took."""
+
+    tokenizer: object
+    text_encoder: torch.nn.Module
+    transformer: torch.nn.Module
+    vae: torch.nn.Module
+    startup: dict[str, float]  # stage -> seconds
+    startup_how: str = ("the loader's own time in this process (weights read and moved to the device; process start "
+                        "not included)")
+    startup_kind: str = "measured"
+
+
 def measure(config: ServiceConfig, repeats: int = 3, name: str | None = None,
             log: Callable[[str], None] = print, size_factors=SIZE_FACTORS, frame_factors=FRAME_FACTORS,
             prompt_counts=PROMPT_COUNTS) -> CostProfile:
+    """The configured preset's profile on its configured device, its stages loaded as a service loads them."""
     model_cfg = config.model
-    preset, device = preset_of(model_cfg), resolve_device(model_cfg)
-    geometry, defaults = preset.geometry, preset.defaults
-    from serving.config import parse_size
-    from serving.pipeline.encode import encode_text
-
-    width0, height0 = parse_size(defaults.size)
-    frames0 = round(defaults.seconds * defaults.fps) // geometry.temporal_factor * geometry.temporal_factor + 1
-    text0 = defaults.max_sequence_length
     startup = {}
     started = time.perf_counter()
     text = load_text_encoder(model_cfg)
@@ -82,13 +91,41 @@ def measure(config: ServiceConfig, repeats: int = 3, name: str | None = None,
     vae = load_vae(model_cfg)
     startup["vae_decoder"] = time.perf_counter() - started
     load_scheduler_config(model_cfg)
+    parts = Parts(text.tokenizer, text.model, transformer, vae, startup)
+    return measure_parts(parts, preset_of(model_cfg), resolve_device(model_cfg), repeats=repeats, name=name, log=log,
+                         size_factors=size_factors, frame_factors=frame_factors, prompt_counts=prompt_counts)
+
+
+def scaled_shape(preset: Preset, size: float, frames: float) -> tuple[int, int, int]:
+    """(width, height, frames) at `size` x the preset's default size and `frames` x its frame
+    count, rounded to what the VAE and the DiT patch accept."""
+    from serving.config import parse_size
+
+    geometry, defaults = preset.geometry, preset.defaults
+    width0, height0 = parse_size(defaults.size)
+    frames0 = round(defaults.seconds * defaults.fps) // geometry.temporal_factor * geometry.temporal_factor + 1
+    multiple, step = geometry.spatial_multiple, geometry.temporal_factor
+    width, height = (max(multiple, round(x * size / multiple) * multiple) for x in (width0, height0))
+    return width, height, max(1, round((frames0 - 1) * frames / step)) * step + 1
+
+
+def measure_parts(parts: Parts, preset: Preset, device: torch.device, repeats: int = 3, name: str | None = None,
+                  log: Callable[[str], None] = print, size_factors=SIZE_FACTORS, frame_factors=FRAME_FACTORS,
+                  prompt_counts=PROMPT_COUNTS, command: str = "ditserve bench profile") -> CostProfile:
+    """Time `parts` at shapes around the preset's default job and fit the profile's time model."""
+    from serving.pipeline.encode import encode_text
+
+    geometry, defaults = preset.geometry, preset.defaults
+    width0, height0, frames0 = scaled_shape(preset, 1, 1)
+    text0 = defaults.max_sequence_length
+    text, transformer, vae, startup = parts, parts.transformer, parts.vae, parts.startup
     param = next(transformer.parameters())
     channels = transformer.config.in_channels
 
     rows_te, te_seconds = [], []
     for prompts in prompt_counts:
         for tokens in (text0 // 2, text0):
-            seconds = _timed(lambda: encode_text(text.tokenizer, text.model, ["a red circle"] * prompts, tokens),
+            seconds = _timed(lambda: encode_text(text.tokenizer, text.text_encoder, ["a red circle"] * prompts, tokens),
                              device, repeats)
             rows_te.append([1.0, prompts * tokens])
             te_seconds.append(seconds)
@@ -97,7 +134,7 @@ def measure(config: ServiceConfig, repeats: int = 3, name: str | None = None,
     rows_dit, dit_seconds = [], []
     for size in size_factors:
         for frames in frame_factors:
-            width, height, num_frames = width0 * size, height0 * size, (frames0 - 1) * frames + 1
+            width, height, num_frames = scaled_shape(preset, size, frames)
             n = latent_frames(num_frames, geometry) * tokens_per_frame(width, height, geometry)
             for rows in (1, 2):
                 for tokens in (text0 // 2, text0):
@@ -118,11 +155,12 @@ def measure(config: ServiceConfig, repeats: int = 3, name: str | None = None,
                     log(f"DiT forward: {rows} rows x {n} latent tokens, {tokens} text tokens: {seconds * 1000:.1f} ms")
 
     rows_vae, vae_seconds = [], []
-    for size in size_factors[:1]:  # decode cost is linear in pixel-frames: more frames vary it enough, cheaply
+    for size in (1,):  # decode cost is linear in pixel-frames: more frames vary it enough, cheaply
         for frames in frame_factors:
-            width, height, num_frames = width0 * size, height0 * size, (frames0 - 1) * frames + 1
+            width, height, num_frames = scaled_shape(preset, size, frames)
             z = torch.randn(1, vae.config.z_dim, latent_frames(num_frames, geometry),
-                            height // geometry.vae_spatial_factor, width // geometry.vae_spatial_factor)
+                            height // geometry.vae_spatial_factor, width // geometry.vae_spatial_factor,
+                            device=next(vae.parameters()).device)
             from serving.pipeline.decode import decode
 
             seconds = _timed(lambda: decode(vae, z), device, repeats)
@@ -140,19 +178,21 @@ def measure(config: ServiceConfig, repeats: int = 3, name: str | None = None,
     n0 = latent_frames(frames0, geometry) * tokens_per_frame(width0, height0, geometry)
     anchor_seconds += defaults.num_inference_steps * dit_seconds[rows_dit.index([1.0, rows0 * n0, rows0 * n0 * n0,
                                                                                   rows0 * n0 * text0])]
-    anchor_seconds += vae_seconds[0]
+    default_decode = [1.0, frames0 * width0 * height0]
+    anchor_seconds += (vae_seconds[rows_vae.index(default_decode)] if default_decode in rows_vae
+                       else float(np.dot(vd, default_decode)))
 
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads)"
-    where = f"measured by ditserve bench profile on {device_name} {dt.date.today().isoformat()}"
+    where = f"measured by {command} on {device_name} {dt.date.today().isoformat()}"
     counts = {"text_encoder": len(te_seconds), "denoiser": len(dit_seconds), "vae_decoder": len(vae_seconds)}
 
     def source(path: str, figure: str) -> dict:
         stage = path.split(".")[0]
-        how = ("the loader's own time in this process (weights read and moved to the device; process start not "
-               "included)") if stage == "startup_seconds_per_stage" else (
+        how = parts.startup_how if stage == "startup_seconds_per_stage" else (
                f"non-negative least squares of the stage's time model over {counts[stage]} timed shapes "
                f"(median of {repeats} after a warm-up each)")
-        return {"what": path, "figure": figure, "where": where, "how": how, "kind": "measured"}
+        kind = parts.startup_kind if stage == "startup_seconds_per_stage" else "measured"
+        return {"what": path, "figure": figure, "where": where, "how": how, "kind": kind}
 
     data = {
         "name": name or f"{preset.name}-{device.type}",

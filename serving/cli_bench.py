@@ -1,0 +1,80 @@
+"""`ditserve bench ...`: benchmarks that print tables (serving/bench/)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+EXIT_USAGE = 2
+
+
+def add_bench_command(sub, parser_class, add_config) -> None:
+    bench = sub.add_parser("bench", help="benchmarks that print tables")
+    kinds = bench.add_subparsers(dest="bench", required=True, parser_class=parser_class)
+    engine = kinds.add_parser("engine", help="N concurrent jobs: one at a time vs the batching engine")
+    engine.add_argument("--jobs", type=int, default=8, help="concurrent jobs (default 8)")
+    engine.add_argument("--steps", type=int, default=20, help="denoising steps per job (default 20)")
+    engine.add_argument("--size", default=None, help="WIDTHxHEIGHT (preset default if unset)")
+    engine.add_argument("--seconds", type=float, default=None, help="clip length (preset default if unset)")
+    engine.add_argument("--max-batch", type=int, default=None, help="engine batch (default: --jobs)")
+    add_config(engine)
+    attention = kinds.add_parser("attention", help="GPU: attention TFLOP/s, our Triton kernel vs SDPA vs xformers")
+    attention.add_argument("--record", type=Path, default=Path("docs/benchmarks.md"),
+                           help="append the table here (default docs/benchmarks.md)")
+    add_config(attention)
+    profile = kinds.add_parser("profile", help="measure a cost profile (simulated accelerators) on this device")
+    profile.add_argument("--out", type=Path, default=None, help="write the profile JSON here (default: stdout)")
+    profile.add_argument("--name", default=None, help="profile name (default: PRESET-DEVICE, e.g. tiny-cpu)")
+    profile.add_argument("--repeats", type=int, default=3, help="timed calls per shape, median kept (default 3)")
+    add_config(profile)
+
+    gpu = kinds.add_parser("gpu", help="every GPU figure in one run: attention, DiT, VAE, text encoder, a profile "
+                                      "(tiny sizes on a CPU)")
+    from serving.bench.gpu import add_arguments
+
+    add_arguments(gpu)
+
+
+def run_bench(args, config, argv: list[str] | None = None) -> int:
+    if args.bench == "attention":
+        from serving.bench.attention import run
+
+        return run("ditserve bench attention", args.record)
+    if args.bench == "profile":
+        return _bench_profile(args, config)
+    if args.bench == "gpu":
+        from serving.bench.gpu import run_from_args
+
+        return run_from_args(args, "ditserve " + " ".join(sys.argv[1:] if argv is None else argv))
+    from serving.bench.engine import bench_engine, report
+    from serving.models.loading import resolve_device
+    from serving.pipeline.spec import SpecError
+
+    if args.jobs < 1 or args.steps < 1 or (args.max_batch is not None and args.max_batch < 1):
+        print("ditserve bench engine: error: --jobs, --steps and --max-batch must be at least 1", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        results = bench_engine(config, args.jobs, args.steps, args.size, args.seconds, args.max_batch)
+    except SpecError as exc:
+        print(f"ditserve bench engine: error: --{exc.field.replace('_', '-')}: {exc.message}", file=sys.stderr)
+        return EXIT_USAGE
+    print(report(results, str(resolve_device(config.model))))
+    return 0
+
+
+def _bench_profile(args, config) -> int:
+    from serving.bench.profile import measure
+
+    if args.repeats < 1:
+        print("ditserve bench profile: error: --repeats must be at least 1", file=sys.stderr)
+        return EXIT_USAGE
+    log = (lambda line: print(line, file=sys.stderr, flush=True))
+    profile = measure(config, repeats=args.repeats, name=args.name, log=log)
+    text = profile.model_dump_json(indent=2) + "\n"
+    if args.out is None:
+        print(text, end="")
+    else:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text)
+        print(f"wrote {args.out}: cost profile {profile.name!r} on {profile.device}", file=sys.stderr)
+    return 0
