@@ -6,6 +6,22 @@ import sys
 from pathlib import Path
 
 EXIT_USAGE = 2
+# Kept here, not imported from serving.bench.gpu: building the parser must not import torch or
+# diffusers (they import ssl, which `ditserve loadtest`'s gevent must patch first).
+GPU_SECTIONS = ("attention", "dit", "stages", "profile")
+GPU_SIZES = ("real", "tiny")  # serving/bench/gpu_sizes.py SIZES
+
+
+def add_gpu_arguments(parser) -> None:
+    parser.add_argument("--sizes", choices=GPU_SIZES, default=None,
+                        help="real (Wan shapes; the default on a GPU) or tiny (the default on a CPU)")
+    parser.add_argument("--record", type=Path, default=None,
+                        help="append the report here (default on a GPU: docs/benchmarks.md; on a CPU: nowhere)")
+    parser.add_argument("--profile-out", type=Path, default=None,
+                        help="write the measured cost profile JSON here (default on a GPU: "
+                             "docs/profiles/<gpu>-<preset>-measured.json)")
+    parser.add_argument("--only", default=",".join(GPU_SECTIONS),
+                        help=f"comma-separated sections to run, of {', '.join(GPU_SECTIONS)} (default: all)")
 
 
 def add_bench_command(sub, parser_class, add_config) -> None:
@@ -30,9 +46,7 @@ def add_bench_command(sub, parser_class, add_config) -> None:
 
     gpu = kinds.add_parser("gpu", help="every GPU figure in one run: attention, DiT, VAE, text encoder, a profile "
                                       "(tiny sizes on a CPU)")
-    from serving.bench.gpu import add_arguments
-
-    add_arguments(gpu)
+    add_gpu_arguments(gpu)
 
 
 def run_bench(args, config, argv: list[str] | None = None) -> int:

@@ -199,7 +199,7 @@ def test_readyz_and_metrics_say_which_attention_each_denoiser_runs(service):
         return any(line.startswith("ray_ditserve_attention_backend{") and 'backend="sdpa"' in line
                    and 'deployment="Denoiser"' in line and line.endswith(" 1.0") for line in text.splitlines())
 
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 120
     while not reported(requests.get(service.metrics_url, timeout=10).text):
         assert time.monotonic() < deadline, "ray_ditserve_attention_backend never reached the metrics endpoint"
         time.sleep(1)

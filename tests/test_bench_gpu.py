@@ -67,6 +67,13 @@ def test_it_runs_without_ray_or_the_web_stack():
     assert "#### DiT forward" not in done.stdout  # --only is honoured
 
 
+def test_the_cli_offers_exactly_the_sizes_there_are():
+    from serving.bench.gpu_sizes import SIZES
+    from serving.cli_bench import GPU_SIZES
+
+    assert set(GPU_SIZES) == set(SIZES)
+
+
 def test_bad_arguments_are_one_line_and_exit_2():
     unknown = subprocess.run([sys.executable, "-m", "serving.cli", "bench", "gpu", "--only", "attention,warp"],
                              cwd=ROOT, capture_output=True, text=True, timeout=120)

@@ -289,28 +289,17 @@ def main(argv: list[str] | None = None) -> int:
     """`python -m serving.bench.gpu`: the same command without the `ditserve` CLI (a bare GPU machine)."""
     import argparse
 
+    from serving.cli_bench import add_gpu_arguments as add_arguments
+
     parser = argparse.ArgumentParser(prog="python -m serving.bench.gpu", description=__doc__.split("\n\n")[0])
     add_arguments(parser)
     args = parser.parse_args(argv)
     return run_from_args(args, "python -m serving.bench.gpu " + " ".join(argv if argv is not None else sys.argv[1:]))
 
 
-SECTIONS = ("attention", "dit", "stages", "profile")
-
-
-def add_arguments(parser) -> None:
-    parser.add_argument("--sizes", choices=sorted(SIZES), default=None,
-                        help="real (Wan shapes; the default on a GPU) or tiny (the default on a CPU)")
-    parser.add_argument("--record", type=Path, default=None,
-                        help="append the report here (default on a GPU: docs/benchmarks.md; on a CPU: nowhere)")
-    parser.add_argument("--profile-out", type=Path, default=None,
-                        help="write the measured cost profile JSON here (default on a GPU: "
-                             "docs/profiles/<gpu>-<preset>-measured.json)")
-    parser.add_argument("--only", default=",".join(SECTIONS),
-                        help=f"comma-separated sections to run, of {', '.join(SECTIONS)} (default: all)")
-
-
 def run_from_args(args, command: str) -> int:
+    from serving.cli_bench import GPU_SECTIONS as SECTIONS
+
     sections = tuple(s.strip() for s in args.only.split(",") if s.strip())
     unknown = [s for s in sections if s not in SECTIONS]
     if unknown or not sections:

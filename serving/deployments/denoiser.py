@@ -63,9 +63,9 @@ class Denoiser:
             from kernels.wan import attention_in_use
 
             attention = attention_in_use(self.transformer, config.model.attention_backend)
-        self.metrics.attention_backend.set(1, tags={
-            "backend": attention["backend"], "requested": attention["requested"],
-            "dtype": attention.get("dtype", ""), "head_dim": str(attention.get("head_dim", ""))})
+        self._attention_tags = {"backend": attention["backend"], "requested": attention["requested"],
+                                "dtype": attention.get("dtype", ""), "head_dim": str(attention.get("head_dim", ""))}
+        self.metrics.attention_backend.set(1, tags=self._attention_tags)
         for passed in attention["passed_over"]:
             logger.warning("attention backend %s passed over: %s", passed["backend"], passed["reason"])
         return attention
@@ -75,6 +75,8 @@ class Denoiser:
         Director can forget replicas that are gone."""
         app = serve.get_replica_context().app_name
         while True:
+            # Set again each period: a gauge set once was seen missing from the export minutes later.
+            self.metrics.attention_backend.set(1, tags=self._attention_tags)
             try:
                 director = serve.get_deployment_handle("Director", app)
                 await asyncio.wait_for(director.note_denoiser.remote(self.replica, {"attention": self.attention}),
