@@ -198,11 +198,7 @@ def _check(q, k, v, key_lengths) -> None:
 
 def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_lengths: torch.Tensor | None = None,
                         scale: float | None = None) -> torch.Tensor:
-    """The definition, in float64 torch: what `attention` must equal."""
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    qd, kd, vd = (t.double().transpose(1, 2) for t in (q, k, v))  # (B, H, S, D)
-    scores = qd @ kd.transpose(-1, -2) * scale
-    if key_lengths is not None:
-        keep = torch.arange(k.shape[1], device=k.device)[None, :] < key_lengths.to(k.device)[:, None]
-        scores = scores.masked_fill(~keep[:, None, None, :], float("-inf"))
-    return (scores.softmax(-1) @ vd).transpose(1, 2).to(q.dtype)
+    """The definition (kernels/selfcheck.py, float64), in q's dtype: what `attention` must equal."""
+    from kernels.selfcheck import definition
+
+    return definition(q, k, v, key_lengths, scale).to(q.dtype)

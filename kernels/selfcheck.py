@@ -33,10 +33,14 @@ PROBES = (
 Attention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 
 
-def definition(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_lengths: torch.Tensor | None) -> torch.Tensor:
-    """softmax(q k^T / sqrt(D)) v in float64, over (batch, seq, heads, head_dim)."""
+def definition(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_lengths: torch.Tensor | None = None,
+               scale: float | None = None) -> torch.Tensor:
+    """softmax(q k^T * scale) v in float64 over (batch, seq, heads, head_dim): what every
+    backend must equal. Keys at or past a row's `key_lengths` are ignored; scale defaults to
+    1/sqrt(head_dim). Lives here, not beside the Triton kernel, so checking xformers needs no triton."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
     qd, kd, vd = (t.double().transpose(1, 2) for t in (q, k, v))
-    scores = qd @ kd.transpose(-1, -2) / q.shape[-1] ** 0.5
+    scores = qd @ kd.transpose(-1, -2) * scale
     if key_lengths is not None:
         keep = torch.arange(k.shape[1], device=k.device)[None, :] < key_lengths.to(k.device)[:, None]
         scores = scores.masked_fill(~keep[:, None, None, :], float("-inf"))

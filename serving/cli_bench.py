@@ -34,7 +34,8 @@ def add_bench_command(sub, parser_class, add_config) -> None:
     engine.add_argument("--seconds", type=float, default=None, help="clip length (preset default if unset)")
     engine.add_argument("--max-batch", type=int, default=None, help="engine batch (default: --jobs)")
     add_config(engine)
-    attention = kinds.add_parser("attention", help="GPU: attention TFLOP/s, our Triton kernel vs SDPA vs xformers")
+    attention = kinds.add_parser("attention", help="GPU: attention TFLOP/s, our Triton kernel vs SDPA vs xformers, "
+                                                    "and the DiT per backend (bench gpu --only attention,dit)")
     attention.add_argument("--record", type=Path, default=Path("docs/benchmarks.md"),
                            help="append the table here (default docs/benchmarks.md)")
     add_config(attention)
@@ -51,9 +52,15 @@ def add_bench_command(sub, parser_class, add_config) -> None:
 
 def run_bench(args, config, argv: list[str] | None = None) -> int:
     if args.bench == "attention":
-        from serving.bench.attention import run
+        import torch
 
-        return run("ditserve bench attention", args.record)
+        if not torch.cuda.is_available():
+            print("ditserve bench attention: error: needs a CUDA GPU, and there is none here", file=sys.stderr)
+            return EXIT_USAGE
+        from serving.bench.gpu import run
+
+        print(run("ditserve bench attention", "real", args.record, None, ("attention", "dit")))
+        return 0
     if args.bench == "profile":
         return _bench_profile(args, config)
     if args.bench == "gpu":

@@ -144,11 +144,14 @@ def _dit_inputs(models, sizes: Sizes, device, dtype, rows: int):
 
 def dit_section(models, sizes: Sizes, device: torch.device, dtype: torch.dtype, log) -> list[str]:
     from kernels.wan import attention_in_use, use_kernel_attention
+    from serving.models.presets import PRESETS
+    from serving.pipeline.cost import latent_frames, tokens_per_frame
 
     time_ms = _timer(device)
     transformer = models.transformer
     latents, text, step, (width, height, frames) = _dit_inputs(models, sizes, device, dtype, rows=2)
-    tokens = latents.shape[2] * latents.shape[3] * latents.shape[4] // 4
+    geometry = PRESETS[sizes.preset].geometry
+    tokens = latent_frames(frames, geometry) * tokens_per_frame(width, height, geometry)
     iterations = max(1, sizes.iterations // 3)
 
     def forward(x, t, e):

@@ -118,14 +118,14 @@ def measure_parts(parts: Parts, preset: Preset, device: torch.device, repeats: i
     geometry, defaults = preset.geometry, preset.defaults
     width0, height0, frames0 = scaled_shape(preset, 1, 1)
     text0 = defaults.max_sequence_length
-    text, transformer, vae, startup = parts, parts.transformer, parts.vae, parts.startup
+    transformer, vae, startup = parts.transformer, parts.vae, parts.startup
     param = next(transformer.parameters())
     channels = transformer.config.in_channels
 
     rows_te, te_seconds = [], []
     for prompts in prompt_counts:
         for tokens in (text0 // 2, text0):
-            seconds = _timed(lambda: encode_text(text.tokenizer, text.text_encoder, ["a red circle"] * prompts, tokens),
+            seconds = _timed(lambda: encode_text(parts.tokenizer, parts.text_encoder, ["a red circle"] * prompts, tokens),
                              device, repeats)
             rows_te.append([1.0, prompts * tokens])
             te_seconds.append(seconds)

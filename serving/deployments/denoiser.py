@@ -73,12 +73,12 @@ class Denoiser:
     async def _report_forever(self) -> None:
         """Tell the Director what this replica runs, for /readyz; again every period, so the
         Director can forget replicas that are gone."""
-        app = serve.get_replica_context().app_name
+        app, director = serve.get_replica_context().app_name, None
         while True:
             # Set again each period: a gauge set once was seen missing from the export minutes later.
             self.metrics.attention_backend.set(1, tags=self._attention_tags)
             try:
-                director = serve.get_deployment_handle("Director", app)
+                director = director or serve.get_deployment_handle("Director", app)
                 await asyncio.wait_for(director.note_denoiser.remote(self.replica, {"attention": self.attention}),
                                        timeout=DENOISER_REPORT_SECONDS)
                 await asyncio.sleep(DENOISER_REPORT_SECONDS)

@@ -92,18 +92,16 @@ class Director(JobDriving):
     async def note_denoiser(self, replica: str, report: dict) -> None:
         """A Denoiser replica says what it runs (its attention backend); it repeats this every
         `DENOISER_REPORT_SECONDS`, so a report not renewed in three periods is a gone replica's."""
-        now = time.monotonic()
-        self.denoiser_reports[replica] = (now, report)
-        for name, (seen, _) in list(self.denoiser_reports.items()):
-            if now - seen > 3 * DENOISER_REPORT_SECONDS:
-                del self.denoiser_reports[name]
+        self.denoiser_reports[replica] = (time.monotonic(), report)
 
     async def ready(self) -> dict:
         """Whether every stage answers, and what each live Denoiser replica runs (the
         Gateway's /readyz)."""
         now = time.monotonic()
-        denoisers = [{"replica": name, **report} for name, (seen, report) in sorted(self.denoiser_reports.items())
-                     if now - seen <= 3 * DENOISER_REPORT_SECONDS]
+        for name, (seen, _) in list(self.denoiser_reports.items()):
+            if now - seen > 3 * DENOISER_REPORT_SECONDS:
+                del self.denoiser_reports[name]
+        denoisers = [{"replica": name, **report} for name, (_, report) in sorted(self.denoiser_reports.items())]
         names = {"text_encoder": self.text_encoder, "denoiser": self.denoiser, "vae_decoder": self.vae_decoder}
 
         async def ping(handle) -> bool:
