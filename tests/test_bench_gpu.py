@@ -74,6 +74,24 @@ def test_the_cli_offers_exactly_the_sizes_there_are():
     assert set(GPU_SIZES) == set(SIZES)
 
 
+def test_built_models_have_the_dtypes_a_checkpoint_load_gives(tmp_path):
+    """Random weights, but the model the service loads: `from_pretrained(torch_dtype=bf16)` keeps
+    the DiT's fp32 modules (norms, time embedder) in fp32; the text encoder loads all bf16."""
+    from diffusers import WanTransformer3DModel
+    from transformers import UMT5EncoderModel
+
+    from serving.bench.gpu_sizes import TINY, build_models
+
+    built = build_models(TINY, torch.device("cpu"), torch.bfloat16)
+    for model, cls in ((built.transformer, WanTransformer3DModel), (built.text_encoder, UMT5EncoderModel)):
+        model.save_pretrained(tmp_path / cls.__name__)
+        loaded = cls.from_pretrained(tmp_path / cls.__name__, torch_dtype=torch.bfloat16)
+        dtypes = {name: p.dtype for name, p in model.named_parameters()}
+        assert dtypes == {name: p.dtype for name, p in loaded.named_parameters()}
+        assert torch.bfloat16 in dtypes.values()
+    assert {p.dtype for p in built.transformer.parameters()} == {torch.float32, torch.bfloat16}
+
+
 def test_bad_arguments_are_one_line_and_exit_2():
     unknown = subprocess.run([sys.executable, "-m", "serving.cli", "bench", "gpu", "--only", "attention,warp"],
                              cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -81,3 +99,7 @@ def test_bad_arguments_are_one_line_and_exit_2():
     sizes = subprocess.run([sys.executable, "-m", "serving.cli", "bench", "gpu", "--sizes", "huge"], cwd=ROOT,
                            capture_output=True, text=True, timeout=120)
     assert sizes.returncode == 2 and "invalid choice: 'huge'" in sizes.stderr and "Traceback" not in sizes.stderr
+    if not torch.cuda.is_available():  # without this refusal it built a 5.7 B encoder in host memory
+        real = subprocess.run([sys.executable, "-m", "serving.cli", "bench", "gpu", "--sizes", "real"], cwd=ROOT,
+                              capture_output=True, text=True, timeout=120)
+        assert real.returncode == 2 and "--sizes real needs a CUDA GPU" in real.stderr

@@ -310,6 +310,10 @@ def run_from_args(args, command: str) -> int:
               f"choose from {', '.join(SECTIONS)}", file=sys.stderr)
         return 2
     on_gpu = torch.cuda.is_available()
+    if args.sizes == "real" and not on_gpu:  # a 5.7 B-parameter encoder in fp32 would not fit a CPU host's memory
+        print(f"{command.split(' --')[0]}: error: --sizes real needs a CUDA GPU, and there is none here; "
+              "--sizes tiny runs the same code", file=sys.stderr)
+        return 2
     record = args.record if args.record is not None else (Path("docs/benchmarks.md") if on_gpu else None)
     profile_out = args.profile_out
     if profile_out is None and on_gpu:

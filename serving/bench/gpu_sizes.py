@@ -70,6 +70,17 @@ def _building(device: torch.device, dtype: torch.dtype):
         torch.set_default_dtype(previous)
 
 
+def _as_loaded(model: torch.nn.Module) -> torch.nn.Module:
+    """The dtypes diffusers' `from_pretrained(torch_dtype=...)` gives: the modules the class names
+    in `_keep_in_fp32_modules` (Wan's norms, rope and time embedder) stay fp32, matched on whole
+    name components as diffusers matches them."""
+    keep = getattr(model, "_keep_in_fp32_modules", None) or []
+    for name, param in model.named_parameters():
+        if any(module in name.split(".") for module in keep):
+            param.data = param.data.float()
+    return model
+
+
 @dataclass
 class Models:
     tokenizer: object
@@ -89,11 +100,11 @@ def build_models(sizes: Sizes, device: torch.device, dtype: torch.dtype) -> Mode
     torch.manual_seed(0)
     started = time.perf_counter()
     with _building(device, dtype):
-        text_encoder = UMT5EncoderModel(UMT5Config(**sizes.text_encoder)).eval()
+        text_encoder = UMT5EncoderModel(UMT5Config(**sizes.text_encoder)).eval()  # bf16 loads keep no fp32 modules
     seconds["text_encoder"] = time.perf_counter() - started
     started = time.perf_counter()
     with _building(device, dtype):
-        transformer = WanTransformer3DModel(**sizes.dit).eval()
+        transformer = _as_loaded(WanTransformer3DModel(**sizes.dit).eval())
     seconds["denoiser"] = time.perf_counter() - started
     started = time.perf_counter()
     with _building(device, torch.float32):
