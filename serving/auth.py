@@ -48,6 +48,7 @@ class Caller:
     max_concurrent_jobs: int
     max_event_streams: int
     max_priority: int
+    operator: bool = False  # sees every key's usage
 
 
 def _pick(own: int | None, default: int) -> int:
@@ -64,7 +65,8 @@ class ApiKeys:
             self._by_digest[key.sha256] = Caller(
                 key.name, _pick(key.requests_per_minute, config.requests_per_minute),
                 _pick(key.reads_per_minute, _pick(config.reads_per_minute, polling)), jobs,
-                _pick(key.max_event_streams, config.max_event_streams), _pick(key.max_priority, config.max_priority))
+                _pick(key.max_event_streams, config.max_event_streams), _pick(key.max_priority, config.max_priority),
+                key.operator)
         # The limiter's form of each key's two rates, by `read`.
         self._rates: dict[str, dict[bool, RateLimitItem]] = {
             c.name: {False: RateLimitItemPerMinute(c.requests_per_minute), True: RateLimitItemPerMinute(c.reads_per_minute)}

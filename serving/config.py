@@ -233,6 +233,8 @@ class ApiKey(_Section):
     reads_per_minute: int | None = Field(default=None, ge=1, description="Overrides auth.reads_per_minute.")
     max_event_streams: int | None = Field(default=None, ge=1, description="Overrides auth.max_event_streams.")
     max_priority: int | None = Field(default=None, ge=-100, le=100, description="Overrides auth.max_priority.")
+    operator: bool = Field(default=False, description="An operator's key: GET /v1/usage shows every key's usage "
+                                                      "(other keys see their own). Its videos stay its own.")
 
 
 class AuthConfig(_Section):

@@ -20,6 +20,7 @@ BATCH_BUCKETS = [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64]
 
 STAGES = ("text_encoder", "denoiser", "vae_decoder")
 JOB_STATES = ("queued", "in_progress", "completed", "failed", "cancelled")
+ANONYMOUS_KEY = "anonymous"  # the usage metrics' key label for jobs made with auth off
 
 
 class Metrics:
@@ -52,11 +53,37 @@ class Metrics:
             "1 on each Denoiser replica for the attention backend its DiT runs (after its self-check), with the "
             "backend asked for; 'simulated' where compute is simulated.",
             tag_keys=("backend", "requested", "dtype", "head_dim"))
+        # Usage per API key (the key's name: bounded, keys come from the config; "anonymous"
+        # with auth off), counted when a job ends, as GET /v1/usage sums it.
+        self.usage_jobs = Counter(
+            "ditserve_usage_jobs", "Jobs that ended, by API key and how: completed, failed, cancelled, deleted.",
+            tag_keys=("key", "ending"))
+        self.usage_accelerator_seconds = Counter(
+            "ditserve_usage_accelerator_seconds",
+            "Accelerator-seconds used by jobs that ended (every attempt, failures included), by API key and stage.",
+            tag_keys=("key", "stage"))
+        self.usage_video_seconds = Counter(
+            "ditserve_usage_video_seconds", "Seconds of video delivered (completed jobs), by API key.",
+            tag_keys=("key",))
         self.simulated = Gauge(
             "ditserve_simulated_time_scale",
             "Set only on replicas whose compute is SIMULATED (serving/simulate/): the time scale their waits are "
             "divided by, labelled with the cost profile. Absent on real accelerators.",
             tag_keys=("stage", "profile"))
+
+
+    def count_usage(self, job, ending: str | None = None) -> None:
+        """Count an ended job in the usage counters (`ending` when its status does not say)."""
+        from serving.jobs.usage import video_seconds
+
+        key = job.owner or ANONYMOUS_KEY
+        self.usage_jobs.inc(tags={"key": key, "ending": ending or job.status.value})
+        used = job.used
+        for stage in STAGES:
+            if used.of(stage) > 0:
+                self.usage_accelerator_seconds.inc(used.of(stage), tags={"key": key, "stage": stage})
+        if video_seconds(job) > 0:
+            self.usage_video_seconds.inc(video_seconds(job), tags={"key": key})
 
 
 def mark_simulated(stage: str, simulation) -> None:

@@ -199,3 +199,46 @@ def service(tmp_path_factory):
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+# ---- a second app in the same cluster with API keys on ("secure") --------------------------
+
+SECURE_APP = "secure"
+KEYS = {"alpha": "dsk-alpha-test-key-0001", "beta": "dsk-beta-test-key-0002", "gamma": "dsk-gamma-test-key-0003",
+        "delta": "dsk-delta-test-key-0004", "ops": "dsk-ops-test-key-0005"}
+
+
+@pytest.fixture(scope="session")
+def secure(service, tmp_path_factory):
+    """The service's app again, with auth on, at /secure: keys alpha (defaults), beta (2
+    concurrent jobs), gamma (5 requests a minute), delta (the usage tests' own) and ops (an
+    operator's key). Returns (Service, its data folder)."""
+    from ray import serve
+
+    from serving.app import build_app
+    from serving.auth import key_digest
+    from serving.config import load_config
+
+    data = tmp_path_factory.mktemp("secure")
+    small = "{num_cpus: 0.05}"
+    entries = ", ".join([
+        f"{{name: alpha, sha256: {key_digest(KEYS['alpha'])}}}",
+        f"{{name: beta, sha256: {key_digest(KEYS['beta'])}, max_concurrent_jobs: 2}}",
+        f"{{name: gamma, sha256: {key_digest(KEYS['gamma'])}, requests_per_minute: 5, reads_per_minute: 5}}",
+        f"{{name: delta, sha256: {key_digest(KEYS['delta'])}}}",
+        f"{{name: ops, sha256: {key_digest(KEYS['ops'])}, operator: true}}",
+    ])
+    config = load_config(None, environ={
+        "DITSERVE_STORAGE__JOB_STORE_URL": f"sqlite:///{data}/jobs.db",
+        "DITSERVE_STORAGE__ARTIFACTS_URL": str(data / "artifacts"),
+        "DITSERVE_SERVER__DIRECTOR_POLL_SECONDS": "0.2",
+        "DITSERVE_SERVER__GATEWAY_NUM_CPUS": "0.05", "DITSERVE_SERVER__DIRECTOR_NUM_CPUS": "0.05",
+        "DITSERVE_STAGES__TEXT_ENCODER": small, "DITSERVE_STAGES__VAE_DECODER": small, "DITSERVE_STAGES__DENOISER": small,
+        "DITSERVE_AUTH__ENABLED": "true",
+        "DITSERVE_AUTH__KEYS": f"[{entries}]",
+    })
+    serve.run(build_app(config), name=SECURE_APP, route_prefix=f"/{SECURE_APP}")
+    url = f"{service.url}/{SECURE_APP}"
+    wait_ready(url)
+    yield Service(url, config, 0), data
+    serve.delete(SECURE_APP)

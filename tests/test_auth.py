@@ -8,41 +8,10 @@ from __future__ import annotations
 import openai
 import pytest
 import requests
-from ray import serve
 
-from conftest import Service, wait_for, wait_ready
-from serving.app import build_app
-from serving.auth import key_digest
-from serving.config import load_config
+from conftest import KEYS, wait_for
 
-APP = "secure"
-KEYS = {"alpha": "dsk-alpha-test-key-0001", "beta": "dsk-beta-test-key-0002", "gamma": "dsk-gamma-test-key-0003"}
 SLOW_JOB = dict(seconds="1", size="128x128", extra_body={"num_inference_steps": 100})
-
-
-@pytest.fixture(scope="module")
-def secure(service, tmp_path_factory):
-    data = tmp_path_factory.mktemp("secure")
-    small = "{num_cpus: 0.05}"
-    entries = ", ".join([
-        f"{{name: alpha, sha256: {key_digest(KEYS['alpha'])}}}",
-        f"{{name: beta, sha256: {key_digest(KEYS['beta'])}, max_concurrent_jobs: 2}}",
-        f"{{name: gamma, sha256: {key_digest(KEYS['gamma'])}, requests_per_minute: 5, reads_per_minute: 5}}",
-    ])
-    config = load_config(None, environ={
-        "DITSERVE_STORAGE__JOB_STORE_URL": f"sqlite:///{data}/jobs.db",
-        "DITSERVE_STORAGE__ARTIFACTS_URL": str(data / "artifacts"),
-        "DITSERVE_SERVER__DIRECTOR_POLL_SECONDS": "0.2",
-        "DITSERVE_SERVER__GATEWAY_NUM_CPUS": "0.05", "DITSERVE_SERVER__DIRECTOR_NUM_CPUS": "0.05",
-        "DITSERVE_STAGES__TEXT_ENCODER": small, "DITSERVE_STAGES__VAE_DECODER": small, "DITSERVE_STAGES__DENOISER": small,
-        "DITSERVE_AUTH__ENABLED": "true",
-        "DITSERVE_AUTH__KEYS": f"[{entries}]",
-    })
-    serve.run(build_app(config), name=APP, route_prefix=f"/{APP}")
-    url = f"{service.url}/{APP}"
-    wait_ready(url)
-    yield Service(url, config, 0), data
-    serve.delete(APP)
 
 
 def client_for(secure, name: str) -> openai.OpenAI:

@@ -1,12 +1,73 @@
 """The API's own description: where /docs, /redoc and /openapi.json are served (if at all),
-and the create body's schema with the limits the config sets."""
+and the create bodies' schemas with the limits the config sets.
+
+The create routes read their bodies themselves (JSON or form, size-limited as it arrives:
+serving/api/bodies.py), so FastAPI cannot see them: `describe` adds each one's schema to
+the document, and drops the key scheme when auth is off."""
 
 from __future__ import annotations
 
 from typing import Any
 
+from fastapi import FastAPI
+
 from serving.api.schemas import CreateVideoBody
 from serving.config import ServiceConfig
+
+LANGUAGE = {"maxLength": 35, "pattern": r"^[A-Za-z]{2,8}(-[A-Za-z0-9]{1,8}){0,4}$"}
+
+
+def describe(app: FastAPI, config: ServiceConfig) -> None:
+    """Make `app.openapi()` tell the truth about bodies and keys (built once, on first use)."""
+    from serving.api.tasks import CreateTaskBody
+
+    build = app.openapi
+    video_body = request_body_schema(config)
+    task_body = task_body_schema(config, CreateTaskBody.model_json_schema())
+    bodies = {("/v1/videos", "post"): (video_body, True), ("/v1/videos/sync", "post"): (video_body, True),
+              ("/v1/videos/generations", "post"): (task_body, False)}
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = build()
+        for (path, method), (body, forms) in bodies.items():
+            operation = schema["paths"].get(path, {}).get(method)
+            if operation is None:
+                continue
+            content = {"application/json": {"schema": body}}
+            if forms:
+                content["multipart/form-data"] = {"schema": body}
+            operation["requestBody"] = {"required": True, "content": content}
+        if not config.auth.enabled:
+            schema.get("components", {}).pop("securitySchemes", None)
+            for operations in schema["paths"].values():
+                for operation in operations.values():
+                    operation.pop("security", None)
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi
+
+
+def task_body_schema(config: ServiceConfig, schema: dict[str, Any]) -> dict[str, Any]:
+    """CreateTaskBody's JSON schema with the config's limits (as `request_body_schema`)."""
+    g = config.generation
+    limits = {"prompt": {"minLength": 1, "maxLength": g.max_prompt_chars},
+              "negative_prompt": {"maxLength": g.max_prompt_chars},
+              "model": {"enum": sorted({config.server.model_name or config.model.preset, config.model.preset})},
+              "seed": {"minimum": 0, "maximum": 2**63 - 1}, "language": LANGUAGE,
+              "callback_url": {"maxLength": 2048}, "aspect_ratio": {"pattern": r"^[0-9]{1,3}:[0-9]{1,3}$"},
+              "resolution": {"maxLength": 16}}
+    for name, rules in limits.items():
+        field = schema["properties"][name]
+        for option in field.get("anyOf", [field]):
+            if option.get("type") in ("string", "integer", "number"):
+                option.update({k: v for k, v in rules.items()
+                               if option["type"] == "string" or k in ("minimum", "maximum")})
+    schema["properties"]["duration"]["anyOf"] = [{"type": "number", "exclusiveMinimum": 0, "maximum": g.max_seconds},
+                                                 {"type": "null"}]
+    return schema
 
 
 def docs_urls(config: ServiceConfig) -> dict[str, str | None]:
@@ -36,6 +97,7 @@ def request_body_schema(config: ServiceConfig) -> dict[str, Any]:
         "seed": {"minimum": 0, "maximum": 2**63 - 1},
         "priority": {"minimum": -100, "maximum": 100},
         "webhook_url": {"maxLength": 2048},
+        "language": LANGUAGE,
     }
     for name, rules in limits.items():
         field = schema["properties"][name]

@@ -32,11 +32,23 @@ class CreateVideoBody(BaseModel):
     priority: Optional[int] = None
     webhook_url: Optional[str] = Field(default=None, description="Called (signed, Standard Webhooks) when the video "
                                                                    "completes or fails.")
+    language: Optional[str] = Field(default=None, description="The prompt's language tag (e.g. \"en\"); recorded "
+                                                                "with the video, the prompt is used as given.")
 
 
 class VideoError(BaseModel):
     code: str
     message: str
+
+
+class VideoUsage(BaseModel):
+    """Accelerator-seconds the video used per stage, every attempt counted (its share of each
+    batched forward on the Denoiser)."""
+
+    text_encoder_seconds: float
+    denoiser_seconds: float
+    vae_decoder_seconds: float
+    total_seconds: float
 
 
 class Video(BaseModel):
@@ -66,6 +78,8 @@ class Video(BaseModel):
     priority: int
     resumed_from_step: Optional[int] = Field(default=None, description="Set when a retry resumed a checkpoint.")
     webhook_url: Optional[str] = None
+    language: Optional[str] = None
+    usage: VideoUsage = Field(description="Accelerator-seconds used so far, per stage and in total.")
     timestamps: dict[str, float] = Field(description="Unix times: submitted_at, <stage>_started_at/_finished_at, ...")
     simulated: bool = Field(default=False, description="True when the service runs simulated accelerators "
                                                        "(`ditserve serve --simulate`): no model made this video.")
@@ -115,6 +129,12 @@ def video_from_job(job: JobRecord, queue_position: int | None = None,
         estimated_start_at=int(estimated_start_at) if estimated_start_at is not None else None, seed=spec["seed"], negative_prompt=spec["negative_prompt"],
         num_inference_steps=spec["num_inference_steps"], guidance_scale=spec["guidance_scale"], fps=spec["fps"],
         num_frames=spec["num_frames"], priority=job.priority, resumed_from_step=job.resumed_from_step,
-        webhook_url=job.webhook_url,
+        webhook_url=job.webhook_url, language=job.language, usage=usage_of(job),
         timestamps=job.timestamps, simulated=simulated,
     )
+
+
+def usage_of(job: JobRecord) -> VideoUsage:
+    used = job.used
+    return VideoUsage(text_encoder_seconds=round(used.text_encoder, 6), denoiser_seconds=round(used.denoiser, 6),
+                      vae_decoder_seconds=round(used.vae_decoder, 6), total_seconds=round(used.total, 6))

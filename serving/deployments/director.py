@@ -31,6 +31,7 @@ from serving.deployments.watchdog import PRIOR_DECODE_SECONDS_PER_MEGAPIXEL_FRAM
 from serving.jobs.records import Stage
 from serving.jobs.retention import StorageSweeper
 from serving.jobs.store import JobStore, LeaseLost
+from serving.jobs.usage import AttemptUsage
 from serving.measured_cost import MeasuredCost, base_cost_model
 from serving.metrics import JOB_STATES, metrics
 from serving.models.presets import PRESETS
@@ -73,6 +74,7 @@ class Director(JobDriving):
                                           PRIOR_DECODE_SECONDS_PER_MEGAPIXEL_FRAME),
         }
         self.retry_reasons: dict[str, str] = {}  # job id -> why its last attempt here was handed back
+        self.usage: dict[str, AttemptUsage] = {}  # job id -> what its running attempt has used so far
         self.denoiser_reports: dict[str, tuple[float, dict]] = {}  # replica -> (monotonic, what it runs)
         self.wakeup = asyncio.Event()
         self.claim_loop = asyncio.create_task(self._claim_forever())

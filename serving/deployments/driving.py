@@ -17,6 +17,7 @@ from serving.deployments.watchdog import StageTimeout, decode_units
 from serving.jobs.records import PROGRESS_SPAN, JobRecord, JobStatus, Stage
 from serving.jobs.retention import expiry, tidy_after_run
 from serving.jobs.store import LeaseLost, is_transient
+from serving.jobs.usage import AttemptUsage
 from serving.measured_cost import step_shape
 from serving.storage import ArtifactStoreError
 
@@ -70,6 +71,10 @@ class JobDriving:
     """The per-job half of the Director (mixed into it)."""
 
     async def _write(self, job_id: str, names: list[str] = (), **changes) -> JobRecord:
+        """Write `changes` (and the job's usage so far) under our lease."""
+        usage = self.usage.get(job_id)
+        if usage is not None:
+            changes = {**usage.fields(), **changes}
         try:
             job = await asyncio.to_thread(self.store.stamp, job_id, self.owner, names, **changes)
         except LeaseLost:
@@ -79,6 +84,8 @@ class JobDriving:
                 raise RetryLater("job_store_unavailable") from exc
             raise
         self._observe(job, names)
+        if job.status.terminal:
+            self.metrics.count_usage(job)
         return job
 
     def _observe(self, job: JobRecord, names) -> None:
@@ -96,6 +103,7 @@ class JobDriving:
 
     async def _drive(self, job: JobRecord) -> None:
         self.in_flight.start(job.id, job.spec, max(job.num_steps - job.checkpoint_step, 0))
+        self.usage[job.id] = AttemptUsage(job.used)
         try:
             if job.attempts > self.config.server.max_job_attempts:
                 await self._give_up(job)
@@ -128,6 +136,7 @@ class JobDriving:
                             f"under {job.id}")
         finally:
             self.in_flight.finish(job.id)
+            self.usage.pop(job.id, None)
             await self._tidy(job.id)
 
     async def _tidy(self, job_id: str) -> None:
@@ -148,7 +157,7 @@ class JobDriving:
             prompts, spec["max_sequence_length"]))
         embeddings = encoded["embeddings"]
         if encoded["device_seconds"] > 0:  # cached prompts cost nothing and teach nothing
-            self._measured(Stage.TEXT_ENCODER, encoded["device_seconds"],
+            self._measured(job.id, Stage.TEXT_ENCODER, encoded["device_seconds"],
                            lambda s: self.cost.observe_encode(len(prompts), spec["max_sequence_length"], s))
         self.in_flight.encoded(job.id)
         # From here the job waits in (then runs on) the Denoiser: the stage says where it is.
@@ -164,7 +173,7 @@ class JobDriving:
         units = decode_units(spec["num_frames"], spec["width"], spec["height"])
         result = await self._call(Stage.VAE_DECODER, self.vae_decoder.decode.remote(latents, spec["fps"], units),
                                   units)
-        self._measured(Stage.VAE_DECODER, result["device_seconds"],
+        self._measured(job.id, Stage.VAE_DECODER, result["device_seconds"],
                        lambda s: self.cost.observe_decode(spec["num_frames"], spec["width"], spec["height"], s))
         self.in_flight.decoded(job.id)
 
@@ -220,7 +229,7 @@ class JobDriving:
                     last_step_at = now
                     share = event.get("device_seconds")  # the job's part of the forward, as the engine timed it
                     if share:
-                        self._measured(Stage.DENOISER, share, lambda s: self.cost.observe_step(shape, s))
+                        self._measured(job.id, Stage.DENOISER, share, lambda s: self.cost.observe_step(shape, s))
                     self.in_flight.stepped(job.id, total - step)
                     if progress_writes.due(step, total, now):
                         job = await self._write(job.id, step=step, total_steps=total,
@@ -233,10 +242,14 @@ class JobDriving:
             raise RuntimeError("the Denoiser finished without returning latents")
         return latents
 
-    def _measured(self, stage: Stage, seconds: float, observe) -> None:
-        """A stage finished `seconds` of device work: teach the cost model, credit the capacity."""
+    def _measured(self, job_id: str, stage: Stage, seconds: float, observe) -> None:
+        """A stage finished `seconds` of device work for a job: teach the cost model, credit the
+        capacity, and count it in the job's usage."""
         observe(seconds)
         self.capacity[stage.value].record(seconds)
+        usage = self.usage.get(job_id)
+        if usage is not None:
+            usage.add(stage.value, seconds)
 
     async def _call(self, stage: Stage, response, units: float = 1.0):
         """Await one stage call within its timeout; a call past it is cancelled and the job retried."""
@@ -287,8 +300,11 @@ class JobDriving:
     async def _retry_later(self, job: JobRecord, reason: str) -> None:
         """Give the job back for another attempt (which resumes from its checkpoint)."""
         self.retry_reasons[job.id] = reason
+        usage = self.usage.get(job.id)
+        spent = usage.fields() if usage is not None else {}  # a lost attempt's work was still used
         try:
-            await asyncio.to_thread(self.store.update, job.id, self.owner, lease_owner=None, lease_expires_at=None)
+            await asyncio.to_thread(self.store.update, job.id, self.owner, lease_owner=None, lease_expires_at=None,
+                                    **spent)
         except LeaseLost:
             return
         except Exception:  # the database is down: the lease runs out, and the job is claimed again

@@ -82,8 +82,11 @@ class Gateway:
     def _rejected(self, reason: str) -> None:
         self.metrics.rejections.inc(tags={"reason": reason})
 
+    def _ended(self, job, ending: str) -> None:
+        self.metrics.count_usage(job, ending)
+
     def __serve_build_asgi_app__(self):
         from serving.api.app import create_api
 
         return create_api(self.config, self.jobs, on_submitted=self._wake_director, stages_ready=self._stages_ready,
-                          estimate=self.estimate.get, on_rejected=self._rejected)
+                          estimate=self.estimate.get, on_rejected=self._rejected, on_ended=self._ended)

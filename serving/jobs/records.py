@@ -84,9 +84,21 @@ class JobRecord:
     resumed_from_step: int | None = None  # set when a retry picked up a checkpoint
     owner: str | None = None  # the API key's name that created it (None: auth off)
     webhook_url: str | None = None  # told when the job finishes (see serving/webhooks.py)
+    language: str | None = None  # the prompt's language as the client declared it (recorded, not acted on)
+    # Device seconds the job has really used per stage, every attempt counted (the Director's
+    # measurements; a lost attempt's work is spent too). None: nothing used yet.
+    used_text_encoder_seconds: float | None = None
+    used_denoiser_seconds: float | None = None
+    used_vae_decoder_seconds: float | None = None
 
     @property
     def cost(self) -> StageSeconds:
         """Device seconds per stage, costed at submit (0 for a row that predates costs)."""
         return StageSeconds(self.text_encoder_seconds or 0.0, self.denoiser_seconds or 0.0,
                             self.vae_decoder_seconds or 0.0)
+
+    @property
+    def used(self) -> StageSeconds:
+        """Device seconds used so far per stage, every attempt counted (its usage)."""
+        return StageSeconds(self.used_text_encoder_seconds or 0.0, self.used_denoiser_seconds or 0.0,
+                            self.used_vae_decoder_seconds or 0.0)

@@ -19,6 +19,8 @@ from serving.jobs.outbox import WebhookEvent, WebhookOutbox, queue_webhook
 from serving.jobs.records import JobRecord, JobStatus, Stage
 from serving.jobs.tables import add_missing_columns, jobs, metadata, webhook_events
 from serving.jobs.transient import TRANSIENT_RETRY_SECONDS, is_transient, retry_transient
+from serving.jobs.usage import DELETED as DELETED_UNFINISHED
+from serving.jobs.usage import UsageLedger, record_usage
 
 # Re-exported: callers name the store's errors, tables and event type through this module.
 __all__ = ["JobStore", "LeaseLost", "IdempotencyConflict", "WebhookEvent", "is_transient", "metadata",
@@ -54,7 +56,7 @@ class IdempotencyConflict(Exception):
     """The Idempotency-Key was used before with a different request body."""
 
 
-class JobStore(WebhookOutbox):
+class JobStore(WebhookOutbox, UsageLedger):
     def __init__(self, url: str, transient_retry_seconds: float = TRANSIENT_RETRY_SECONDS):
         self.url = url
         self.transient_retry_seconds = transient_retry_seconds
@@ -176,7 +178,10 @@ class JobStore(WebhookOutbox):
                 return _from_row(gone) if gone else None
             hidden = conn.execute(jobs.update().where(jobs.c.id == job_id, _live).values(
                 deleted_at=now, lease_owner=DELETED, lease_expires_at=None, **_CONTENT_CLEARED)).rowcount
-        return _from_row(row) if hidden else None
+            job = _from_row(row)
+            if hidden and not job.status.terminal:  # it ends here: what it used so far is spent
+                record_usage(conn, job, DELETED_UNFINISHED, now)
+        return job if hidden else None
 
     @retry_transient
     def files_deleted(self, job_id: str, now: float | None = None) -> None:
@@ -365,6 +370,7 @@ class JobStore(WebhookOutbox):
             current = _from_row(conn.execute(sa.select(jobs).where(jobs.c.id == job_id)).mappings().first())
             if "status" in changes:
                 queue_webhook(conn, current)
+                record_usage(conn, current)
         return current
 
     @staticmethod
@@ -393,8 +399,9 @@ class JobStore(WebhookOutbox):
                     lease_owner=None, lease_expires_at=None,
                     error_code="cancelled", error_message="cancelled at the client's request")).rowcount
             if queued:
-                queue_webhook(conn, _from_row(conn.execute(sa.select(jobs).where(jobs.c.id == job_id))
-                                               .mappings().first()))
+                cancelled = _from_row(conn.execute(sa.select(jobs).where(jobs.c.id == job_id)).mappings().first())
+                queue_webhook(conn, cancelled)
+                record_usage(conn, cancelled)
             else:
                 conn.execute(jobs.update().where(jobs.c.id == job_id, jobs.c.status == JobStatus.IN_PROGRESS.value)
                              .values(cancel_requested=True))

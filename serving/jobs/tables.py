@@ -44,6 +44,11 @@ jobs = sa.Table(
     sa.Column("resumed_from_step", sa.Integer),
     sa.Column("owner", sa.String(64), index=True),
     sa.Column("webhook_url", sa.Text),
+    sa.Column("language", sa.String(35)),
+    # Device seconds really used per stage, all attempts (usage; the columns above are estimates).
+    sa.Column("used_text_encoder_seconds", sa.Float),
+    sa.Column("used_denoiser_seconds", sa.Float),
+    sa.Column("used_vae_decoder_seconds", sa.Float),
     # A deleted job is first a tombstone: hidden from every read, its lease taken from its
     # driver, its files then removed (files_deleted_at), the row dropped later (see retention).
     sa.Column("deleted_at", sa.Float),
@@ -68,6 +73,25 @@ webhook_events = sa.Table(
     sa.Column("next_attempt_at", sa.Float, index=True),  # None once delivered or given up
     sa.Column("delivered_at", sa.Float),
     sa.Column("last_error", sa.Text),
+)
+
+
+# The usage ledger: one row per job that ended (completed, failed, cancelled or deleted
+# unfinished), written in the same transaction as its end. It holds numbers only, and stays
+# when the job and its files are deleted or expire: what a key spent is not forgotten with
+# its videos. GET /v1/usage sums it.
+usage = sa.Table(
+    "usage",
+    metadata,
+    sa.Column("seq", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("job_id", sa.String(64), nullable=False, unique=True),
+    sa.Column("owner", sa.String(64), index=True),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("ended_at", sa.Float, nullable=False, index=True),
+    sa.Column("video_seconds", sa.Float, nullable=False),  # seconds of video delivered (0 unless completed)
+    sa.Column("text_encoder_seconds", sa.Float, nullable=False),
+    sa.Column("denoiser_seconds", sa.Float, nullable=False),
+    sa.Column("vae_decoder_seconds", sa.Float, nullable=False),
 )
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import time
 from typing import Any
 
@@ -15,7 +16,7 @@ from serving.admission import QueueFull, WaitEstimate
 from serving.config import ServiceConfig
 from serving.cost_model import StageSeconds, spec_seconds
 from serving.jobs.records import JobRecord, JobStatus, is_job_id, new_job_id
-from serving.jobs.retention import delete_job
+from serving.jobs.retention import remove_files
 from serving.jobs.store import JobStore, cost_fields
 from serving.measured_cost import Calibration, MeasuredCost, base_cost_model
 from serving.models.presets import PRESETS
@@ -23,6 +24,9 @@ from serving.pipeline.spec import SpecError, build_spec
 from serving.policy import ContentPolicy, PolicyViolation
 from serving.storage import ArtifactStore
 from serving.webhooks import WebhookURLError, check_webhook_url, signing_secret
+
+# A BCP 47 language tag, as clients send it ("en", "zh-Hans", "pt-BR"); recorded, not acted on.
+LANGUAGE_TAG = re.compile(r"[A-Za-z]{2,8}(-[A-Za-z0-9]{1,8}){0,4}")
 
 # Request fields that pass straight through to `build_spec`.
 SPEC_FIELDS = ("size", "seconds", "fps", "num_inference_steps", "guidance_scale", "negative_prompt", "seed")
@@ -93,6 +97,9 @@ class VideoJobs:
                 webhook_url = check_webhook_url(webhook_url, self.config.webhooks, secret)
             except WebhookURLError as exc:
                 raise SpecError("webhook_url", str(exc)) from None
+        language = request.get("language")
+        if language is not None and (not isinstance(language, str) or not LANGUAGE_TAG.fullmatch(language)):
+            raise SpecError("language", f"expected a language tag such as \"en\" or \"pt-BR\", found {language!r}")
         violation = self.policy.check(spec.prompt, "prompt")
         if violation is not None:
             raise PolicyViolation(violation)
@@ -113,7 +120,7 @@ class VideoJobs:
         record = JobRecord(
             id=new_job_id(), created_at=now, status=JobStatus.QUEUED, model=self.model_name, spec=spec.to_dict(),
             timestamps={"submitted_at": now}, idempotency_key=idempotency_key, priority=priority,
-            num_steps=spec.num_inference_steps, owner=owner, webhook_url=webhook_url,
+            num_steps=spec.num_inference_steps, owner=owner, webhook_url=webhook_url, language=language,
             request_hash=_request_hash(request) if idempotency_key else None, **cost_fields(cost),
         )
         return self.store.create(record)
@@ -139,13 +146,17 @@ class VideoJobs:
     def cancel(self, job_id: str, owner: str | None = None) -> JobRecord | None:
         return self.store.request_cancel(job_id) if self.get(job_id, owner) is not None else None
 
-    def delete(self, job_id: str, owner: str | None = None) -> bool | None:
+    def delete(self, job_id: str, owner: str | None = None) -> tuple[JobRecord, bool] | None:
         """Delete the job and its files; a running job stops (its driver loses the lease).
-        None: no such job. True: all gone. False: gone from the API at once, but some files
-        could not be removed yet; the Director's storage sweep retries until they are."""
+        None: no such job. Else (the job as it was, whether its files are gone): False means
+        gone from the API at once, but some files could not be removed yet; the Director's
+        storage sweep retries until they are."""
         if self.get(job_id, owner) is None:
             return None
-        return delete_job(self.store, self.artifacts, job_id)
+        job = self.store.tombstone(job_id)
+        if job is None:  # deleted by a racing request
+            return None
+        return job, remove_files(self.store, self.artifacts, job_id)
 
     def content_key(self, job_id: str, variant: str, owner: str | None = None) -> tuple[str, str] | None:
         """(artifact key, media type) of a completed video's variant; None for an unknown job."""

@@ -110,7 +110,8 @@ def build_spec(
         raise SpecError(
             "seconds",
             f"{seconds:g} s at {fps} fps is {intervals:g} frame intervals; the model makes clips of "
-            f"{k}·n intervals ({k}·n+1 frames), so seconds × fps must be a multiple of {k}",
+            f"{k}·n intervals ({k}·n+1 frames), so seconds × fps must be a multiple of {k}"
+            f"{_nearest_lengths(intervals, k, fps, g.max_seconds)}",
         )
     num_frames = int(round(intervals)) + 1
 
@@ -183,6 +184,13 @@ def _fitting_size(width: int, height: int, max_tokens: int, multiple: int) -> st
     if w < multiple or h < multiple:
         return "no size fits"
     return f"a size up to {w}x{h} fits"
+
+
+def _nearest_lengths(intervals: float, k: int, fps: int, limit: float) -> str:
+    """"; the nearest that work are A s and B s" for a length that is not k·n intervals."""
+    lengths = [n * k / fps for n in (math.floor(intervals / k), math.ceil(intervals / k))]
+    lengths = sorted({length for length in lengths if 0 < length <= limit})
+    return f"; the nearest that work at {fps} fps: {' and '.join(f'{x:g} s' for x in lengths)}" if lengths else ""
 
 
 def _finite(value) -> bool:
