@@ -28,6 +28,7 @@ class JobRow:
     latency_s: float | None = None
     error_code: str | None = None
     bytes_downloaded: int = 0
+    accelerator_seconds: float | None = None  # the video's own usage (every attempt), as the service measured it
 
 
 @dataclass
@@ -59,6 +60,7 @@ class JobLog:
         row.outcome = video["status"]
         row.error_code = (video.get("error") or {}).get("code")
         row.bytes_downloaded = downloaded
+        row.accelerator_seconds = (video.get("usage") or {}).get("total_seconds")
 
     def gone(self, job_id: str) -> None:
         """The job was deleted (or expired) before it was seen to end."""
@@ -96,6 +98,9 @@ def summarize(log: JobLog, duration_s: float, extra: dict) -> dict:
     latencies = [r.latency_s for r in rows if r.outcome == "completed" and r.latency_s is not None]
     completed = outcomes["completed"]
     replica_counts = [n for _, n in log.replicas]
+    # What a usable video cost: every ended job's accelerator-seconds (failures and
+    # cancellations included), per completed one, from the service's own usage figures.
+    spent = sum(r.accelerator_seconds or 0.0 for r in rows)
 
     def rounded(value):
         return None if value is None else round(value, 3)
@@ -111,6 +116,7 @@ def summarize(log: JobLog, duration_s: float, extra: dict) -> dict:
         "latency_p50_s": rounded(percentile(latencies, 0.50)),
         "latency_p95_s": rounded(percentile(latencies, 0.95)),
         "denoiser_replicas_max": max(replica_counts) if replica_counts else None,
+        "accelerator_seconds_per_completed_video": rounded(spent / completed) if completed else None,
     }
 
 

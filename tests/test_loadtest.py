@@ -39,6 +39,10 @@ def test_peak_hour_smoke_run(service, tmp_path):
     assert len(completed) == summary["completed"]
     assert all(float(r["queue_wait_denoiser_s"]) >= 0 and float(r["latency_s"]) > 0
                and int(r["bytes_downloaded"]) > 0 for r in completed)
+    # The cost of a usable video, from the service's own usage figures of every job.
+    spent = sum(float(r["accelerator_seconds"]) for r in rows if r["accelerator_seconds"])
+    assert summary["accelerator_seconds_per_completed_video"] > 0
+    assert summary["accelerator_seconds_per_completed_video"] == round(spent / summary["completed"], 3)
 
     for name in ("queue_wait.png", "latency_cdf.png"):
         with Image.open(out / name) as image:

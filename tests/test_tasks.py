@@ -115,6 +115,7 @@ def test_a_cancelled_task_is_failed_with_the_reason(api):
     (dict(language="not a language"), "language", "language tag"),
     (dict(callback_url="http://127.0.0.1:9/hook"), "callback_url", "not an address this server calls"),
     (dict(fps=24), "fps", "unknown parameter"),
+    (dict(seed=True), "seed", "expected a number, found true"),
     (dict(model="sora-2"), "model", "is not served here"),
 ])
 def test_what_the_model_cannot_make_is_a_400_naming_the_field(api, body, param, words):

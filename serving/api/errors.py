@@ -91,6 +91,8 @@ def describe(error: dict[str, Any]) -> str:
         return "is required"
     if kind in _KIND:
         return f"expected {_KIND[kind]}, found {shown(error.get('input'))}"
+    if kind == "value_error":  # our own validators' words, without pydantic's prefix
+        return str(error["msg"]).removeprefix("Value error, ")
     return str(error["msg"])
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from serving.jobs.records import JobRecord, JobStatus
 
@@ -34,6 +34,16 @@ class CreateVideoBody(BaseModel):
                                                                    "completes or fails.")
     language: Optional[str] = Field(default=None, description="The prompt's language tag (e.g. \"en\"); recorded "
                                                                 "with the video, the prompt is used as given.")
+
+    _numbers_are_not_booleans = field_validator("seconds", "seed", "num_inference_steps", "guidance_scale", "fps",
+                                                "priority", mode="before")(lambda value: not_a_boolean(value))
+
+
+def not_a_boolean(value: Any) -> Any:
+    """JSON true/false is not a number here (pydantic would read it as 1/0)."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected a number, found {str(value).lower()}")
+    return value
 
 
 class VideoError(BaseModel):

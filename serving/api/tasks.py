@@ -15,13 +15,13 @@ from typing import Literal, Optional, Union
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from serving.api.bodies import read_create_body
 from serving.api.context import APIContext, caller, context
 from serving.api.errors import APIError, body_error
 from serving.api.resolution import size_for
-from serving.api.schemas import VideoUsage, usage_of
+from serving.api.schemas import VideoUsage, not_a_boolean, usage_of
 from serving.api.videos import BAD_INPUT, CREATE_REFUSALS, NOT_FOUND, POLL_HEADER
 from serving.auth import Caller
 from serving.jobs.records import JobRecord, JobStatus
@@ -50,6 +50,8 @@ class CreateTaskBody(BaseModel):
                                                               "used as given.")
     callback_url: Optional[str] = Field(default=None, description="Called (signed, Standard Webhooks) when the "
                                                                   "task completes or fails.")
+
+    _numbers_are_not_booleans = field_validator("duration", "seed", mode="before")(lambda value: not_a_boolean(value))
 
 
 class TaskError(BaseModel):
