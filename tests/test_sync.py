@@ -33,10 +33,13 @@ def test_sync_answers_with_the_mp4_and_its_timings(service):
     assert {"generation", "denoise", "total", "queue", "encode", "decode"} <= set(spans), spans
     assert 0 < spans["denoise"] <= spans["generation"] <= spans["total"]
     assert float(response.headers["x-inference-time-s"]) == pytest.approx(spans["generation"] / 1000, abs=1e-3)
-    # An ordinary job: the OpenAI routes know it, with the same bytes.
+    # An ordinary job: the OpenAI routes know it, with the same bytes; the download carries the
+    # same timings (where TensorRT-LLM's benchmark client reads them, after polling).
     video = service.client().videos.retrieve(video_id)
     assert video.status == "completed"
-    assert service.client().videos.download_content(video_id).read() == response.content
+    download = requests.get(f"{service.url}/v1/videos/{video_id}/content")
+    assert download.content == response.content
+    assert timings(download.headers["server-timing"]) == spans
 
 
 def test_sync_takes_the_multipart_body_the_sdk_sends(service):

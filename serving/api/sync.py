@@ -21,6 +21,7 @@ from serving.api.content import content_response
 from serving.api.context import APIContext, caller, context, owner_of
 from serving.api.errors import APIError
 from serving.api.schemas import ErrorEnvelope, Video
+from serving.api.timing import timing_headers
 from serving.api.videos import CREATE_REFUSALS, POLL_HEADER, read_video_request
 from serving.auth import Caller
 from serving.jobs.records import JobRecord, JobStatus
@@ -30,16 +31,6 @@ router = APIRouter(tags=["videos"])
 # How often a wait looks whether its client is still there (the job goes on either way).
 DISCONNECT_CHECK_SECONDS = 2.0
 
-# Server-Timing metric -> (from, to) of the job's own timestamps.
-TIMINGS = {
-    "queue": ("submitted_at", "text_encoder_started_at"),
-    "encode": ("text_encoder_started_at", "text_encoder_finished_at"),
-    "denoise": ("denoiser_started_at", "denoiser_finished_at"),
-    "decode": ("vae_decoder_started_at", "vae_decoder_finished_at"),
-    "generation": ("text_encoder_started_at", "vae_decoder_finished_at"),  # the model's work, queue excluded
-    "total": ("submitted_at", "completed_at"),
-}
-
 SYNC_ANSWERS = {
     **CREATE_REFUSALS,
     200: {"content": {"video/mp4": {}}, "description": "The MP4. `Server-Timing` and `x-inference-time-s` carry "
@@ -48,13 +39,6 @@ SYNC_ANSWERS = {
     404: {"model": ErrorEnvelope, "description": "The video was deleted while the request waited."},
     500: {"model": ErrorEnvelope, "description": "Generating the video failed; `error.code` says how."},
 }
-
-
-def server_timing(job: JobRecord) -> dict[str, float]:
-    """Milliseconds of each span the job's timestamps cover."""
-    stamps = job.timestamps
-    return {name: round(1000.0 * (stamps[end] - stamps[start]), 1) for name, (start, end) in TIMINGS.items()
-            if start in stamps and end in stamps and stamps[end] >= stamps[start]}
 
 
 @router.post("/v1/videos/sync", response_class=Response, responses=SYNC_ANSWERS)
@@ -81,12 +65,8 @@ async def create_video_sync(request: Request, ctx: APIContext = Depends(context)
     if job.status == JobStatus.FAILED:
         raise APIError(500, f"video {job.id} failed: {job.error_message}", type="server_error",
                        code=job.error_code or "generation_failed", headers=named)
-    timing = server_timing(job)
     response = await content_response(ctx.jobs.artifacts, job.video_key, "video/mp4", f"{job.id}.mp4", None)
-    response.headers.update(named)
-    response.headers["Server-Timing"] = ", ".join(f"{name};dur={ms:g}" for name, ms in timing.items())
-    if "generation" in timing:
-        response.headers["x-inference-time-s"] = f"{timing['generation'] / 1000.0:.3f}"
+    response.headers.update({**named, **timing_headers(job)})
     return response
 
 

@@ -20,6 +20,7 @@ from serving.api.context import APIContext, caller, context, not_found, owner_of
 from serving.api.errors import APIError, body_error
 from serving.api.events import video_events
 from serving.api.schemas import CreateVideoBody, ErrorEnvelope, Video, VideoDeleted, VideoList, video_from_job
+from serving.api.timing import timing_headers
 from serving.auth import Caller
 from serving.jobs.records import JobStatus
 from serving.jobs.videos import NotReady
@@ -124,9 +125,11 @@ async def download_content(request: Request, video_id: str, variant: Literal["vi
         raise APIError(409, str(exc), param="video_id", code="video_not_ready") from None
     if found is None:
         raise not_found(video_id)
-    key, media_type = found
-    return await content_response(ctx.jobs.artifacts, key, media_type, f"{video_id}.{key.rsplit('.', 1)[-1]}",
-                                  request.headers.get("range"))
+    key, media_type, job = found
+    response = await content_response(ctx.jobs.artifacts, key, media_type, f"{video_id}.{key.rsplit('.', 1)[-1]}",
+                                      request.headers.get("range"))
+    response.headers.update(timing_headers(job))  # what peers' benchmark clients read off the download
+    return response
 
 
 EVENT_ANSWERS = {**BAD_INPUT, **NOT_FOUND,

@@ -158,16 +158,16 @@ class VideoJobs:
             return None
         return job, remove_files(self.store, self.artifacts, job_id)
 
-    def content_key(self, job_id: str, variant: str, owner: str | None = None) -> tuple[str, str] | None:
-        """(artifact key, media type) of a completed video's variant; None for an unknown job."""
+    def content_key(self, job_id: str, variant: str, owner: str | None = None) -> tuple[str, str, JobRecord] | None:
+        """(artifact key, media type, the job) of a completed video's variant; None for an unknown job."""
         job = self.get(job_id, owner)
         if job is None:
             return None
         if job.status != JobStatus.COMPLETED:
             raise NotReady(f"video {job_id} is {_status_words(job)}; content exists once it is completed")
         if variant == "thumbnail":
-            return job.thumbnail_key, "image/webp"
-        return job.video_key, "video/mp4"
+            return job.thumbnail_key, "image/webp", job
+        return job.video_key, "video/mp4", job
 
     def cost(self, spec: dict, estimate: WaitEstimate | None = None) -> StageSeconds:
         """A job's device seconds per stage: the preset's prior corrected by what the Director
