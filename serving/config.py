@@ -68,6 +68,12 @@ class GenerationConfig(_Section):
         default=None, ge=1,
         description="Largest cost of one request in latent token-steps (latent frames x latent tokens per frame "
         "x steps, x2 with guidance; see serving/pipeline/cost.py); null takes the preset's budget.")
+    cache: str | float = Field(
+        default="off", description="Step caching for requests that do not ask: off, a named setting (balanced, "
+        "fast: the preset's thresholds) or a threshold (serving/pipeline/step_cache.py).")
+    max_cache_threshold: float | None = Field(
+        default=None, ge=0, description="The largest step-cache threshold a request may ask for (a fidelity floor); "
+        "null: the preset's most aggressive named setting; 0 turns step caching off.")
 
     @field_validator("size")
     @classmethod

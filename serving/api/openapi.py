@@ -98,6 +98,7 @@ def request_body_schema(config: ServiceConfig) -> dict[str, Any]:
         "priority": {"minimum": -100, "maximum": 100},
         "webhook_url": {"maxLength": 2048},
         "language": LANGUAGE,
+        "cache": {"minimum": 0, "maxLength": 16},
     }
     for name, rules in limits.items():
         field = schema["properties"][name]

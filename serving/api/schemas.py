@@ -34,9 +34,11 @@ class CreateVideoBody(BaseModel):
                                                                    "completes or fails.")
     language: Optional[str] = Field(default=None, description="The prompt's language tag (e.g. \"en\"); recorded "
                                                                 "with the video, the prompt is used as given.")
+    cache: Optional[Union[str, float]] = Field(default=None, description="Step caching: off, balanced, fast, or a "
+                                                                         "threshold; faster, slightly less faithful.")
 
     _numbers_are_not_booleans = field_validator("seconds", "seed", "num_inference_steps", "guidance_scale", "fps",
-                                                "priority", mode="before")(lambda value: not_a_boolean(value))
+                                                "priority", "cache", mode="before")(lambda value: not_a_boolean(value))
 
 
 def not_a_boolean(value: Any) -> Any:
@@ -87,6 +89,10 @@ class Video(BaseModel):
     num_frames: int
     priority: int
     resumed_from_step: Optional[int] = Field(default=None, description="Set when a retry resumed a checkpoint.")
+    cache_threshold: float = Field(default=0.0, description="The step-cache threshold the video runs with (0: off).")
+    computed_steps: Optional[int] = Field(default=None, description="Denoise steps that ran the DiT in full (the "
+                                                                    "rest reused a cached residual); set once "
+                                                                    "denoising is done.")
     webhook_url: Optional[str] = None
     language: Optional[str] = None
     usage: VideoUsage = Field(description="Accelerator-seconds used so far, per stage and in total.")
@@ -139,6 +145,7 @@ def video_from_job(job: JobRecord, queue_position: int | None = None,
         estimated_start_at=int(estimated_start_at) if estimated_start_at is not None else None, seed=spec["seed"], negative_prompt=spec["negative_prompt"],
         num_inference_steps=spec["num_inference_steps"], guidance_scale=spec["guidance_scale"], fps=spec["fps"],
         num_frames=spec["num_frames"], priority=job.priority, resumed_from_step=job.resumed_from_step,
+        cache_threshold=spec.get("cache_threshold", 0.0), computed_steps=job.computed_steps,
         webhook_url=job.webhook_url, language=job.language, usage=usage_of(job),
         timestamps=job.timestamps, simulated=simulated,
     )

@@ -127,7 +127,7 @@ class Denoiser:
         seconds while it waits for a batch slot, {"started", "step"} when the engine takes the
         job, {"step", "total_steps", "batch_size", "device_seconds"} after each step (its share
         of the forward's time), {"checkpoint_step"} after each saved checkpoint, and finally
-        {"latents": tensor}."""
+        {"latents": tensor, "computed_steps": steps that ran the DiT in full}."""
         from serving.engine.scheduler import EngineRequest
         from serving.pipeline.denoise import start_denoise
         from serving.pipeline.spec import VideoSpec
@@ -160,7 +160,7 @@ class Denoiser:
                 yield {"checkpoint_step": event.step}
             elif event.kind == "finished":
                 self.metrics.accelerator_seconds.observe(event.device_seconds, tags={"stage": "denoiser"})
-                yield {"latents": event.latents}
+                yield {"latents": event.latents, "computed_steps": event.computed_steps}
             elif event.kind == "failed":
                 raise event.error
 

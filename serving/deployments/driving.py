@@ -165,10 +165,11 @@ class JobDriving:
                                 progress=PROGRESS_SPAN[Stage.DENOISER][0])
         self._check_cancel(job)
 
-        latents = await self._denoise(job, embeddings)
+        latents, computed_steps = await self._denoise(job, embeddings)
 
         job = await self._write(job.id, [f"{Stage.DENOISER.value}_finished_at", f"{Stage.VAE_DECODER.value}_started_at"],
-                                stage=Stage.VAE_DECODER, progress=PROGRESS_SPAN[Stage.VAE_DECODER][0])
+                                stage=Stage.VAE_DECODER, progress=PROGRESS_SPAN[Stage.VAE_DECODER][0],
+                                computed_steps=computed_steps)
         self._check_cancel(job)
         units = decode_units(spec["num_frames"], spec["width"], spec["height"])
         result = await self._call(Stage.VAE_DECODER, self.vae_decoder.decode.remote(latents, spec["fps"], units),
@@ -192,7 +193,7 @@ class JobDriving:
         silence: a live engine says so every few seconds."""
         spec = job.spec
         clock = self.clocks[Stage.DENOISER]
-        latents = None
+        latents, computed_steps = None, None
         start, end = PROGRESS_SPAN[Stage.DENOISER]
         resume = job.checkpoint_step > 0  # an earlier attempt saved latents: go on from there
         stream = self.denoiser.options(stream=True).denoise.remote(job.id, spec, embeddings, job.priority, resume)
@@ -220,7 +221,7 @@ class JobDriving:
                 elif "checkpoint_step" in event:
                     job = await self._write(job.id, checkpoint_step=event["checkpoint_step"])
                 elif "latents" in event:
-                    latents = event["latents"]
+                    latents, computed_steps = event["latents"], event.get("computed_steps")
                 else:
                     step, total = event["step"], event["total_steps"]
                     now = time.monotonic()
@@ -240,7 +241,7 @@ class JobDriving:
                 stream.cancel()
         if latents is None:
             raise RuntimeError("the Denoiser finished without returning latents")
-        return latents
+        return latents, computed_steps
 
     def _measured(self, job_id: str, stage: Stage, seconds: float, observe) -> None:
         """A stage finished `seconds` of device work for a job: teach the cost model, credit the

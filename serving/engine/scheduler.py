@@ -58,6 +58,8 @@ class EngineEvent:
     checkpoint: bytes | None = None
     error: BaseException | None = None
     device_seconds: float = 0.0  # the request's share of this step's forward ("step"), of all of them ("finished")
+    computed_steps: int = 0  # ("finished") steps that ran the DiT in full; the rest were step-cached
+    cached: bool = False  # ("step") this step reused the request's cached residual
 
 
 @dataclass
@@ -128,14 +130,19 @@ class DenoiseEngine:
         started = time.perf_counter()
         self.forward_started_at = time.monotonic()
         try:
-            denoise_batch_step(self.transformer, [r.state for r in batch], [r.prompt_embeds for r in batch],
-                               [r.negative_embeds for r in batch])
+            computed = denoise_batch_step(self.transformer, [r.state for r in batch],
+                                          [r.prompt_embeds for r in batch], [r.negative_embeds for r in batch])
         except Exception as exc:  # a failed forward fails its batch, not the engine
             return events + [self._fail(r, exc) for r in batch]
         finally:
             self.forward_started_at = None
         seconds = time.perf_counter() - started
-        rows = [2 if r.negative_embeds is not None and r.state.spec.guidance_scale > 1.0 else 1 for r in batch]
+        # The forward's time is shared by the rows that ran the blocks; a step-cached request's
+        # rows cost only the embedding and projection, counted as nothing (all cached: equal).
+        rows = [(2 if r.negative_embeds is not None and r.state.spec.guidance_scale > 1.0 else 1) * ran
+                for r, ran in zip(batch, computed)]
+        if not sum(rows):
+            rows = [1] * len(batch)
         shares = {r.id: seconds * n / sum(rows) for r, n in zip(batch, rows)}
         for request in batch:
             request.device_seconds += shares[request.id]
@@ -144,20 +151,23 @@ class DenoiseEngine:
                 self.on_forward(len(batch), seconds)
             except Exception:  # bookkeeping (metrics) must never cost a request its video
                 logger.exception("on_forward callback failed")
-        for request in batch:
+        for request, ran in zip(batch, computed):
             try:
-                events += self._after_step(request, len(batch), shares[request.id])
+                events += self._after_step(request, len(batch), shares[request.id], cached=not ran)
             except Exception as exc:
                 events.append(self._fail(request, exc))
         return events
 
-    def _after_step(self, request: EngineRequest, batch_size: int, share: float) -> list[EngineEvent]:
+    def _after_step(self, request: EngineRequest, batch_size: int, share: float, cached: bool = False
+                    ) -> list[EngineEvent]:
         state = request.state
         events = [EngineEvent(request.id, "step", step=state.step, total_steps=state.total_steps,
-                              batch_size=batch_size, device_seconds=share)]
+                              batch_size=batch_size, device_seconds=share, cached=cached)]
         if state.done:
+            computed = state.cache.computed if state.cache is not None else state.total_steps
             events.append(EngineEvent(request.id, "finished", step=state.step, total_steps=state.total_steps,
-                                      latents=state.latents.cpu(), device_seconds=request.device_seconds))
+                                      latents=state.latents.cpu(), device_seconds=request.device_seconds,
+                                      computed_steps=computed))
             self.cancel(request.id)
         elif self.checkpoint_every and state.step % self.checkpoint_every == 0:
             events.append(EngineEvent(request.id, "checkpoint", step=state.step, total_steps=state.total_steps,

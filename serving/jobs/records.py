@@ -84,6 +84,7 @@ class JobRecord:
     resumed_from_step: int | None = None  # set when a retry picked up a checkpoint
     owner: str | None = None  # the API key's name that created it (None: auth off)
     webhook_url: str | None = None  # told when the job finishes (see serving/webhooks.py)
+    computed_steps: int | None = None  # denoise steps that ran the DiT in full (the rest were step-cached)
     language: str | None = None  # the prompt's language as the client declared it (recorded, not acted on)
     # Device seconds the job has really used per stage, every attempt counted (the Director's
     # measurements; a lost attempt's work is spent too). None: nothing used yet.

@@ -45,6 +45,7 @@ jobs = sa.Table(
     sa.Column("owner", sa.String(64), index=True),
     sa.Column("webhook_url", sa.Text),
     sa.Column("language", sa.String(35)),
+    sa.Column("computed_steps", sa.Integer),
     # Device seconds really used per stage, all attempts (usage; the columns above are estimates).
     sa.Column("used_text_encoder_seconds", sa.Float),
     sa.Column("used_denoiser_seconds", sa.Float),

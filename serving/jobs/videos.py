@@ -29,7 +29,7 @@ from serving.webhooks import WebhookURLError, check_webhook_url, signing_secret
 LANGUAGE_TAG = re.compile(r"[A-Za-z]{2,8}(-[A-Za-z0-9]{1,8}){0,4}")
 
 # Request fields that pass straight through to `build_spec`.
-SPEC_FIELDS = ("size", "seconds", "fps", "num_inference_steps", "guidance_scale", "negative_prompt", "seed")
+SPEC_FIELDS = ("size", "seconds", "fps", "num_inference_steps", "guidance_scale", "negative_prompt", "seed", "cache")
 
 
 class NotReady(Exception):

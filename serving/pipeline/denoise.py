@@ -17,6 +17,7 @@ import torch
 
 from serving.models.presets import Geometry
 from serving.pipeline.spec import VideoSpec
+from serving.pipeline.step_cache import StepCache, forward_with_caches, warmup_steps
 
 
 def latent_shape(spec: VideoSpec, channels: int, geometry: Geometry) -> tuple[int, int, int, int, int]:
@@ -49,6 +50,7 @@ class DenoiseState:
     latents: torch.Tensor  # float32, on the CPU or the DiT's device
     scheduler: Any
     step: int = 0
+    cache: StepCache | None = None  # step caching, when the request asked for it (serving/pipeline/step_cache.py)
 
     @property
     def total_steps(self) -> int:
@@ -61,7 +63,13 @@ class DenoiseState:
 
 def start_denoise(spec: VideoSpec, scheduler_config: dict, channels: int, geometry: Geometry) -> DenoiseState:
     return DenoiseState(spec=spec, latents=initial_latents(spec, channels, geometry),
-                        scheduler=make_scheduler(scheduler_config, spec))
+                        scheduler=make_scheduler(scheduler_config, spec), cache=new_cache(spec))
+
+
+def new_cache(spec: VideoSpec) -> StepCache | None:
+    if not spec.cache_threshold:
+        return None
+    return StepCache(threshold=spec.cache_threshold, warmup=warmup_steps(spec.num_inference_steps))
 
 
 @torch.inference_mode()
@@ -70,8 +78,9 @@ def denoise_batch_step(
     states: list[DenoiseState],
     prompt_embeds: list[torch.Tensor],
     negative_embeds: list[torch.Tensor | None],
-) -> None:
-    """Advance several requests by one step each with ONE DiT forward.
+) -> list[bool]:
+    """Advance several requests by one step each with ONE DiT forward; returns, per request,
+    whether it ran the DiT's blocks (False: its step cache reused its residual).
 
     Every request brings its own latents, timestep and guidance scale; all must share a
     latent shape and text length. Rows are [conditional x n, unconditional x (those using
@@ -85,7 +94,14 @@ def denoise_batch_step(
     model_input = torch.cat(latents + [latents[i] for i in guided]).to(dtype)
     rows_t = torch.stack(timesteps + [timesteps[i] for i in guided]).to(device)
     embeds = torch.cat(list(prompt_embeds) + [negative_embeds[i] for i in guided]).to(device=device, dtype=dtype)
-    noise = transformer(hidden_states=model_input, timestep=rows_t, encoder_hidden_states=embeds, return_dict=False)[0]
+    if any(s.cache is not None for s in states) and supports_step_cache(transformer):
+        owners = list(range(len(states))) + guided
+        noise, computed = forward_with_caches(transformer, model_input, rows_t, embeds, owners,
+                                              [s.cache for s in states], [(s.step, s.total_steps) for s in states])
+    else:
+        noise = transformer(hidden_states=model_input, timestep=rows_t, encoder_hidden_states=embeds,
+                            return_dict=False)[0]
+        computed = [True] * len(states)
     unconditional = dict(zip(guided, noise[len(states):].split(1)))
     for i, state in enumerate(states):
         prediction = noise[i:i + 1]
@@ -93,6 +109,13 @@ def denoise_batch_step(
             prediction = unconditional[i] + state.spec.guidance_scale * (prediction - unconditional[i])
         state.latents = state.scheduler.step(prediction, timesteps[i], latents[i], return_dict=False)[0]
         state.step += 1
+    return computed
+
+
+def supports_step_cache(transformer: torch.nn.Module) -> bool:
+    """Step caching splits a Wan DiT's forward (serving/pipeline/step_cache.py); any other
+    module (the simulated stand-in) runs every step in full."""
+    return all(hasattr(transformer, name) for name in ("rope", "patch_embedding", "condition_embedder", "blocks"))
 
 
 def denoise_step(
@@ -133,7 +156,8 @@ def save_state(state: DenoiseState) -> bytes:
     """A checkpoint of a request between steps: its latents and its whole scheduler (the
     multistep solver keeps earlier model outputs, so the scheduler object is part of the state)."""
     buffer = io.BytesIO()
-    torch.save({"step": state.step, "latents": state.latents.cpu(), "scheduler": state.scheduler}, buffer)
+    torch.save({"step": state.step, "latents": state.latents.cpu(), "scheduler": state.scheduler,
+                "cache": _cache_on_cpu(state.cache)}, buffer)
     return buffer.getvalue()
 
 
@@ -141,4 +165,19 @@ def load_state(data: bytes, spec: VideoSpec) -> DenoiseState:
     # weights_only=False: the scheduler is a pickled object. Checkpoints are written only by
     # our own Denoiser into the operator's artifact store, never taken from clients.
     saved = torch.load(io.BytesIO(data), weights_only=False)
-    return DenoiseState(spec=spec, latents=saved["latents"], scheduler=saved["scheduler"], step=saved["step"])
+    # A checkpoint from before step caching has none: a caching request restarts its cache
+    # (its next step runs in full).
+    cache = saved.get("cache") if spec.cache_threshold else None
+    if spec.cache_threshold and cache is None:
+        cache = new_cache(spec)
+    return DenoiseState(spec=spec, latents=saved["latents"], scheduler=saved["scheduler"], step=saved["step"],
+                        cache=cache)
+
+
+def _cache_on_cpu(cache: StepCache | None) -> StepCache | None:
+    """The cache's tensors moved to the CPU, for a checkpoint any replica can load."""
+    if cache is None:
+        return None
+    return StepCache(cache.threshold, cache.warmup,
+                     cache.previous.cpu() if cache.previous is not None else None, cache.accumulated,
+                     cache.residuals.cpu() if cache.residuals is not None else None, cache.computed, cache.skipped)

@@ -40,6 +40,7 @@ class VideoSpec:
     shift: float
     seed: int
     max_sequence_length: int
+    cache_threshold: float = 0.0  # step caching (serving/pipeline/step_cache.py); 0: every step runs the DiT
 
     @property
     def seconds(self) -> float:
@@ -62,6 +63,7 @@ def build_spec(
     shift: float | None = None,
     negative_prompt: str | None = None,
     seed: int | None = None,
+    cache: str | float | None = None,
 ) -> VideoSpec:
     """Fill unset fields from config, then preset defaults; validate everything."""
     d = preset.defaults
@@ -127,6 +129,7 @@ def build_spec(
     if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63:
         raise SpecError("seed", f"must be a whole number from 0 to 2**63-1, found {seed!r}")
 
+    cache_threshold = _cache_threshold(preset, g, cache)
     budget = g.max_cost if g.max_cost is not None else preset.max_cost
     cost = job_cost(preset.geometry, width=width, height=height, num_frames=num_frames, steps=steps,
                     guidance_scale=guidance)
@@ -136,8 +139,35 @@ def build_spec(
     return VideoSpec(
         prompt=prompt, negative_prompt=negative, width=width, height=height, num_frames=num_frames,
         fps=fps, num_inference_steps=steps, guidance_scale=float(guidance), shift=float(shift),
-        seed=seed, max_sequence_length=max_len,
+        seed=seed, max_sequence_length=max_len, cache_threshold=cache_threshold,
     )
+
+
+def _cache_threshold(preset: Preset, g: GenerationConfig, cache: str | float | None) -> float:
+    """A request's `cache` (off, a named setting, or a threshold) as a threshold, within the
+    server's maximum."""
+    value = g.cache if cache is None else cache
+    named = dict(preset.step_cache)
+    if isinstance(value, str) and value.strip().lower() in named:
+        name, threshold = value.strip().lower(), named[value.strip().lower()]
+    elif isinstance(value, str) and value.strip().lower() in ("off", "0", ""):
+        return 0.0
+    else:
+        name = None
+        try:
+            threshold = float(value)
+        except (TypeError, ValueError):
+            threshold = math.nan
+        if isinstance(value, bool) or not math.isfinite(threshold) or threshold < 0:
+            raise SpecError("cache", f"expected off, {', '.join(named)} or a threshold such as 0.1, found {value!r}")
+        if threshold == 0:
+            return 0.0
+    limit = g.max_cache_threshold if g.max_cache_threshold is not None else max(named.values())
+    if threshold > limit:
+        said = f"{name} ({threshold:g})" if name else f"{threshold:g}"
+        allowed = "step caching is off on this server" if limit == 0 else f"the most this server allows is {limit:g}"
+        raise SpecError("cache", f"{said} is a step-cache threshold over this server's maximum: {allowed}")
+    return threshold
 
 
 def _over_budget(preset: Preset, g: GenerationConfig, budget: int, cost, *, width: int, height: int, seconds: float, fps: int,
