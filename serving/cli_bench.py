@@ -33,7 +33,15 @@ def add_bench_command(sub, parser_class, add_config) -> None:
     engine.add_argument("--size", default=None, help="WIDTHxHEIGHT (preset default if unset)")
     engine.add_argument("--seconds", type=float, default=None, help="clip length (preset default if unset)")
     engine.add_argument("--max-batch", type=int, default=None, help="engine batch (default: --jobs)")
+    engine.add_argument("--cache", default="off", help="comma-separated step-cache settings to compare, e.g. "
+                                                       "off,balanced,fast (default off)")
     add_config(engine)
+    cache = kinds.add_parser("cache", help="step caching: DiT forwards saved vs fidelity (latent error, PSNR, "
+                                           "held-out semantic score) against uncached, on the tiny model")
+    cache.add_argument("--cache", default="balanced,fast", help="settings compared with off (default balanced,fast)")
+    cache.add_argument("--steps", type=int, default=20, help="denoising steps per video (default 20)")
+    cache.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds per prompt (default 0 1 2)")
+    add_config(cache)
     attention = kinds.add_parser("attention", help="GPU: attention TFLOP/s, our Triton kernel vs SDPA vs xformers, "
                                                     "and the DiT per backend (bench gpu --only attention,dit)")
     attention.add_argument("--record", type=Path, default=Path("docs/benchmarks.md"),
@@ -67,6 +75,8 @@ def run_bench(args, config, argv: list[str] | None = None) -> int:
         from serving.bench.gpu import run_from_args
 
         return run_from_args(args, "ditserve " + " ".join(sys.argv[1:] if argv is None else argv))
+    if args.bench == "cache":
+        return _bench_cache(args, config)
     from serving.bench.engine import bench_engine, report
     from serving.models.loading import resolve_device
     from serving.pipeline.spec import SpecError
@@ -75,11 +85,31 @@ def run_bench(args, config, argv: list[str] | None = None) -> int:
         print("ditserve bench engine: error: --jobs, --steps and --max-batch must be at least 1", file=sys.stderr)
         return EXIT_USAGE
     try:
-        results = bench_engine(config, args.jobs, args.steps, args.size, args.seconds, args.max_batch)
+        results = bench_engine(config, args.jobs, args.steps, args.size, args.seconds, args.max_batch,
+                               tuple(c.strip() for c in args.cache.split(",") if c.strip()) or ("off",))
     except SpecError as exc:
         print(f"ditserve bench engine: error: --{exc.field.replace('_', '-')}: {exc.message}", file=sys.stderr)
         return EXIT_USAGE
     print(report(results, str(resolve_device(config.model))))
+    return 0
+
+
+def _bench_cache(args, config) -> int:
+    from serving.bench.cache import bench_cache, report
+    from serving.models.loading import resolve_device
+    from serving.pipeline.spec import SpecError
+
+    if args.steps < 1 or not args.seeds:
+        print("ditserve bench cache: error: --steps must be at least 1 and --seeds not empty", file=sys.stderr)
+        return EXIT_USAGE
+    settings = [c.strip() for c in args.cache.split(",") if c.strip()]
+    try:
+        results = bench_cache(config, settings, args.steps, args.seeds,
+                              log=lambda line: print(line, file=sys.stderr, flush=True))
+    except SpecError as exc:
+        print(f"ditserve bench cache: error: --{exc.field.replace('_', '-')}: {exc.message}", file=sys.stderr)
+        return EXIT_USAGE
+    print(report(results, str(resolve_device(config.model)), args.steps))
     return 0
 
 

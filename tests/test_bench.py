@@ -12,9 +12,38 @@ def test_bench_engine_prints_table_and_summary():
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.strip().splitlines()
-    assert any(line.startswith("| one-at-a-time | 3 | 1 |") for line in lines)
-    assert any(line.startswith("| batched | 3 | 3 |") for line in lines)
-    assert re.fullmatch(r"engine: one-at-a-time=[\d.]+ batched=[\d.]+ ratio=[\d.]+", lines[-1])
+    assert any(line.startswith("| off | one-at-a-time | 3 | 1 | 2.00 |") for line in lines)
+    assert any(line.startswith("| off | batched | 3 | 3 | 2.00 |") for line in lines)
+    assert re.fullmatch(r"engine \(off\): one-at-a-time=[\d.]+ batched=[\d.]+ ratio=[\d.]+", lines[-1])
+
+
+def test_bench_engine_compares_cache_settings():
+    result = subprocess.run([sys.executable, "-m", "serving.cli", "bench", "engine", "--jobs", "2", "--steps", "12",
+                             "--cache", "off,fast"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    rows = {tuple(cell.strip() for cell in line.split("|")[1:3]): float(line.split("|")[5])
+            for line in result.stdout.splitlines() if line.startswith("| off |") or line.startswith("| fast |")}
+    assert rows[("off", "batched")] == rows[("off", "one-at-a-time")] == 12
+    # The same videos cached skip the same steps, batched or alone.
+    assert rows[("fast", "batched")] == rows[("fast", "one-at-a-time")] < 12
+
+
+def test_bench_cache_prints_fidelity_per_setting():
+    result = subprocess.run([sys.executable, "-m", "serving.cli", "bench", "cache", "--steps", "6", "--seeds", "0"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    rows = [line.split("|")[1:-1] for line in result.stdout.splitlines() if re.match(r"\| (off|balanced|fast) \|", line)]
+    assert [r[0].strip() for r in rows] == ["off", "balanced", "fast"]
+    assert rows[0][2].strip() == "6.00" and rows[0][4].strip() == "(reference)"
+    for row in rows:
+        correct, total = map(int, row[6].strip().split("/"))
+        assert total == 12 and 0 <= correct <= 12  # each held-out prompt once, judged
+
+
+def test_bench_cache_refuses_an_unknown_setting():
+    result = subprocess.run([sys.executable, "-m", "serving.cli", "bench", "cache", "--cache", "turbo"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "--cache" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_bench_rejects_bad_arguments():

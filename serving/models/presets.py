@@ -59,7 +59,7 @@ class Preset:
     # Step-cache thresholds by name (serving/pipeline/step_cache.py): the accumulated relative
     # change of the first block's modulated input a request tolerates before it runs the
     # blocks again. Model-specific; see docs/benchmarks.md for how each was measured.
-    step_cache: tuple[tuple[str, float], ...] = (("balanced", 0.1), ("fast", 0.2))
+    step_cache: tuple[tuple[str, float], ...] = (("balanced", 0.15), ("fast", 0.2))
     # A diffusers-format folder shipped inside the package (under serving/models/weights/),
     # used when model.path is not set.
     bundled: str | None = None

@@ -118,17 +118,6 @@ def supports_step_cache(transformer: torch.nn.Module) -> bool:
     return all(hasattr(transformer, name) for name in ("rope", "patch_embedding", "condition_embedder", "blocks"))
 
 
-def denoise_step(
-    transformer: torch.nn.Module,
-    state: DenoiseState,
-    prompt_embeds: torch.Tensor,
-    negative_embeds: torch.Tensor | None,
-) -> DenoiseState:
-    """Advance one request by one step (a batch of one)."""
-    denoise_batch_step(transformer, [state], [prompt_embeds], [negative_embeds])
-    return state
-
-
 def batch_key(state: DenoiseState) -> tuple:
     """Requests can share a forward only when their latent shapes and text lengths match."""
     return tuple(state.latents.shape), state.spec.max_sequence_length
@@ -142,11 +131,15 @@ def denoise(
     negative_embeds: torch.Tensor | None,
     geometry: Geometry,
     on_step: Callable[[int, int], None] | None = None,
+    on_computed: Callable[[bool], None] | None = None,
 ) -> torch.Tensor:
-    """Run every step for one request; return the final latents (float32)."""
+    """Run every step for one request; return the final latents (float32). `on_computed`
+    hears, per step, whether it ran the DiT's blocks (False: step-cached)."""
     state = start_denoise(spec, scheduler_config, transformer.config.in_channels, geometry)
     while not state.done:
-        denoise_step(transformer, state, prompt_embeds, negative_embeds)
+        [computed] = denoise_batch_step(transformer, [state], [prompt_embeds], [negative_embeds])
+        if on_computed is not None:
+            on_computed(computed)
         if on_step is not None:
             on_step(state.step, state.total_steps)
     return state.latents

@@ -48,12 +48,14 @@ class LocalPipeline:
         embeds = encode_text(self.text.tokenizer, self.text.model, prompts, spec.max_sequence_length)
         return embeds[:1], (embeds[1:] if with_negative else None)
 
-    def latents(self, spec: VideoSpec, on_step: Callable[[int, int], None] | None = None) -> torch.Tensor:
+    def latents(self, spec: VideoSpec, on_step: Callable[[int, int], None] | None = None,
+                on_computed: Callable[[bool], None] | None = None) -> torch.Tensor:
         prompt_embeds, negative_embeds = self.encode(spec)
         return denoise(self.transformer, self.scheduler_config, spec, prompt_embeds, negative_embeds,
-                       self.preset.geometry, on_step=on_step)
+                       self.preset.geometry, on_step=on_step, on_computed=on_computed)
 
-    def generate(self, spec: VideoSpec, on_step: Callable[[int, int], None] | None = None) -> Video:
-        latents = self.latents(spec, on_step=on_step)
+    def generate(self, spec: VideoSpec, on_step: Callable[[int, int], None] | None = None,
+                 on_computed: Callable[[bool], None] | None = None) -> Video:
+        latents = self.latents(spec, on_step=on_step, on_computed=on_computed)
         frames = decode(self.vae, latents)
         return Video(spec=spec, latents=latents, frames=frames, mp4=encode_mp4(frames, spec.fps))
