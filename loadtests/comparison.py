@@ -55,6 +55,7 @@ def summarize_arm(arm: Arm, plan: Plan, log: JobLog, samples: list[Sample], *, p
         "replicas": arm.replicas,
         "max_replicas": arm.max_replicas or None,
         "target_queue_wait_s": arm.target_queue_wait_s or None,
+        "cache": plan.job.body.get("cache", "off"),  # step caching the jobs asked for (arms sized uncached)
         "gpus_at_rest": arm.gpus(),
         "slo_queue_wait_s": slo_s,
         **outcomes,

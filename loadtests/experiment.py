@@ -46,8 +46,8 @@ def log_line(text: str) -> None:
 
 def run_experiment(*, profile: str, gpus: int, nodes: int, minutes: float, out: Path, time_scale: float,
                    seed: int, slo_s: float, arms: list[str], command: str,
-                   target_s: float | None = None) -> dict[str, dict]:
-    plan = make_plan(load_profile(profile), gpus, slo_s, target_s)
+                   target_s: float | None = None, cache: str = "off") -> dict[str, dict]:
+    plan = make_plan(load_profile(profile), gpus, slo_s, target_s, cache)
     offsets = schedule("peak-hour", minutes, plan.base_rate_per_min, seed)
     log_line(f"SIMULATED {profile} on {gpus} GPUs / {nodes} nodes, time scale {time_scale:g}x: {len(offsets)} "
              f"arrivals over {minutes:g} min (base {plan.base_rate_per_min:g}/min, seed {seed}); arms "

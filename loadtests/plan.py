@@ -97,11 +97,16 @@ class PlanError(ValueError):
     pass
 
 
-def default_job(profile: CostProfile) -> Job:
+def default_job(profile: CostProfile, cache: str = "off") -> Job:
+    """The experiment's job. With `cache` the requests ask for step caching, while the job's
+    `seconds` (which size the arms and the clairvoyant bound) stay those of the uncached job:
+    the same fleet, to show what caching does to its capacity."""
     preset = PRESETS[profile.model]
-    spec = build_spec(preset, GenerationConfig(), PROMPT)
+    spec = build_spec(preset, GenerationConfig(), PROMPT, cache=cache)
     body = {"prompt": PROMPT, "size": f"{spec.width}x{spec.height}", "seconds": f"{spec.seconds:g}",
             "num_inference_steps": spec.num_inference_steps}
+    if spec.cache_threshold:
+        body["cache"] = cache
     return Job(body, spec_seconds(profile, preset.geometry, spec))
 
 
@@ -115,10 +120,11 @@ def replicas_for(rate_per_s: float, seconds: float) -> int:
 TARGET_SHARE_OF_SLO = 0.5
 
 
-def plan(profile: CostProfile, gpus: int, slo_s: float, target_s: float | None = None) -> Plan:
-    """`target_s`: the autoscaling arm's target queue wait (default TARGET_SHARE_OF_SLO x SLO)."""
+def plan(profile: CostProfile, gpus: int, slo_s: float, target_s: float | None = None, cache: str = "off") -> Plan:
+    """`target_s`: the autoscaling arm's target queue wait (default TARGET_SHARE_OF_SLO x SLO);
+    `cache`: the step caching the jobs ask for (see `default_job`)."""
     target_s = TARGET_SHARE_OF_SLO * slo_s if target_s is None else target_s
-    job = default_job(profile)
+    job = default_job(profile, cache)
     for base_denoisers in range(max(1, gpus // int(PEAK_MULTIPLIER)), 0, -1):
         rate = UTILIZATION * base_denoisers / job.seconds.denoiser  # jobs/s the base Denoisers are sized for
         base = {s: replicas_for(rate, job.seconds.of(s)) for s in STAGE_NAMES}

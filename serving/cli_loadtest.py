@@ -46,6 +46,9 @@ def add_loadtest_command(sub, parser_class) -> None:
                      help="queue-wait SLO, submitted -> denoising starts, uncompressed (default 60)")
     exp.add_argument("--target-seconds", type=float, default=None,
                      help="the autoscaling arm's queue-wait target, uncompressed (default: half the SLO)")
+    exp.add_argument("--cache", default="off",
+                     help="step caching the jobs ask for (off, balanced, fast; the profile's measured skip rate "
+                          "sets what they save); arms are sized for uncached jobs (default off)")
     exp.add_argument("--arms", default="fixed-base,fixed-peak,autoscaling",
                      help="comma-separated arms to run, in order (default all three)")
 
@@ -105,6 +108,7 @@ def _experiment(args, argv: list[str] | None) -> int:
     from loadtests.experiment import ARM_NAMES, command_line, run_experiment
     from loadtests.plan import PlanError, plan
     from serving.config import SimulationConfig
+    from serving.pipeline.spec import SpecError
     from serving.simulate.profile import ProfileError, load_profile
 
     def usage(message: str) -> int:
@@ -123,7 +127,9 @@ def _experiment(args, argv: list[str] | None) -> int:
         return usage(f"--target-seconds must be above 0 and at most --slo-seconds, found {args.target_seconds:g}")
     try:
         SimulationConfig(profile=args.simulate, gpus=args.gpus, nodes=args.nodes, time_scale=args.time_scale)
-        plan(load_profile(args.simulate), args.gpus, args.slo_seconds, args.target_seconds)
+        plan(load_profile(args.simulate), args.gpus, args.slo_seconds, args.target_seconds, args.cache)
+    except SpecError as exc:
+        return usage(f"--cache: {exc.message}")
     except ValidationError as exc:
         return usage("; ".join(f"--{'-'.join(str(p) for p in e['loc']).replace('_', '-')}: "
                                f"{str(e['msg']).removeprefix('Value error, ')}" for e in exc.errors()))
@@ -131,7 +137,7 @@ def _experiment(args, argv: list[str] | None) -> int:
         return usage(f"--simulate {args.simulate}: {exc}" if isinstance(exc, ProfileError) else f"--gpus: {exc}")
     summaries = run_experiment(profile=args.simulate, gpus=args.gpus, nodes=args.nodes, minutes=args.minutes,
                                out=args.out, time_scale=args.time_scale, seed=args.seed, slo_s=args.slo_seconds,
-                               target_s=args.target_seconds,
+                               target_s=args.target_seconds, cache=args.cache,
                                arms=arms, command=command_line(argv if argv is not None else sys.argv[1:]))
     print(json.dumps({name: {k: s[k] for k in ("completed", "failed", "rejected_429", "slo_attainment",
                                                 "queue_wait_p95_s", "gpu_hours", "accelerator_seconds_per_video")}
@@ -146,6 +152,7 @@ def _ceiling(args, argv: list[str] | None) -> int:
     from loadtests.ceiling_cluster import default_nodes, point_gpus
     from loadtests.experiment import command_line
     from serving.config import SimulationConfig
+    from serving.pipeline.spec import SpecError
     from serving.simulate.profile import ProfileError, load_profile
 
     def usage(message: str) -> int:

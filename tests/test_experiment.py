@@ -76,6 +76,10 @@ def test_arms_are_sized_for_base_and_peak_within_the_gpu_budget():
     # The autoscaling arm's target: half the SLO unless given.
     assert auto.target_queue_wait_s == 30.0
     assert plan(profile, 16, 60.0, target_s=45.0).arms["autoscaling"].target_queue_wait_s == 45.0
+    # Cached jobs run on the same fleet: only the requests change.
+    cached = plan(profile, 16, 60.0, cache="balanced")
+    assert cached.job.body["cache"] == "balanced" and "cache" not in arms.job.body
+    assert {n: a.replicas for n, a in cached.arms.items()} == {n: a.replicas for n, a in arms.arms.items()}
 
 
 def test_a_target_above_the_slo_is_refused_before_any_cluster_starts(tmp_path):
@@ -83,6 +87,14 @@ def test_a_target_above_the_slo_is_refused_before_any_cluster_starts(tmp_path):
         [sys.executable, "-m", "serving.cli", "loadtest", "experiment", "--simulate", PROFILE, "--slo-seconds", "60",
          "--target-seconds", "90", "--out", str(tmp_path / "never")], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "--target-seconds" in result.stderr
+    assert not (tmp_path / "never").exists()
+
+
+def test_an_unknown_cache_setting_is_refused_before_any_cluster_starts(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "serving.cli", "loadtest", "experiment", "--simulate", PROFILE, "--cache", "turbo",
+         "--out", str(tmp_path / "never")], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "--cache" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "never").exists()
 
 

@@ -344,3 +344,33 @@ def test_estimates_under_simulation_start_from_the_profile_the_stages_wait():
     assert abs(simulated.denoiser * 50 - profile.denoiser) < 1e-6 * profile.denoiser
     prior = job_seconds(base_cost_model(preset), preset.geometry, **shape)
     assert prior.total != simulated.total
+
+
+def test_simulated_step_caching_runs_the_profiles_measured_share_of_steps():
+    """A caching request on simulated accelerators skips the share of steps its profile says
+    (warm-up and last step always run), and waits only for the rows that run."""
+    from serving.config import GenerationConfig
+    from serving.pipeline.denoise import denoise_batch_step, start_denoise
+    from serving.pipeline.spec import build_spec
+    from serving.simulate.standins import SimulatedTransformer
+
+    profile = load_profile("h100-wan2.1-1.3b")
+    assert profile.step_cache.fraction(0.0) == 1.0
+    assert profile.step_cache.fraction(0.15) == profile.step_cache.computed_fraction["0.15"]
+    assert profile.step_cache.fraction(0.11) == pytest.approx((0.613 + 0.582) / 2)
+    preset = PRESETS["wan2.1-t2v-1.3b"]
+    transformer = SimulatedTransformer(profile, 1e6, preset.geometry)
+    waits = []
+    transformer.wait = waits.append
+    scheduler = {"_class_name": "UniPCMultistepScheduler", "num_train_timesteps": 1000,
+                 "prediction_type": "flow_prediction", "use_flow_sigmas": True, "flow_shift": 3.0}
+    computed = {}
+    for cache in ("off", "balanced"):
+        state = start_denoise(build_spec(preset, GenerationConfig(), "x", cache=cache), scheduler, 1, preset.geometry)
+        embeds = torch.zeros(1, 512, 8)
+        ran = [denoise_batch_step(transformer, [state], [embeds], [embeds])[0] for _ in range(50)]
+        computed[cache] = sum(ran)
+        assert ran[:5] == [True] * 5 and ran[-1]  # warm-up (a tenth) and the last step
+    # 50 steps: 5 warm-up, the last, and 0.471 of the other 44 (the tiny model's measured share).
+    assert computed == {"off": 50, "balanced": 26}
+    assert len(waits) == 50 + 26  # a skipped step waits for nothing

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Callable
 
 import diffusers
@@ -94,10 +95,14 @@ def denoise_batch_step(
     model_input = torch.cat(latents + [latents[i] for i in guided]).to(dtype)
     rows_t = torch.stack(timesteps + [timesteps[i] for i in guided]).to(device)
     embeds = torch.cat(list(prompt_embeds) + [negative_embeds[i] for i in guided]).to(device=device, dtype=dtype)
-    if any(s.cache is not None for s in states) and supports_step_cache(transformer):
+    # A stand-in (simulated accelerators) brings its own step-caching forward.
+    cached_forward = getattr(transformer, "forward_with_caches", None)
+    if cached_forward is None and supports_step_cache(transformer):
+        cached_forward = partial(forward_with_caches, transformer)
+    if any(s.cache is not None for s in states) and cached_forward is not None:
         owners = list(range(len(states))) + guided
-        noise, computed = forward_with_caches(transformer, model_input, rows_t, embeds, owners,
-                                              [s.cache for s in states], [(s.step, s.total_steps) for s in states])
+        noise, computed = cached_forward(model_input, rows_t, embeds, owners, [s.cache for s in states],
+                                         [(s.step, s.total_steps) for s in states])
     else:
         noise = transformer(hidden_states=model_input, timestep=rows_t, encoder_hidden_states=embeds,
                             return_dict=False)[0]

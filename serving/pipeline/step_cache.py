@@ -60,6 +60,19 @@ class StepCache:
         return compute
 
 
+    def decide_planned(self, step: int, total: int, computed_fraction: float) -> bool:
+        """The decision without a model (simulated accelerators): the steps `decide` must run,
+        and of the others an even `computed_fraction`, as the cost profile measured."""
+        skippable = max(0, step - self.warmup)
+        compute = (step < self.warmup or step >= total - 1
+                   or int((skippable + 1) * computed_fraction) > int(skippable * computed_fraction))
+        if compute:
+            self.computed += 1
+        else:
+            self.skipped += 1
+        return compute
+
+
 def warmup_steps(total: int) -> int:
     """Steps always computed at the start: a tenth of them, at least one."""
     return max(1, total // 10)

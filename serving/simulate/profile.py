@@ -51,6 +51,21 @@ class VaeDecoderCost(_Strict):
     per_pixel_frame_s: float = Field(ge=0)
 
 
+class StepCacheCost(_Strict):
+    """How often a step-caching request runs the DiT (serving/pipeline/step_cache.py), by
+    threshold: the share of its skippable steps (after the warm-up, before the last) that run
+    in full. Thresholds in between are interpolated; 0 runs every step."""
+
+    computed_fraction: dict[str, float] = Field(min_length=1)
+
+    def fraction(self, threshold: float) -> float:
+        points = sorted([(0.0, 1.0)] + [(float(t), f) for t, f in self.computed_fraction.items()])
+        for (t0, f0), (t1, f1) in zip(points, points[1:]):
+            if threshold <= t1:
+                return f0 + (f1 - f0) * (threshold - t0) / (t1 - t0) if t1 > t0 else f1
+        return points[-1][1]
+
+
 class StartupCost(_Strict):
     """Seconds from a replica's placement to ready (process, weights read and moved to the device)."""
 
@@ -92,6 +107,7 @@ class CostProfile(_Strict):
     denoiser: DenoiserCost
     vae_decoder: VaeDecoderCost
     startup_seconds_per_stage: StartupCost
+    step_cache: StepCacheCost | None = None
     anchors: list[Anchor] = Field(default_factory=list)
     sources: list[Source] = Field(min_length=1)
 
@@ -126,7 +142,8 @@ class CostProfile(_Strict):
     def coefficient_paths(self) -> list[str]:
         """Every number of the model, as the dotted paths `sources[].what` names."""
         sections = ("text_encoder", "denoiser", "vae_decoder", "startup_seconds_per_stage")
-        return [f"{section}.{name}" for section in sections for name in type(getattr(self, section)).model_fields]
+        paths = [f"{section}.{name}" for section in sections for name in type(getattr(self, section)).model_fields]
+        return paths + (["step_cache.computed_fraction"] if self.step_cache is not None else [])
 
     def unsourced(self) -> list[str]:
         named = {source.what for source in self.sources}

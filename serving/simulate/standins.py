@@ -63,10 +63,30 @@ class SimulatedTransformer(_Simulated):
 
     def forward(self, hidden_states: torch.Tensor, timestep=None, encoder_hidden_states=None, return_dict=False, **_):
         rows, _, frames, height, width = hidden_states.shape
+        self.wait(self._seconds(rows, hidden_states, encoder_hidden_states))
+        return (torch.zeros_like(hidden_states),)
+
+    def forward_with_caches(self, hidden_states: torch.Tensor, timestep, encoder_hidden_states, owners: list[int],
+                            caches: list, positions: list[tuple[int, int]]) -> tuple[torch.Tensor, list[bool]]:
+        """The step-caching forward (serving/pipeline/step_cache.py): each caching request
+        runs its steps as the profile's measured skip rate plans; the wait is the rows that run."""
+        step_cache = getattr(self.cost, "step_cache", None)
+        compute = []
+        for cache, (step, total) in zip(caches, positions):
+            if cache is None or step_cache is None:
+                compute.append(True)
+            else:
+                compute.append(cache.decide_planned(step, total, step_cache.fraction(cache.threshold)))
+        running = sum(1 for owner in owners if compute[owner])
+        if running:
+            self.wait(self._seconds(running, hidden_states, encoder_hidden_states))
+        return torch.zeros_like(hidden_states), compute
+
+    def _seconds(self, rows: int, hidden_states: torch.Tensor, encoder_hidden_states) -> float:
+        _, _, frames, height, width = hidden_states.shape
         tokens = frames * (height // self.patch) * (width // self.patch)
         text_tokens = encoder_hidden_states.shape[1] if encoder_hidden_states is not None else 0
-        self.wait(self.cost.dit_forward_seconds(rows, tokens, text_tokens))
-        return (torch.zeros_like(hidden_states),)
+        return self.cost.dit_forward_seconds(rows, tokens, text_tokens)
 
 
 class SimulatedVAE(_Simulated):
