@@ -82,6 +82,21 @@ class PostgresOutage:
         self._admin.dispose()
 
 
+@pytest.fixture(params=["sqlite", "postgres"])
+def store(request, tmp_path):
+    """A job store on each backend: an SQLite file, and PostgreSQL (skipped without one)."""
+    from serving.jobs.store import JobStore, metadata
+
+    if request.param == "sqlite":
+        store = JobStore(f"sqlite:///{tmp_path}/jobs.db")
+    else:
+        store = JobStore(postgres_url("the Postgres job store"))
+        metadata.drop_all(store.engine)  # a clean table per test on the shared server
+        metadata.create_all(store.engine)
+    yield store
+    store.close()
+
+
 # ---- the live service: one local Ray cluster and one app for the whole test session ------
 
 

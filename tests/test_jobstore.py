@@ -12,18 +12,6 @@ from serving.jobs.store import IdempotencyConflict, JobStore, LeaseLost, metadat
 
 from conftest import PostgresOutage, postgres_url
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def store(request, tmp_path):
-    if request.param == "sqlite":
-        store = JobStore(f"sqlite:///{tmp_path}/jobs.db")
-    else:
-        store = JobStore(postgres_url("the Postgres job store"))
-        metadata.drop_all(store.engine)  # a clean table per test on the shared server
-        metadata.create_all(store.engine)
-    yield store
-    store.close()
-
-
 def job(prompt="a red fox", key=None, request_hash=None) -> JobRecord:
     now = time.time()
     spec = {"prompt": prompt, "width": 64, "height": 64, "num_frames": 17, "fps": 16}

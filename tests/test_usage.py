@@ -14,23 +14,11 @@ import uuid
 import pytest
 import requests
 
-from conftest import KEYS, postgres_url, wait_for
+from conftest import KEYS, wait_for
 from live_api import DRIVER, config_for, live_api
 from serving.auth import key_digest
 from serving.jobs.records import JobRecord, JobStatus, new_job_id
-from serving.jobs.store import JobStore, metadata
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def store(request, tmp_path):
-    if request.param == "sqlite":
-        store = JobStore(f"sqlite:///{tmp_path}/jobs.db")
-    else:
-        store = JobStore(postgres_url("the Postgres job store"))
-        metadata.drop_all(store.engine)
-        metadata.create_all(store.engine)
-    yield store
-    store.close()
+from serving.jobs.store import JobStore
 
 
 def queued(owner: str | None = "alice") -> JobRecord:

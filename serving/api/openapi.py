@@ -59,12 +59,7 @@ def task_body_schema(config: ServiceConfig, schema: dict[str, Any]) -> dict[str,
               "seed": {"minimum": 0, "maximum": 2**63 - 1}, "language": LANGUAGE,
               "callback_url": {"maxLength": 2048}, "aspect_ratio": {"pattern": r"^[0-9]{1,3}:[0-9]{1,3}$"},
               "resolution": {"maxLength": 16}}
-    for name, rules in limits.items():
-        field = schema["properties"][name]
-        for option in field.get("anyOf", [field]):
-            if option.get("type") in ("string", "integer", "number"):
-                option.update({k: v for k, v in rules.items()
-                               if option["type"] == "string" or k in ("minimum", "maximum")})
+    apply_limits(schema, limits)
     schema["properties"]["duration"]["anyOf"] = [{"type": "number", "exclusiveMinimum": 0, "maximum": g.max_seconds},
                                                  {"type": "null"}]
     return schema
@@ -100,12 +95,7 @@ def request_body_schema(config: ServiceConfig) -> dict[str, Any]:
         "language": LANGUAGE,
         "cache": {"minimum": 0, "maxLength": 16},
     }
-    for name, rules in limits.items():
-        field = schema["properties"][name]
-        for option in field.get("anyOf", [field]):
-            if option.get("type") in ("string", "integer", "number"):
-                option.update({k: v for k, v in rules.items()
-                               if option["type"] == "string" or k in ("minimum", "maximum")})
+    apply_limits(schema, limits)
     # Image-to-video is not served: the field exists only so the SDK's requests parse.
     schema["properties"]["input_reference"] = {"type": "null", "description": "Not supported (text-to-video only)."}
     schema["properties"]["seconds"]["anyOf"] = [{"type": "number", "exclusiveMinimum": 0,
@@ -113,3 +103,14 @@ def request_body_schema(config: ServiceConfig) -> dict[str, Any]:
                                                 {"type": "string", "pattern": r"^[0-9]+(\.[0-9]+)?$"},
                                                 {"type": "null"}]
     return schema
+
+
+def apply_limits(schema: dict[str, Any], limits: dict[str, dict[str, Any]]) -> None:
+    """Add each field's limits to its JSON schema (and to each typed option of an anyOf):
+    string rules to strings, minimum and maximum to numbers."""
+    for name, rules in limits.items():
+        field = schema["properties"][name]
+        for option in field.get("anyOf", [field]):
+            if option.get("type") in ("string", "integer", "number"):
+                option.update({k: v for k, v in rules.items()
+                               if option["type"] == "string" or k in ("minimum", "maximum")})
