@@ -18,7 +18,7 @@ OPERATIONS = [("POST", "/v1/videos"), ("GET", "/v1/videos"), ("GET", "/v1/videos
               ("DELETE", "/v1/videos/{video_id}"), ("POST", "/v1/videos/{video_id}/cancel"),
               ("GET", "/v1/videos/{video_id}/content"), ("GET", "/v1/videos/{video_id}/events"),
               ("POST", "/v1/videos/sync"), ("POST", "/v1/videos/generations"), ("GET", "/v1/tasks/{task_id}"),
-              ("GET", "/v1/usage"), ("GET", "/healthz"), ("GET", "/readyz")]
+              ("GET", "/v1/usage"), ("GET", "/v1/models"), ("GET", "/healthz"), ("GET", "/readyz")]
 # Creates whose valid requests may be refused by rules that span fields (size multiples,
 # seconds x fps, the pixel and cost budgets), which JSON Schema cannot express.
 CROSS_FIELD = {("POST", "/v1/videos"), ("POST", "/v1/videos/sync"), ("POST", "/v1/videos/generations")}

@@ -49,6 +49,21 @@ def test_sync_takes_the_multipart_body_the_sdk_sends(service):
     assert frames_in(response.content)[0] == 17
 
 
+def test_a_vllm_omni_style_client_runs_unchanged(service):
+    """The form vLLM-Omni's sync clients post (width, height, num_frames, and the model id as
+    GET /v1/models names it), answered with the MP4 they write to disk."""
+    model = requests.get(f"{service.url}/v1/models").json()["data"][0]["id"]
+    form = {"model": model, "prompt": "a red circle moving up", "width": "64", "height": "64", "num_frames": "17",
+            "num_inference_steps": "3", "guidance_scale": "5.0", "seed": "42"}
+    response = requests.post(f"{service.url}/v1/videos/sync", files={k: (None, v) for k, v in form.items()},
+                             timeout=120)
+    assert response.status_code == 200, response.text[:500]
+    assert frames_in(response.content) == (17, 16.0, (64, 64))
+    assert float(response.headers["x-inference-time-s"]) > 0
+    both = requests.post(f"{service.url}/v1/videos/sync", json={**BODY, "num_frames": 17}, timeout=30)
+    assert both.status_code == 400 and both.json()["error"]["param"] == "num_frames"
+
+
 def test_sync_refuses_bad_input_like_create(service):
     response = requests.post(f"{service.url}/v1/videos/sync", json={**BODY, "size": "65x64"}, timeout=30)
     assert response.status_code == 400 and response.json()["error"]["param"] == "size"

@@ -7,6 +7,7 @@ caller's key as dependencies (serving/api/context.py):
 - sync.py:   POST /v1/videos/sync, answered with the MP4 (peers' benchmark clients)
 - tasks.py:  the task-style routes hosted video APIs use (generations, tasks/{id})
 - usage.py:  GET /v1/usage, accelerator-seconds per key
+- models.py: GET /v1/models, the model served
 - health.py: /healthz and /readyz
 
 Errors leave in OpenAI's envelope, naming the field (errors.py); the API describes itself
@@ -20,7 +21,7 @@ from typing import Any, Awaitable, Callable
 from fastapi import FastAPI
 
 from serving.admission import WaitEstimate
-from serving.api import health, sync, tasks, usage, videos
+from serving.api import health, models, sync, tasks, usage, videos
 from serving.api.context import APIContext
 from serving.api.errors import install_error_handlers
 from serving.api.openapi import describe, docs_urls
@@ -48,7 +49,7 @@ def create_api(config: ServiceConfig, jobs: VideoJobs,
                                          estimate=estimate, on_rejected=on_rejected, on_ended=on_ended)
     install_error_handlers(app)
     keyed = KEY_REFUSALS if ctx.keys.enabled else {}
-    for family in (videos, sync, tasks, usage):
+    for family in (videos, sync, tasks, usage, models):
         app.include_router(family.router, responses=keyed)
     app.include_router(health.router)
     describe(app, config)

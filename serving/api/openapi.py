@@ -94,6 +94,8 @@ def request_body_schema(config: ServiceConfig) -> dict[str, Any]:
         "webhook_url": {"maxLength": 2048},
         "language": LANGUAGE,
         "cache": {"minimum": 0, "maxLength": 16},
+        "width": {"minimum": 16, "maximum": 8192}, "height": {"minimum": 16, "maximum": 8192},
+        "num_frames": {"minimum": 5, "maximum": 1201},
     }
     apply_limits(schema, limits)
     # Image-to-video is not served: the field exists only so the SDK's requests parse.

@@ -36,9 +36,13 @@ class CreateVideoBody(BaseModel):
                                                                 "with the video, the prompt is used as given.")
     cache: Optional[Union[str, float]] = Field(default=None, description="Step caching: off, balanced, fast, or a "
                                                                          "threshold; faster, slightly less faithful.")
+    # vLLM-Omni's and TensorRT-LLM's spellings of size and length, so their clients run unchanged.
+    width: Optional[int] = Field(default=None, description="With height, instead of size.")
+    height: Optional[int] = Field(default=None, description="With width, instead of size.")
+    num_frames: Optional[int] = Field(default=None, description="Instead of seconds: 4n+1 frames at fps.")
 
     _numbers_are_not_booleans = field_validator("seconds", "seed", "num_inference_steps", "guidance_scale", "fps",
-                                                "priority", "cache", mode="before")(lambda value: not_a_boolean(value))
+                                                "priority", "cache", "width", "height", "num_frames", mode="before")(lambda value: not_a_boolean(value))
 
 
 def not_a_boolean(value: Any) -> Any:

@@ -88,7 +88,7 @@ class VideoJobs:
             raise SpecError("priority", f"must be a whole number from -100 to 100, found {priority!r}")
         if max_priority is not None and priority > max_priority:
             raise PriorityNotAllowed(priority, max_priority)
-        fields = {name: request.get(name) for name in SPEC_FIELDS} | {"seconds": seconds}
+        fields = {name: request.get(name) for name in SPEC_FIELDS} | {"seconds": seconds} | peer_spellings(request)
         spec = build_spec(self.preset, self.config.generation, request.get("prompt", ""), **fields)
         webhook_url = request.get("webhook_url")
         if webhook_url is not None:
@@ -184,6 +184,27 @@ class VideoJobs:
     def ping(self) -> None:
         self.store.ping()
         self.artifacts.ping()
+
+
+def peer_spellings(request: dict[str, Any]) -> dict[str, Any]:
+    """`width` + `height` and `num_frames`, as vLLM-Omni's and TensorRT-LLM's clients send
+    them, as `build_spec`'s size and length (each refused beside our own spelling)."""
+    found: dict[str, Any] = {}
+    width, height = request.get("width"), request.get("height")
+    if width is not None or height is not None:
+        if width is None or height is None:
+            raise SpecError("height" if height is None else "width", "give width and height together")
+        if request.get("size") is not None:
+            raise SpecError("size", "give size or width and height, not both")
+        for name, value in (("width", width), ("height", height)):
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise SpecError(name, f"expected a positive whole number of pixels, found {value!r}")
+        found["size"] = f"{width}x{height}"
+    if request.get("num_frames") is not None:
+        if request.get("seconds") is not None:
+            raise SpecError("num_frames", "give seconds or num_frames, not both")
+        found["num_frames"] = request["num_frames"]
+    return found
 
 
 def stored_idempotency_key(owner: str | None, key: str) -> str:

@@ -64,8 +64,10 @@ def build_spec(
     negative_prompt: str | None = None,
     seed: int | None = None,
     cache: str | float | None = None,
+    num_frames: int | None = None,
 ) -> VideoSpec:
-    """Fill unset fields from config, then preset defaults; validate everything."""
+    """Fill unset fields from config, then preset defaults; validate everything.
+    `num_frames` (peers' spelling of the length) replaces `seconds` when given."""
     d = preset.defaults
     g = generation
 
@@ -102,12 +104,22 @@ def build_spec(
     if not _finite(fps) or fps != int(fps) or fps <= 0 or fps > 120:
         raise SpecError("fps", f"must be a whole number from 1 to 120, found {fps!r}")
     fps = int(fps)
+    k = preset.geometry.temporal_factor
+    if num_frames is not None:
+        if not isinstance(num_frames, int) or isinstance(num_frames, bool) or num_frames < 1 or (num_frames - 1) % k:
+            near = f"; e.g. {k * ((num_frames - 1) // k) + 1} or {k * ((num_frames - 1) // k + 1) + 1}" \
+                if isinstance(num_frames, int) and not isinstance(num_frames, bool) and num_frames > 1 else ""
+            raise SpecError("num_frames", f"must be {k}·n+1 frames (the model packs {k} frames per latent frame), "
+                                          f"found {num_frames!r}{near}")
+        seconds = (num_frames - 1) / fps
+        if seconds <= 0 or seconds > g.max_seconds:
+            raise SpecError("num_frames", f"{num_frames} frames at {fps} fps is {seconds:g} s; the limit is "
+                                          f"{g.max_seconds:g} s, and at least {k + 1} frames")
     if not _finite(seconds) or seconds <= 0:
         raise SpecError("seconds", f"must be a positive number, found {seconds!r}")
     if seconds > g.max_seconds:
         raise SpecError("seconds", f"{seconds:g} is over the limit of {g.max_seconds:g}")
     intervals = seconds * fps
-    k = preset.geometry.temporal_factor
     if abs(intervals - round(intervals)) > 1e-6 or round(intervals) % k:
         raise SpecError(
             "seconds",
