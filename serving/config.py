@@ -152,6 +152,10 @@ class ServerConfig(_Section):
     port: int = Field(default=8000, ge=1, le=65535)
     model_name: str = Field(default="", description="Name reported in video objects; '' uses the preset name.")
     poll_after_ms: int = Field(default=500, ge=50, description="openai-poll-after-ms sent to polling clients.")
+    public_url: str | None = Field(
+        default=None, pattern=r"^https?://[^\s/?#]+(/[^\s?#]*)?$",
+        description="The URL clients reach this API at (e.g. https://video.example.com behind a TLS proxy), for the "
+        "links the API hands out (a task's result_url); null: the request's own host and scheme.")
     max_body_bytes: int = Field(default=1 << 20, ge=1024, description="Also enforced on chunked and multipart bodies.")
     api_docs: Literal["auto", "public", "off"] = Field(
         default="auto", description="/docs, /redoc and /openapi.json: 'auto' serves them only while auth is off; "

@@ -19,7 +19,7 @@ from serving.jobs.retention import (ORPHAN_GRACE_SECONDS, TOMBSTONE_KEEP_SECONDS
                                     tidy_after_run)
 from serving.jobs.store import LeaseLost
 from serving.storage import ArtifactStore
-from test_jobstore import job, store  # noqa: F401  (the store fixture: SQLite and Postgres)
+from test_jobstore import job  # the `store` fixture (SQLite and Postgres) is conftest's
 
 OUTPUTS = ("video.mp4", "thumbnail.webp")
 CHECKPOINT = "denoise-checkpoint.pt"

@@ -76,10 +76,13 @@ def test_a_client_that_hangs_up_loses_nothing(service):
     slow = {**BODY, "num_inference_steps": 60, "size": "128x128"}
     with pytest.raises(requests.ReadTimeout):
         requests.post(f"{service.url}/v1/videos/sync", json=slow, headers={"Idempotency-Key": key}, timeout=1.0)
+    # The dropped request's job exists and goes on.
+    [first] = wait_for(lambda: [v for v in service.client().videos.list(limit=20)
+                                if v.prompt == slow["prompt"] and v.size == "128x128"], timeout=30)
     again = requests.post(f"{service.url}/v1/videos/sync", json=slow, headers={"Idempotency-Key": key}, timeout=180)
     assert again.status_code == 200, again.text
     video_id = again.headers["x-video-id"]
-    listed = wait_for(lambda: [v for v in service.client().videos.list(limit=20) if v.id == video_id])
-    assert listed[0].status == "completed"
+    assert video_id == first.id  # the same job, answered
+    assert service.client().videos.retrieve(video_id).status == "completed"
     assert sum(1 for v in service.client().videos.list(limit=20) if v.prompt == slow["prompt"]
                and v.size == "128x128") == 1  # one job, not two

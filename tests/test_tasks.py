@@ -96,6 +96,14 @@ def test_a_completed_tasks_result_url_downloads_the_video(api):
     assert requests.get(done["result_url"]).content == b"\x00\x00\x00\x18ftypisom-test-bytes"
 
 
+def test_result_url_is_under_the_operators_public_url(tmp_path):
+    with live_api(config_for(tmp_path, server__public_url="https://video.example.com/api")) as api:
+        task_id = create(api, duration=1, resolution="64x64").json()["task_id"]
+        api.finish(task_id, b"mp4")
+        task = requests.get(f"{api.url}/v1/tasks/{task_id}").json()
+        assert task["result_url"] == f"https://video.example.com/api/v1/videos/{task_id}/content"
+
+
 def test_a_cancelled_task_is_failed_with_the_reason(api):
     task_id = create(api, duration=1, resolution="64x64").json()["task_id"]
     requests.post(f"{api.url}/v1/videos/{task_id}/cancel")
@@ -113,6 +121,8 @@ def test_a_cancelled_task_is_failed_with_the_reason(api):
     (dict(duration=1.1), "duration", "the nearest that work at 16 fps: 1 s and 1.25 s"),
     (dict(duration=60), "duration", "over the limit"),
     (dict(language="not a language"), "language", "language tag"),
+    (dict(language="abcdefgh-abcdefgh-abcdefgh-abcdefgh-abcd"), "language", "language tag"),  # 40 > 35 characters
+    (dict(aspect_ratio="999:1"), "aspect_ratio", "pixels"),  # no resolution asked: the shape is what is wrong
     (dict(callback_url="http://127.0.0.1:9/hook"), "callback_url", "not an address this server calls"),
     (dict(fps=24), "fps", "unknown parameter"),
     (dict(seed=True), "seed", "expected a number, found true"),

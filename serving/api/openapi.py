@@ -25,7 +25,7 @@ def describe(app: FastAPI, config: ServiceConfig) -> None:
     video_body = request_body_schema(config)
     task_body = task_body_schema(config, CreateTaskBody.model_json_schema())
     bodies = {("/v1/videos", "post"): (video_body, True), ("/v1/videos/sync", "post"): (video_body, True),
-              ("/v1/videos/generations", "post"): (task_body, False)}
+              ("/v1/videos/generations", "post"): (task_body, True)}
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is not None:
@@ -57,8 +57,8 @@ def task_body_schema(config: ServiceConfig, schema: dict[str, Any]) -> dict[str,
               "negative_prompt": {"maxLength": g.max_prompt_chars},
               "model": {"enum": sorted({config.server.model_name or config.model.preset, config.model.preset})},
               "seed": {"minimum": 0, "maximum": 2**63 - 1}, "language": LANGUAGE,
-              "callback_url": {"maxLength": 2048}, "aspect_ratio": {"pattern": r"^[0-9]{1,3}:[0-9]{1,3}$"},
-              "resolution": {"maxLength": 16}}
+              "callback_url": {"maxLength": 2048}, "aspect_ratio": {"pattern": r"^[1-9][0-9]{0,2}:[1-9][0-9]{0,2}$"},
+              "resolution": {"pattern": r"^([0-9]{1,5}x[0-9]{1,5}|[0-9]{3,4}[pP]|[24][kK])$"}}
     apply_limits(schema, limits)
     schema["properties"]["duration"]["anyOf"] = [{"type": "number", "exclusiveMinimum": 0, "maximum": g.max_seconds},
                                                  {"type": "null"}]

@@ -46,10 +46,11 @@ async def create_video_sync(request: Request, ctx: APIContext = Depends(context)
                             who: Caller | None = Depends(caller)):
     """Make a video and answer with its MP4 when done (same body as POST /v1/videos)."""
     fields = await read_video_request(request, ctx)
-    job, _ = await ctx.create(fields, request.headers.get("idempotency-key"), who)
-    named = {"x-video-id": job.id, "Location": f"/v1/videos/{job.id}"}
+    # The wait's slot first: a refused wait must not leave a job behind that nobody asked after.
     slot = ctx.stream_slots.take(owner_of(who), who.max_event_streams if who is not None else None)
     try:
+        job, _ = await ctx.create(fields, request.headers.get("idempotency-key"), who)
+        named = {"x-video-id": job.id, "Location": f"/v1/videos/{job.id}"}
         job = await _until_ended(ctx, request, job)
     finally:
         slot.close()

@@ -80,15 +80,31 @@ _STATUS = {JobStatus.QUEUED: "queued", JobStatus.IN_PROGRESS: "processing", JobS
            JobStatus.FAILED: "failed", JobStatus.CANCELLED: "failed"}
 
 
-def task_from_job(job: JobRecord, request: Request) -> Task:
+def task_from_job(job: JobRecord, request: Request, public_url: str | None = None) -> Task:
     spec = job.spec
     error = TaskError(code=job.error_code or "failed", message=job.error_message or "") if job.error_code else None
-    result = str(request.url_for("download_content", video_id=job.id)) if job.status == JobStatus.COMPLETED else None
+    result = result_url(job, request, public_url) if job.status == JobStatus.COMPLETED else None
     return Task(task_id=job.id, status=_STATUS[job.status], progress=job.progress, created_at=int(job.created_at),
                 completed_at=int(job.completed_at) if job.completed_at else None,
                 expires_at=int(job.expires_at) if job.expires_at else None, result_url=result, error=error,
                 duration=(spec["num_frames"] - 1) / spec["fps"], resolution=f"{spec['width']}x{spec['height']}",
                 language=job.language, usage=usage_of(job))
+
+
+def renamed_for(body: CreateTaskBody) -> dict[str, str]:
+    """Our field names as this request spelled them: a size it asked for only through its
+    aspect ratio is refused under `aspect_ratio`."""
+    if body.resolution is None and body.aspect_ratio is not None:
+        return {**RENAMED, "size": "aspect_ratio"}
+    return RENAMED
+
+
+def result_url(job: JobRecord, request: Request, public_url: str | None) -> str:
+    """Where the MP4 downloads: under the operator's public URL when set (behind a proxy the
+    request's own host and scheme may not be what the client reached)."""
+    if public_url:
+        return f"{public_url.rstrip('/')}/v1/videos/{job.id}/content"
+    return str(request.url_for("download_content", video_id=job.id))
 
 
 def job_fields(body: CreateTaskBody, ctx: APIContext) -> dict:
@@ -105,7 +121,8 @@ def job_fields(body: CreateTaskBody, ctx: APIContext) -> dict:
     try:
         size = size_for(body.resolution, body.aspect_ratio, jobs.preset, fits)
     except SpecError as exc:
-        raise APIError(400, f"{exc.field}: {exc.message}", param=exc.field, code="invalid_value") from None
+        name = renamed_for(body).get(exc.field, exc.field)
+        raise APIError(400, f"{name}: {exc.message}", param=name, code="invalid_value") from None
     return {"prompt": body.prompt, "model": body.model, "seconds": body.duration, "size": size,
             "negative_prompt": body.negative_prompt, "seed": body.seed, "language": body.language,
             "webhook_url": body.callback_url}
@@ -119,8 +136,8 @@ async def create_task(request: Request, ctx: APIContext = Depends(context), who:
         body = CreateTaskBody.model_validate(data)
     except ValidationError as exc:
         raise body_error(exc) from None
-    job, _ = await ctx.create(job_fields(body, ctx), request.headers.get("idempotency-key"), who, RENAMED)
-    return JSONResponse(task_from_job(job, request).model_dump(mode="json"),
+    job, _ = await ctx.create(job_fields(body, ctx), request.headers.get("idempotency-key"), who, renamed_for(body))
+    return JSONResponse(task_from_job(job, request, ctx.config.server.public_url).model_dump(mode="json"),
                         headers={POLL_HEADER: str(ctx.config.server.poll_after_ms)})
 
 
@@ -128,4 +145,4 @@ async def create_task(request: Request, ctx: APIContext = Depends(context), who:
 async def retrieve_task(task_id: str, request: Request, ctx: APIContext = Depends(context),
                         who: Caller | None = Depends(caller)):
     job = await ctx.job_of(task_id, who, param="task_id")
-    return task_from_job(job, request)
+    return task_from_job(job, request, ctx.config.server.public_url)

@@ -22,7 +22,6 @@ from serving.api.events import video_events
 from serving.api.schemas import CreateVideoBody, ErrorEnvelope, Video, VideoDeleted, VideoList, video_from_job
 from serving.api.timing import timing_headers
 from serving.auth import Caller
-from serving.jobs.records import JobStatus
 from serving.jobs.videos import NotReady
 
 POLL_HEADER = "openai-poll-after-ms"
@@ -99,11 +98,11 @@ async def delete_video(video_id: str, ctx: APIContext = Depends(context), who: C
 
 @router.post("/v1/videos/{video_id}/cancel", response_model=Video, responses={**BAD_INPUT, **NOT_FOUND})
 async def cancel_video(video_id: str, ctx: APIContext = Depends(context), who: Caller | None = Depends(caller)):
-    before = await ctx.job_of(video_id, who)
-    job = await asyncio.to_thread(ctx.jobs.cancel, video_id, owner_of(who))
-    if job is None:
+    found = await asyncio.to_thread(ctx.jobs.cancel, video_id, owner_of(who))
+    if found is None:
         raise not_found(video_id)
-    if before.status == JobStatus.QUEUED and job.status == JobStatus.CANCELLED:
+    job, ended_here = found
+    if ended_here:
         ctx.ended(job, "cancelled")  # a running job is ended by its Director, which counts it
     return await ctx.shaped(job)
 

@@ -168,20 +168,21 @@ class JobStore(WebhookOutbox, UsageLedger):
         and count skips it from now on, its driver's next write or renewal raises LeaseLost,
         no Director can claim it, its idempotency key is free again and its prompt is gone.
         The row stays, holding its list position and the fact that its files must go.
-        Returns the job as it was; None if it is absent or already deleted."""
+        Returns the job as the deletion found it (status and usage read after the UPDATE took
+        the row, so a driver's last write is in it; its request content already cleared);
+        None if it is absent or already deleted."""
         now = time.time() if now is None else now
         with self.engine.begin() as conn:
-            row = conn.execute(sa.select(jobs).where(jobs.c.id == job_id, _live)).mappings().first()
-            if row is None:
-                # On a retry, our first try may have committed before its connection dropped.
-                gone = _attempt and conn.execute(sa.select(jobs).where(jobs.c.id == job_id)).mappings().first()
-                return _from_row(gone) if gone else None
             hidden = conn.execute(jobs.update().where(jobs.c.id == job_id, _live).values(
                 deleted_at=now, lease_owner=DELETED, lease_expires_at=None, **_CONTENT_CLEARED)).rowcount
+            row = conn.execute(sa.select(jobs).where(jobs.c.id == job_id)).mappings().first()
+            if not hidden:
+                # On a retry, our first try may have committed before its connection dropped.
+                return _from_row(row) if _attempt and row is not None else None
             job = _from_row(row)
-            if hidden and not job.status.terminal:  # it ends here: what it used so far is spent
+            if not job.status.terminal:  # it ends here: what it used so far is spent
                 record_usage(conn, job, DELETED_UNFINISHED, now)
-        return job if hidden else None
+        return job
 
     @retry_transient
     def files_deleted(self, job_id: str, now: float | None = None) -> None:
@@ -383,10 +384,16 @@ class JobStore(WebhookOutbox, UsageLedger):
                 return _from_row(row)
         raise LeaseLost(job_id)
 
-    @retry_transient
     def request_cancel(self, job_id: str) -> JobRecord | None:
-        """Cancel a queued job at once; flag a running one for its driver to stop.
-        Both are conditional updates, so a job claimed mid-call is still flagged."""
+        """Cancel a queued job at once; flag a running one for its driver to stop."""
+        found = self.cancel(job_id)
+        return found[0] if found is not None else None
+
+    @retry_transient
+    def cancel(self, job_id: str) -> tuple[JobRecord, bool] | None:
+        """Cancel a queued job at once; flag a running one for its driver to stop. Both are
+        conditional updates, so a job claimed mid-call is still flagged. Returns (the job,
+        whether this call ended it); None for an unknown job."""
         with self.engine.begin() as conn:
             row = conn.execute(sa.select(jobs.c.timestamps).where(jobs.c.id == job_id)).first()
             if row is None:
@@ -405,7 +412,8 @@ class JobStore(WebhookOutbox, UsageLedger):
             else:
                 conn.execute(jobs.update().where(jobs.c.id == job_id, jobs.c.status == JobStatus.IN_PROGRESS.value)
                              .values(cancel_requested=True))
-        return self.get(job_id)
+        job = self.get(job_id)
+        return (job, bool(queued)) if job is not None else None
 
 
 def _to_row(record: JobRecord) -> dict[str, Any]:

@@ -14,6 +14,8 @@ import time
 from dataclasses import dataclass
 
 import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from serving.cost_model import STAGE_NAMES, StageSeconds
 from serving.jobs.records import JobRecord, JobStatus
@@ -33,18 +35,24 @@ def video_seconds(job: JobRecord) -> float:
     return (spec["num_frames"] - 1) / spec["fps"]
 
 
-def record_usage(conn, job: JobRecord, ending: str | None = None, now: float | None = None) -> None:
-    """Enter an ended job in the ledger, inside the caller's transaction (once per job).
-    `ending`: how it ended when its status does not say (a deletion)."""
+def record_usage(conn, job: JobRecord, ending: str | None = None, now: float | None = None) -> bool:
+    """Enter an ended job in the ledger, inside the caller's transaction; once per job (a
+    second entry is ignored by the database, whoever races). `ending`: how it ended when its
+    status does not say (a deletion). Returns whether this call entered it."""
     ending = ending or job.status.value
     if ending not in ENDINGS:
-        return
-    if conn.execute(sa.select(usage.c.seq).where(usage.c.job_id == job.id)).first() is not None:
-        return
+        return False
     used = job.used
-    conn.execute(usage.insert().values(
-        job_id=job.id, owner=job.owner, status=ending, ended_at=time.time() if now is None else now,
-        video_seconds=video_seconds(job), **{f"{stage}_seconds": used.of(stage) for stage in STAGE_NAMES}))
+    values = dict(job_id=job.id, owner=job.owner, status=ending, ended_at=time.time() if now is None else now,
+                  video_seconds=video_seconds(job), **{f"{stage}_seconds": used.of(stage) for stage in STAGE_NAMES})
+    dialect = conn.dialect.name
+    if dialect in ("postgresql", "sqlite"):
+        insert = (postgresql_insert if dialect == "postgresql" else sqlite_insert)(usage).values(**values)
+        return conn.execute(insert.on_conflict_do_nothing(index_elements=["job_id"])).rowcount > 0
+    if conn.execute(sa.select(usage.c.seq).where(usage.c.job_id == job.id)).first() is not None:
+        return False
+    conn.execute(usage.insert().values(**values))
+    return True
 
 
 @dataclass(frozen=True)

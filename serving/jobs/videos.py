@@ -27,6 +27,7 @@ from serving.webhooks import WebhookURLError, check_webhook_url, signing_secret
 
 # A BCP 47 language tag, as clients send it ("en", "zh-Hans", "pt-BR"); recorded, not acted on.
 LANGUAGE_TAG = re.compile(r"[A-Za-z]{2,8}(-[A-Za-z0-9]{1,8}){0,4}")
+MAX_LANGUAGE_CHARS = 35  # BCP 47's practical limit, and the column's width
 
 # Request fields that pass straight through to `build_spec`.
 SPEC_FIELDS = ("size", "seconds", "fps", "num_inference_steps", "guidance_scale", "negative_prompt", "seed", "cache")
@@ -98,7 +99,8 @@ class VideoJobs:
             except WebhookURLError as exc:
                 raise SpecError("webhook_url", str(exc)) from None
         language = request.get("language")
-        if language is not None and (not isinstance(language, str) or not LANGUAGE_TAG.fullmatch(language)):
+        if language is not None and (not isinstance(language, str) or len(language) > MAX_LANGUAGE_CHARS
+                                     or not LANGUAGE_TAG.fullmatch(language)):
             raise SpecError("language", f"expected a language tag such as \"en\" or \"pt-BR\", found {language!r}")
         violation = self.policy.check(spec.prompt, "prompt")
         if violation is not None:
@@ -143,8 +145,10 @@ class VideoJobs:
         deleted recently (its place in the list is kept for a day; see retention.py)."""
         return is_job_id(job_id) and self.store.is_cursor(job_id, owner)
 
-    def cancel(self, job_id: str, owner: str | None = None) -> JobRecord | None:
-        return self.store.request_cancel(job_id) if self.get(job_id, owner) is not None else None
+    def cancel(self, job_id: str, owner: str | None = None) -> tuple[JobRecord, bool] | None:
+        """(the job, whether this cancel ended it: a queued job; a running one is flagged and
+        ended by its driver); None for an unknown job."""
+        return self.store.cancel(job_id) if self.get(job_id, owner) is not None else None
 
     def delete(self, job_id: str, owner: str | None = None) -> tuple[JobRecord, bool] | None:
         """Delete the job and its files; a running job stops (its driver loses the lease).
