@@ -16,7 +16,6 @@ from fastapi import APIRouter, Depends, Query
 from pydantic import BaseModel, Field
 
 from serving.api.context import APIContext, caller, context
-from serving.api.errors import APIError
 from serving.api.videos import BAD_INPUT
 from serving.auth import Caller
 from serving.jobs.usage import ENDINGS, KeyUsage
@@ -67,11 +66,9 @@ def view(found: KeyUsage) -> KeyUsageView:
 async def usage(start_time: Optional[float] = Query(default=None, ge=0, description="Unix time: jobs that ended "
                                                                                      "at or after it."),
                 end_time: Optional[float] = Query(default=None, ge=0, description="Unix time: jobs that ended "
-                                                                                   "before it."),
+                                                                                   "before it (before start_time: an "
+                                                                                   "empty period)."),
                 ctx: APIContext = Depends(context), who: Caller | None = Depends(caller)):
-    if start_time is not None and end_time is not None and end_time < start_time:
-        raise APIError(400, f"end_time: {end_time:g} is before start_time {start_time:g}", param="end_time",
-                       code="invalid_value")
     everyone = who is None or who.operator
     found = await asyncio.to_thread(ctx.jobs.store.usage_by_key, who.name if who is not None else None,
                                     all_keys=everyone, start=start_time, end=end_time)
