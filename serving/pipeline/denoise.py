@@ -9,7 +9,7 @@ same video on any device, replica or batch.
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any, Callable
 
@@ -176,6 +176,5 @@ def _cache_on_cpu(cache: StepCache | None) -> StepCache | None:
     """The cache's tensors moved to the CPU, for a checkpoint any replica can load."""
     if cache is None:
         return None
-    return StepCache(cache.threshold, cache.warmup,
-                     cache.previous.cpu() if cache.previous is not None else None, cache.accumulated,
-                     cache.residuals.cpu() if cache.residuals is not None else None, cache.computed, cache.skipped)
+    return replace(cache, previous=cache.previous.cpu() if cache.previous is not None else None,
+                   residuals=cache.residuals.cpu() if cache.residuals is not None else None)

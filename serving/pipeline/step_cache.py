@@ -38,8 +38,7 @@ class StepCache:
     previous: torch.Tensor | None = None  # modulated first-block input at the last step (1, tokens, dim), float32
     accumulated: float = 0.0
     residuals: torch.Tensor | None = None  # (rows, tokens, dim): what the blocks added at the last full forward
-    computed: int = 0  # full forwards run
-    skipped: int = 0
+    computed: int = 0  # full forwards run (the others of its steps so far reused `residuals`)
 
     def decide(self, modulated: torch.Tensor, step: int, total: int, rows: int) -> bool:
         """Whether this step runs the blocks (and updates the state for the next step)."""
@@ -55,8 +54,6 @@ class StepCache:
         if compute:
             self.accumulated = 0.0
             self.computed += 1
-        else:
-            self.skipped += 1
         return compute
 
 
@@ -66,10 +63,7 @@ class StepCache:
         skippable = max(0, step - self.warmup)
         compute = (step < self.warmup or step >= total - 1
                    or int((skippable + 1) * computed_fraction) > int(skippable * computed_fraction))
-        if compute:
-            self.computed += 1
-        else:
-            self.skipped += 1
+        self.computed += compute
         return compute
 
 
