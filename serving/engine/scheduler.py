@@ -68,6 +68,7 @@ class DenoiseEngine:
     max_batch: int = 4
     checkpoint_every: int = 0  # steps; 0 turns checkpoints off
     on_forward: Callable[[int, float], None] | None = None  # (batch size, seconds) after each forward
+    blocks: Callable | None = None  # who runs the DiT's blocks: a gang of devices (serving/parallel/gang.py)
     active: dict[str, EngineRequest] = field(default_factory=dict)
     _arrivals: itertools.count = field(default_factory=itertools.count)
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -131,7 +132,8 @@ class DenoiseEngine:
         self.forward_started_at = time.monotonic()
         try:
             computed = denoise_batch_step(self.transformer, [r.state for r in batch],
-                                          [r.prompt_embeds for r in batch], [r.negative_embeds for r in batch])
+                                          [r.prompt_embeds for r in batch], [r.negative_embeds for r in batch],
+                                          blocks=self.blocks)
         except Exception as exc:  # a failed forward fails its batch, not the engine
             return events + [self._fail(r, exc) for r in batch]
         finally:

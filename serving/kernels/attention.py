@@ -198,7 +198,7 @@ def _check(q, k, v, key_lengths) -> None:
 
 def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_lengths: torch.Tensor | None = None,
                         scale: float | None = None) -> torch.Tensor:
-    """The definition (kernels/selfcheck.py, float64), in q's dtype: what `attention` must equal."""
-    from kernels.selfcheck import definition
+    """The definition (serving/kernels/selfcheck.py, float64), in q's dtype: what `attention` must equal."""
+    from serving.kernels.selfcheck import definition
 
     return definition(q, k, v, key_lengths, scale).to(q.dtype)

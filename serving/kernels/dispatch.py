@@ -3,7 +3,7 @@
 One function, `attend`, for every caller. The backend comes from the config
 (`model.attention_backend`: auto | triton | xformers | sdpa) and from what this machine can
 do: Triton needs CUDA (or TRITON_INTERPRET=1, for the CPU tests); xformers must import. A
-backend that can run here must then pass its self-check (kernels/selfcheck.py: probe shapes
+backend that can run here must then pass its self-check (serving/kernels/selfcheck.py: probe shapes
 against the float64 definition) before any request's attention runs on it, once per
 (device, dtype, head dim). The choice is logged once, a fallback with its reason, and kept
 in `choices()` for the Denoiser's /readyz report and metrics. SDPA is the last resort and
@@ -21,7 +21,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from kernels.selfcheck import self_check
+from serving.kernels.selfcheck import self_check
 
 logger = logging.getLogger("ditserve.attention")
 
@@ -96,7 +96,7 @@ def forget_choices() -> None:
 
 def _run(name: str, q, k, v, key_lengths, scale) -> torch.Tensor:
     if name == "triton":
-        from kernels.attention import attention
+        from serving.kernels.attention import attention
 
         return attention(q, k, v, key_lengths=key_lengths, scale=scale)
     if name == "xformers":

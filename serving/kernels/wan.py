@@ -14,9 +14,11 @@ masking for models that want it.
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 
-from kernels.dispatch import Backend, attend
+from serving.kernels.dispatch import Backend, attend
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -29,8 +31,13 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 
 
 class KernelAttnProcessor:
-    def __init__(self, backend: Backend = "auto"):
+    """`sequence`: this replica's Ulysses group (serving/parallel/ulysses.py), when its tokens
+    are split across a gang of devices; self-attention then runs over the whole sequence
+    for a share of the heads. Cross-attention needs no exchange (every rank holds the text)."""
+
+    def __init__(self, backend: Backend = "auto", sequence=None):
         self.backend = backend
+        self.sequence = sequence
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, rotary_emb=None) -> torch.Tensor:
@@ -46,17 +53,21 @@ class KernelAttnProcessor:
         query, key, value = (t.unflatten(2, (attn.heads, -1)) for t in (query, key, value))
         if rotary_emb is not None:
             query, key = rotate(query, *rotary_emb), rotate(key, *rotary_emb)
-        out = attend(query, key, value, backend=self.backend)
+        if self.sequence is not None and encoder_hidden_states is None:
+            out = self.sequence.attend(partial(attend, backend=self.backend), query, key, value)
+        else:
+            out = attend(query, key, value, backend=self.backend)
         out = out.flatten(2, 3).type_as(query)
         out = attn.to_out[0](out)
         return attn.to_out[1](out)
 
 
-def use_kernel_attention(transformer: torch.nn.Module, backend: Backend = "auto") -> int:
-    """Route every Wan attention module of `transformer` through `attend`; returns how many."""
+def use_kernel_attention(transformer: torch.nn.Module, backend: Backend = "auto", sequence=None) -> int:
+    """Route every Wan attention module of `transformer` through `attend` (split across
+    `sequence`'s ranks when given); returns how many."""
     from diffusers.models.transformers.transformer_wan import WanAttention
 
-    processor = KernelAttnProcessor(backend)
+    processor = KernelAttnProcessor(backend, sequence)
     modules = [m for m in transformer.modules() if isinstance(m, WanAttention)]
     for module in modules:
         module.set_processor(processor)
@@ -66,8 +77,8 @@ def use_kernel_attention(transformer: torch.nn.Module, backend: Backend = "auto"
 def attention_in_use(transformer: torch.nn.Module, requested: Backend) -> dict:
     """Which attention `transformer` runs, as reported by a Denoiser replica. When its
     attention goes through `attend`, the backend is chosen now, self-check included (see
-    kernels/dispatch.py), so the replica knows it before its first request."""
-    from kernels.dispatch import choose
+    serving/kernels/dispatch.py), so the replica knows it before its first request."""
+    from serving.kernels.dispatch import choose
 
     param = next(transformer.parameters())
     device, dtype, head_dim = str(param.device), param.dtype, int(transformer.config.attention_head_dim)

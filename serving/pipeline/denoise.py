@@ -79,6 +79,7 @@ def denoise_batch_step(
     states: list[DenoiseState],
     prompt_embeds: list[torch.Tensor],
     negative_embeds: list[torch.Tensor | None],
+    blocks: Callable | None = None,
 ) -> list[bool]:
     """Advance several requests by one step each with ONE DiT forward; returns, per request,
     whether it ran the DiT's blocks (False: its step cache reused its residual).
@@ -86,6 +87,8 @@ def denoise_batch_step(
     Every request brings its own latents, timestep and guidance scale; all must share a
     latent shape and text length. Rows are [conditional x n, unconditional x (those using
     guidance)], so classifier-free guidance rides in the same forward as everything else.
+    `blocks`: who runs the DiT's blocks when this process does not run them alone (a gang of
+    devices: serving/parallel/gang.py).
     """
     param = next(transformer.parameters())
     device, dtype = param.device, param.dtype
@@ -99,7 +102,12 @@ def denoise_batch_step(
     cached_forward = getattr(transformer, "forward_with_caches", None)
     if cached_forward is None and supports_step_cache(transformer):
         cached_forward = partial(forward_with_caches, transformer)
-    if any(s.cache is not None for s in states) and cached_forward is not None:
+    if blocks is not None:  # a gang splits the blocks; step caching decides around them, as alone
+        owners = list(range(len(states))) + guided
+        noise, computed = forward_with_caches(transformer, model_input, rows_t, embeds, owners,
+                                              [s.cache for s in states], [(s.step, s.total_steps) for s in states],
+                                              blocks=blocks)
+    elif any(s.cache is not None for s in states) and cached_forward is not None:
         owners = list(range(len(states))) + guided
         noise, computed = cached_forward(model_input, rows_t, embeds, owners, [s.cache for s in states],
                                          [(s.step, s.total_steps) for s in states])
@@ -137,12 +145,13 @@ def denoise(
     geometry: Geometry,
     on_step: Callable[[int, int], None] | None = None,
     on_computed: Callable[[bool], None] | None = None,
+    blocks: Callable | None = None,
 ) -> torch.Tensor:
     """Run every step for one request; return the final latents (float32). `on_computed`
     hears, per step, whether it ran the DiT's blocks (False: step-cached)."""
     state = start_denoise(spec, scheduler_config, transformer.config.in_channels, geometry)
     while not state.done:
-        [computed] = denoise_batch_step(transformer, [state], [prompt_embeds], [negative_embeds])
+        [computed] = denoise_batch_step(transformer, [state], [prompt_embeds], [negative_embeds], blocks=blocks)
         if on_computed is not None:
             on_computed(computed)
         if on_step is not None:

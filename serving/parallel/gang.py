@@ -1,0 +1,157 @@
+"""A gang: the devices one Denoiser replica owns, and how one DiT forward splits over them.
+
+The gang is a (cfg x ulysses) device mesh (torch.distributed's `init_device_mesh`; gloo on
+CPUs, NCCL on GPUs). Every rank holds the whole model. For one forward:
+
+- every rank embeds the batch (patch embedding, timestep and text embedding, rotary table):
+  cheap, and it saves shipping activations between ranks;
+- CFG parallel: the batch's rows are split between the `cfg` groups (a guided request's
+  conditional and unconditional rows land on different groups when it runs alone; a batch of
+  many requests splits evenly whatever its mix). A group with no rows waits for the gather;
+- Ulysses: inside a group, the tokens are split between its ranks and attention trades
+  tokens for heads (serving/parallel/ulysses.py);
+- after the last block the slices are gathered (tokens within a group, then rows across
+  groups), so every rank ends with the blocks' whole output.
+
+Only the blocks are split. Whatever runs around them (step caching's decisions and residuals,
+the output projection, guidance, the scheduler step) runs on the leader, unchanged: so a
+gang computes the same latents as one device, up to float rounding (tests/test_parallel.py).
+"""
+
+from __future__ import annotations
+
+import datetime
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from serving.parallel.ulysses import SequenceGroup, shard_bounds, shard_sizes
+
+
+class GangError(RuntimeError):
+    """A member of the gang failed or is gone: the replica cannot run a forward any more."""
+
+
+@dataclass
+class Gang:
+    ulysses: int
+    cfg: int
+    rank: int  # in the whole gang: cfg_rank * ulysses + sequence rank
+    sequence: SequenceGroup  # the ranks splitting tokens with this one
+    rows_group: dist.ProcessGroup | None  # the ranks holding the same token slice of other rows
+    device: torch.device
+
+    @property
+    def degree(self) -> int:
+        return self.ulysses * self.cfg
+
+    @property
+    def cfg_rank(self) -> int:
+        return self.rank // self.ulysses
+
+    @classmethod
+    def form(cls, ulysses: int, cfg: int, rank: int, address: str, port: int, device: torch.device,
+             timeout_s: float = 120.0) -> "Gang":
+        """Join the gang's process group (every member calls this, rank 0 listening on
+        `address:port`) and build its (cfg, ulysses) mesh."""
+        from torch.distributed.device_mesh import init_device_mesh
+
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend, init_method=f"tcp://{address}:{port}", rank=rank,
+                                world_size=ulysses * cfg, timeout=datetime.timedelta(seconds=timeout_s))
+        mesh = init_device_mesh(device.type, (cfg, ulysses), mesh_dim_names=("cfg", "ulysses"))
+        sequence = SequenceGroup(group=mesh["ulysses"].get_group(), rank=rank % ulysses, size=ulysses)
+        return cls(ulysses=ulysses, cfg=cfg, rank=rank, sequence=sequence,
+                   rows_group=mesh["cfg"].get_group() if cfg > 1 else None, device=device)
+
+    def install(self, transformer: torch.nn.Module, backend: str) -> None:
+        """Route the DiT's attention through our processor with this gang's all-to-all."""
+        heads = int(transformer.config.num_attention_heads)
+        if heads % self.ulysses:
+            raise GangError(f"parallel.ulysses={self.ulysses} must divide the model's {heads} attention heads")
+        from serving.kernels.wan import use_kernel_attention
+
+        use_kernel_attention(transformer, backend, sequence=self.sequence if self.ulysses > 1 else None)
+
+    @torch.inference_mode()
+    def blocks(self, transformer: torch.nn.Module, hidden_states: torch.Tensor, timestep: torch.Tensor,
+               encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+        """The output of the DiT's blocks for these rows, (rows, tokens, dim), computed by the
+        whole gang: every member calls this with the same inputs."""
+        from serving.pipeline.step_cache import embed
+
+        t = transformer
+        batch, _, frames, height, width = hidden_states.shape
+        p_t, p_h, p_w = t.config.patch_size
+        length = (frames // p_t) * (height // p_h) * (width // p_w)
+        self.sequence.length = length
+        first, last = shard_bounds(batch, self.cfg, self.cfg_rank)
+        if last > first:
+            x, _, projection, text, rotary = embed(t, hidden_states[first:last], timestep[first:last],
+                                                   encoder_hidden_states[first:last])
+            start, end = shard_bounds(length, self.ulysses, self.sequence.rank)
+            cos, sin = rotary
+            y, rotary = x[:, start:end], (cos[:, start:end], sin[:, start:end])
+            for block in t.blocks:
+                y = block(y, text, projection, rotary)
+            y = _gather(y, 1, shard_sizes(length, self.ulysses), self.sequence.group if self.ulysses > 1 else None)
+        else:  # a CFG group with no rows (fewer rows than groups) only joins the row gather
+            dim = int(t.config.num_attention_heads * t.config.attention_head_dim)
+            y = hidden_states.new_empty(0, length, dim, dtype=next(t.parameters()).dtype)
+        return _gather(y, 0, shard_sizes(batch, self.cfg), self.rows_group)
+
+    # The leader (rank 0, the Denoiser replica itself) hands each forward's inputs to the
+    # other ranks over the gang's own process group: the latents and text embeddings of the
+    # rows to run (megabytes), never activations. A member that died shows up here as a
+    # failed collective.
+
+    def lead(self, transformer: torch.nn.Module, hidden_states: torch.Tensor, timestep: torch.Tensor,
+             encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+        """Rank 0: run the blocks for these rows across the gang (the others in `follow`)."""
+        inputs = [hidden_states, timestep, encoder_hidden_states]
+        try:
+            dist.broadcast_object_list([[(tuple(v.shape), v.dtype) for v in inputs]], src=0, device=self.device)
+            for v in inputs:
+                dist.broadcast(v.to(self.device).contiguous(), src=0)
+            return self.blocks(transformer, *inputs)
+        except (RuntimeError, dist.DistBackendError) as exc:
+            raise GangError(f"the gang's forward failed: {exc}") from exc
+
+    def follow(self, transformer: torch.nn.Module) -> bool:
+        """Ranks 1..n: take part in the leader's next forward; False when it dismissed the gang."""
+        header = [None]
+        dist.broadcast_object_list(header, src=0, device=self.device)
+        if header[0] is None:
+            return False
+        inputs = []
+        for shape, dtype in header[0]:
+            v = torch.empty(shape, dtype=dtype, device=self.device)
+            dist.broadcast(v, src=0)
+            inputs.append(v)
+        self.blocks(transformer, *inputs)
+        return True
+
+    def dismiss(self) -> None:
+        """Rank 0: tell the others there are no more forwards."""
+        dist.broadcast_object_list([None], src=0, device=self.device)
+
+    def leave(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _gather(part: torch.Tensor, dim: int, sizes: list[int], group: dist.ProcessGroup | None) -> torch.Tensor:
+    """Concatenate every member's `part` along `dim` (uneven sizes padded for the collective)."""
+    if group is None or len(sizes) == 1:
+        return part
+    biggest = max(sizes)
+    if part.shape[dim] < biggest:
+        padding = list(part.shape)
+        padding[dim] = biggest - part.shape[dim]
+        part = torch.cat([part, part.new_zeros(padding)], dim)
+    parts = [torch.empty_like(part) for _ in sizes]
+    dist.all_gather(parts, part.contiguous(), group=group)
+    return torch.cat([p.narrow(dim, 0, n) for p, n in zip(parts, sizes)], dim)
