@@ -13,7 +13,7 @@ from typing import Any
 from ray import serve
 from ray.serve import Application
 
-from serving.config import ServiceConfig, StageConfig
+from serving.config import DenoiserStageConfig, ServiceConfig, StageConfig
 from serving.deployments.denoiser import Denoiser
 from serving.deployments.director import Director
 from serving.deployments.gateway import Gateway
@@ -31,6 +31,14 @@ def _stage_options(name: str, stage: StageConfig, prior_seconds_per_step: float 
         "max_ongoing_requests": stage.max_ongoing_requests,
         "ray_actor_options": {"num_cpus": stage.num_cpus, "num_gpus": stage.num_gpus, "resources": stage.resources},
     }
+    degree = stage.parallel.degree if isinstance(stage, DenoiserStageConfig) else 1
+    if degree > 1:
+        # A replica owns a gang (serving/parallel/workers.py): one bundle per rank, packed on one
+        # node; the replica itself takes the first. Ray places and holds them; the autoscaler
+        # still counts replicas.
+        bundle = {"CPU": stage.num_cpus, **({"GPU": stage.num_gpus} if stage.num_gpus else {}), **stage.resources}
+        options["placement_group_bundles"] = [bundle] * degree
+        options["placement_group_strategy"] = "STRICT_PACK"
     scaling = stage.autoscaling
     if scaling is None:
         options["num_replicas"] = stage.num_replicas

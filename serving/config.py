@@ -45,7 +45,7 @@ class ModelConfig(_Section):
     )
     seed: int = Field(default=0, description="Seed the tiny-random preset's weights are built from.")
     attention_backend: Literal["auto", "triton", "xformers", "sdpa"] = Field(
-        default="auto", description="DiT attention: our Triton kernel on CUDA when 'auto'; see kernels/dispatch.py.")
+        default="auto", description="DiT attention: our Triton kernel on CUDA when 'auto'; see serving/kernels/dispatch.py.")
 
 
 class GenerationConfig(_Section):
@@ -132,9 +132,31 @@ class StageConfig(_Section):
         return self.autoscaling.max_replicas if self.autoscaling is not None else self.num_replicas
 
 
+class ParallelConfig(_Section):
+    """How many devices one Denoiser replica spans (serving/parallel/): ulysses x cfg ranks,
+    each with the stage's num_cpus/num_gpus, packed on one node by a placement group."""
+
+    ulysses: int = Field(default=1, ge=1, le=64, description=(
+        "Sequence-parallel degree: each DiT forward's tokens split over this many devices (Ulysses "
+        "all-to-all around attention). Must divide the model's attention heads (Wan2.1 1.3B: 12, 14B: 40)."))
+    cfg: int = Field(default=1, ge=1, le=2, description=(
+        "2 puts a guided request's conditional and unconditional rows (or a batch's halves) on two "
+        "groups of devices."))
+
+    @property
+    def degree(self) -> int:
+        return self.ulysses * self.cfg
+
+
+class DenoiserStageConfig(StageConfig):
+    """The Denoiser's replicas: a stage, whose replica may own a gang of devices."""
+
+    parallel: ParallelConfig = ParallelConfig()
+
+
 class StagesConfig(_Section):
     text_encoder: StageConfig = StageConfig()
-    denoiser: StageConfig = StageConfig()
+    denoiser: DenoiserStageConfig = DenoiserStageConfig()
     vae_decoder: StageConfig = StageConfig()
 
 
@@ -388,6 +410,19 @@ class ServiceConfig(_Section):
             raise ValueError(
                 f"stages.denoiser.max_ongoing_requests ({self.stages.denoiser.max_ongoing_requests}) is below "
                 f"engine.max_batch ({self.engine.max_batch}): a replica could never fill a batch")
+        return self
+
+    @model_validator(mode="after")
+    def _gang_fits_the_model(self) -> "ServiceConfig":
+        from serving.models.presets import PRESETS
+
+        ulysses, heads = self.stages.denoiser.parallel.ulysses, PRESETS[self.model.preset].attention_heads
+        if heads % ulysses:
+            raise ValueError(f"stages.denoiser.parallel.ulysses ({ulysses}) must divide the {self.model.preset} "
+                             f"model's {heads} attention heads; e.g. one of "
+                             f"{[d for d in range(1, heads + 1) if heads % d == 0]}")
+        if self.simulation is not None and self.stages.denoiser.parallel.degree > 1:
+            raise ValueError("stages.denoiser.parallel is not simulated yet; leave it at 1 with --simulate")
         return self
 
     @model_validator(mode="after")

@@ -186,7 +186,7 @@ def test_health_and_readiness(service):
 
 def test_readyz_and_metrics_say_which_attention_each_denoiser_runs(service):
     """Each Denoiser replica self-checks its attention at start-up and reports the backend:
-    here the CPU default, diffusers' own SDPA attention (kernels/dispatch.py)."""
+    here the CPU default, diffusers' own SDPA attention (serving/kernels/dispatch.py)."""
     deadline = time.monotonic() + 60
     while not (denoisers := requests.get(f"{service.url}/readyz", timeout=10).json()["denoisers"]):
         assert time.monotonic() < deadline, "no Denoiser replica reported its attention backend"

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 # conftest.py sets TRITON_INTERPRET=1 before triton is first imported when there is no GPU.
-from kernels.attention import attention, reference_attention
-from kernels.dispatch import attend, choose_backend, forget_choices
+from serving.kernels.attention import attention, reference_attention
+from serving.kernels.dispatch import attend, choose_backend, forget_choices
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -116,7 +116,7 @@ def test_attend_backends_agree(backend):
 
 def test_tiny_wan_dit_on_the_triton_kernel_equals_sdpa(tiny_pipeline):
     from serving.models import tiny
-    from kernels.wan import use_kernel_attention
+    from serving.kernels.wan import use_kernel_attention
 
     stock = tiny.build_transformer(0)
     ours = tiny.build_transformer(0)
@@ -132,7 +132,7 @@ def test_tiny_wan_dit_on_the_triton_kernel_equals_sdpa(tiny_pipeline):
 
 
 def test_model_config_installs_the_kernel_when_asked():
-    from kernels.wan import KernelAttnProcessor
+    from serving.kernels.wan import KernelAttnProcessor
     from serving.config import ModelConfig
     from serving.models.loading import load_transformer
 

@@ -5,6 +5,7 @@ a token count that does not divide by the degree, with and without step caching.
 from __future__ import annotations
 
 import pytest
+import requests
 import torch
 
 from serving.engine.scheduler import DenoiseEngine, EngineRequest
@@ -85,3 +86,101 @@ def test_a_gang_of_two_gives_the_single_device_latents(single_device, sdpa_confi
             # Step caching decides on the leader from the same inputs: the same steps run.
             assert got_computed == computed, (name, rid)
     assert expected_alone["cached"][1] < 12  # the cached request did skip steps
+
+
+# ---- a gang in the live cluster: Ray places it, Serve replaces it --------------------------
+
+GANG_APP = "gang"
+
+
+@pytest.fixture(scope="module")
+def gang_service(service, tmp_path_factory):
+    """The service's app again at /gang, its Denoiser replica a gang of 2 ranks (Ulysses 2)
+    in a placement group of 2 bundles."""
+    from ray import serve
+
+    from conftest import Service, wait_ready
+    from serving.app import build_app
+    from serving.config import load_config
+
+    data = tmp_path_factory.mktemp("gang")
+    small = "{num_cpus: 0.05}"
+    config = load_config(None, environ={
+        "DITSERVE_STORAGE__JOB_STORE_URL": f"sqlite:///{data}/jobs.db",
+        "DITSERVE_STORAGE__ARTIFACTS_URL": str(data / "artifacts"),
+        "DITSERVE_SERVER__DIRECTOR_POLL_SECONDS": "0.2",
+        "DITSERVE_SERVER__LEASE_SECONDS": "6",
+        "DITSERVE_SERVER__GATEWAY_NUM_CPUS": "0.05", "DITSERVE_SERVER__DIRECTOR_NUM_CPUS": "0.05",
+        "DITSERVE_STAGES__TEXT_ENCODER": small, "DITSERVE_STAGES__VAE_DECODER": small,
+        "DITSERVE_STAGES__DENOISER": "{num_cpus: 0.05, parallel: {ulysses: 2}}",
+        "DITSERVE_ENGINE__CHECKPOINT_EVERY": "5",
+    })
+    serve.run(build_app(config), name=GANG_APP, route_prefix=f"/{GANG_APP}")
+    url = f"{service.url}/{GANG_APP}"
+    wait_ready(url)
+    yield Service(url, config, 0)
+    serve.delete(GANG_APP)
+
+
+def _gang_reports(url: str) -> list[dict]:
+    """What each Denoiser replica reports of its gang (a dead replica's report lingers a
+    while: the Director forgets it after three report periods)."""
+    return [d["parallel"] for d in requests.get(f"{url}/readyz").json()["denoisers"]]
+
+
+def _frames(mp4: bytes) -> torch.Tensor:
+    import io
+
+    import av
+    import numpy as np
+
+    with av.open(io.BytesIO(mp4)) as container:
+        return torch.from_numpy(np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])).float()
+
+
+def test_a_gang_replica_serves_the_single_device_video(gang_service, tiny_pipeline):
+    from conftest import wait_for
+
+    wait_for(lambda: requests.get(f"{gang_service.url}/readyz").json()["denoisers"], timeout=60)
+    [gang] = _gang_reports(gang_service.url)
+    assert (gang["ulysses"], gang["cfg"], gang["ranks"]) == (2, 1, 2)
+    assert len(gang["worker_pids"]) == 1
+
+    client = gang_service.client()
+    video = client.videos.create_and_poll(prompt="a green circle", seconds="1", size="64x64",
+                                          extra_body={"seed": 21, "num_inference_steps": 4}, poll_interval_ms=200)
+    assert video.status == "completed", video.error
+    served = _frames(client.videos.download_content(video.id).read())
+    reference = _frames(tiny_pipeline.generate(tiny_pipeline.spec("a green circle", seed=21, num_inference_steps=4,
+                                                                  seconds=1, size="64x64")).mp4)
+    assert served.shape == reference.shape
+    # Latents agree to float rounding (the tests above); through uint8 frames and H.264 that
+    # is at most a level or two here and there, where a wrong split changes the picture.
+    assert (served - reference).abs().mean().item() < 0.5
+
+
+def test_a_dead_rank_fails_over_like_a_dead_replica(gang_service):
+    import os
+    import signal
+
+    from conftest import wait_for
+
+    client = gang_service.client()
+    every = gang_service.config.engine.checkpoint_every
+    body = dict(prompt="a gang that loses a rank", seconds="1", size="128x128",
+                extra_body={"num_inference_steps": 60, "seed": 7})
+    video = client.videos.create(**body)
+    wait_for(lambda: client.videos.retrieve(video.id).progress >= 5 + 85 * (2 * every + 1) // 60)
+    [gang] = _gang_reports(gang_service.url)
+    [pid] = gang["worker_pids"]
+    os.kill(pid, signal.SIGKILL)
+
+    final = client.videos.poll(video.id, poll_interval_ms=200)
+    assert final.status == "completed", final.error
+    assert final.model_extra["resumed_from_step"] >= every  # from its checkpoint, not from step 0
+    # Serve replaced the replica with a whole new gang.
+    wait_for(lambda: any(g["worker_pids"] != [pid] for g in _gang_reports(gang_service.url)), timeout=120)
+    # A gang computes the same every time: the interrupted job equals an uninterrupted one.
+    again = client.videos.create_and_poll(**body, poll_interval_ms=200)
+    assert again.model_extra["resumed_from_step"] is None
+    assert client.videos.download_content(video.id).read() == client.videos.download_content(again.id).read()

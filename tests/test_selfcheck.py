@@ -1,4 +1,4 @@
-"""The self-check a kernel passes before it serves (kernels/selfcheck.py, kernels/dispatch.py):
+"""The self-check a kernel passes before it serves (serving/kernels/selfcheck.py, serving/kernels/dispatch.py):
 our Triton kernel under TRITON_INTERPRET=1 passes it; a head dim or dtype the kernel refuses,
 a wrong result or a non-finite one fails it, is logged once, and the next backend serves."""
 
@@ -10,9 +10,9 @@ import math
 import pytest
 import torch
 
-from kernels.attention import attention
-from kernels.dispatch import _run, attend, choices, choose, forget_choices
-from kernels.selfcheck import self_check
+from serving.kernels.attention import attention
+from serving.kernels.dispatch import _run, attend, choices, choose, forget_choices
+from serving.kernels.selfcheck import self_check
 
 
 @pytest.fixture(autouse=True)
@@ -91,7 +91,7 @@ def _tiny_dit(head_dim: int):
 def test_a_dit_whose_kernel_fails_its_check_runs_on_sdpa_and_reports_why():
     """The fallback run: a DiT with a head dim our kernel refuses, asked to use it, reports
     the fallback before its first forward and then computes what diffusers' own attention does."""
-    from kernels.wan import attention_in_use, use_kernel_attention
+    from serving.kernels.wan import attention_in_use, use_kernel_attention
 
     stock, ours = _tiny_dit(384), _tiny_dit(384)
     use_kernel_attention(ours, "triton")
@@ -108,7 +108,7 @@ def test_a_dit_whose_kernel_fails_its_check_runs_on_sdpa_and_reports_why():
 def test_the_tiny_dit_reports_the_backend_it_runs():
     from serving.config import ModelConfig
     from serving.models.loading import load_transformer
-    from kernels.wan import attention_in_use
+    from serving.kernels.wan import attention_in_use
 
     default = attention_in_use(load_transformer(ModelConfig()), "auto")
     assert (default["backend"], default["via"], default["head_dim"]) == ("sdpa", "diffusers' attention processor", 32)

@@ -72,7 +72,7 @@ def attention_backends(device: torch.device) -> tuple[dict[str, Callable], list[
 
     backends, skipped = {}, []
     if device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
-        from kernels.attention import attention
+        from serving.kernels.attention import attention
 
         backends["triton (ours)"] = attention
     else:
@@ -93,7 +93,7 @@ def attention_backends(device: torch.device) -> tuple[dict[str, Callable], list[
 
 
 def attention_section(sizes: Sizes, device: torch.device, log: Callable[[str], None]) -> list[str]:
-    from kernels.selfcheck import definition
+    from serving.kernels.selfcheck import definition
 
     time_ms = _timer(device)
     backends, skipped = attention_backends(device)
@@ -143,7 +143,7 @@ def _dit_inputs(models, sizes: Sizes, device, dtype, rows: int):
 
 
 def dit_section(models, sizes: Sizes, device: torch.device, dtype: torch.dtype, log) -> list[str]:
-    from kernels.wan import attention_in_use, use_kernel_attention
+    from serving.kernels.wan import attention_in_use, use_kernel_attention
     from serving.models.presets import PRESETS
     from serving.pipeline.cost import latent_frames, tokens_per_frame
 

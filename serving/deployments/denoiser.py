@@ -45,22 +45,34 @@ class Denoiser:
         self.metrics = metrics()
         mark_simulated("denoiser", config.simulation)
         self.step_seconds = 0.0  # moving average, for the autoscaler
-        self.engine = AsyncDenoiseEngine(DenoiseEngine(
-            self.transformer, max_batch=config.engine.max_batch, checkpoint_every=config.engine.checkpoint_every,
-            on_forward=self._on_forward))
         self.clock = StageClock("denoiser", config.stages.denoiser.timeout_seconds,
                                 preset_of(config.model).typical_step_seconds * config.engine.max_batch)
+        self.gang = self._form_gang(config)
+        self.engine = AsyncDenoiseEngine(DenoiseEngine(
+            self.transformer, max_batch=config.engine.max_batch, checkpoint_every=config.engine.checkpoint_every,
+            on_forward=self._on_forward, blocks=self.gang.blocks if self.gang is not None else None))
         self.attention = self._choose_attention(config)
         self.replica = serve.get_replica_context().replica_id.unique_id
         self.report_loop = asyncio.get_running_loop().create_task(self._report_forever())
 
+    def _form_gang(self, config: ServiceConfig):
+        """With stages.denoiser.parallel above 1, this replica spans a gang of devices
+        (serving/parallel/): its workers start in the replica's placement group, and every
+        forward's blocks run across them."""
+        if config.stages.denoiser.parallel.degree == 1:
+            return None
+        from serving.parallel.workers import GangLeader
+
+        # Collectives wait no longer than a step may take before the replica counts as hung.
+        return GangLeader(config, self.transformer, timeout_s=self.clock.timeout())
+
     def _choose_attention(self, config: ServiceConfig) -> dict:
         """The attention backend this replica's DiT runs, self-checked now, before any request
-        (kernels/dispatch.py): a kernel that fails its check is passed over here, with the reason."""
+        (serving/kernels/dispatch.py): a kernel that fails its check is passed over here, with the reason."""
         if config.simulation is not None:
             attention = {"backend": "simulated", "requested": config.model.attention_backend, "passed_over": []}
         else:
-            from kernels.wan import attention_in_use
+            from serving.kernels.wan import attention_in_use
 
             attention = attention_in_use(self.transformer, config.model.attention_backend)
         self._attention_tags = {"backend": attention["backend"], "requested": attention["requested"],
@@ -79,7 +91,10 @@ class Denoiser:
             self.metrics.attention_backend.set(1, tags=self._attention_tags)
             try:
                 director = director or serve.get_deployment_handle("Director", app)
-                await asyncio.wait_for(director.note_denoiser.remote(self.replica, {"attention": self.attention}),
+                report = {"attention": self.attention}
+                if self.gang is not None:
+                    report["parallel"] = self.gang.describe()
+                await asyncio.wait_for(director.note_denoiser.remote(self.replica, report),
                                        timeout=DENOISER_REPORT_SECONDS)
                 await asyncio.sleep(DENOISER_REPORT_SECONDS)
             except Exception as exc:  # the Director not deployed yet, or restarting: soon again

@@ -135,7 +135,7 @@ def load_transformer(cfg: ModelConfig, simulation: SimulationConfig | None = Non
     # Our kernels replace diffusers' attention where they can run: on CUDA for "auto", and
     # wherever asked for explicitly (the dispatcher falls back, with a logged reason, if not).
     if cfg.attention_backend != "sdpa" and (cfg.attention_backend != "auto" or device.type == "cuda"):
-        from kernels.wan import use_kernel_attention
+        from serving.kernels.wan import use_kernel_attention
 
         use_kernel_attention(model, cfg.attention_backend)
     return _place(model, device, dtype)

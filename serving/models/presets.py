@@ -56,6 +56,8 @@ class Preset:
     # cannot be raised without bound (generation.max_cost overrides it).
     max_cost: int
     geometry: Geometry = Geometry()
+    # The DiT's attention heads: a sequence-parallel degree must divide them (serving/parallel/).
+    attention_heads: int = 4
     # Step-cache thresholds by name (serving/pipeline/step_cache.py): the accumulated relative
     # change of the first block's modulated input a request tolerates before it runs the
     # blocks again. Model-specific; see docs/benchmarks.md for how each was measured.
@@ -77,6 +79,7 @@ _TINY = Preset(
         shift=3.0, negative_prompt="", max_sequence_length=128,
     ),
     typical_step_seconds=0.02,
+    attention_heads=4,  # serving/models/tiny.py's TRANSFORMER_CONFIG
     # A toy on a CPU: room for 128x128 x 10 s x 100 steps, or 256x256 x 4 s x 100 steps.
     max_cost=1_000_000,
     bundled="weights/tiny",
@@ -97,6 +100,7 @@ PRESETS: dict[str, Preset] = {
             shift=3.0, negative_prompt=WAN_NEGATIVE_PROMPT, max_sequence_length=512,
         ),
         typical_step_seconds=1.0,
+        attention_heads=12,
         # Default job: 3.3 M. Fits 10 s at the defaults (6.4 M), 100 steps (6.6 M), 1280x720 x 5 s (7.6 M).
         max_cost=8_000_000,
     ),
@@ -110,6 +114,7 @@ PRESETS: dict[str, Preset] = {
             shift=5.0, negative_prompt=WAN_NEGATIVE_PROMPT, max_sequence_length=512,
         ),
         typical_step_seconds=8.0,
+        attention_heads=40,
         # Default job: 7.6 M. Fits 10 s at the defaults (14.8 M) or 100 steps (15.1 M).
         max_cost=16_000_000,
     ),

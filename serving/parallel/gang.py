@@ -74,6 +74,9 @@ class Gang:
             raise GangError(f"parallel.ulysses={self.ulysses} must divide the model's {heads} attention heads")
         from serving.kernels.wan import use_kernel_attention
 
+        # As serving/models/loading.py: "auto" means our kernels on CUDA, SDPA elsewhere.
+        if backend == "auto" and self.device.type != "cuda":
+            backend = "sdpa"
         use_kernel_attention(transformer, backend, sequence=self.sequence if self.ulysses > 1 else None)
 
     @torch.inference_mode()
