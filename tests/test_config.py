@@ -135,3 +135,24 @@ def test_cli_config_prints_resolved_settings(tmp_path):
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert "fps: 24" in result.stdout and "preset: tiny" in result.stdout
+
+
+def test_a_sequence_parallel_degree_must_divide_the_heads(tmp_path):
+    path = write(tmp_path, "stages:\n  denoiser:\n    parallel: {ulysses: 3}\n")
+    [problem] = problems(path)
+    assert "stages.denoiser.parallel.ulysses (3) must divide the tiny model's 4 attention heads" in problem
+    assert "[1, 2, 4]" in problem
+    path = write(tmp_path, "stages:\n  text_encoder:\n    parallel: {ulysses: 2}\n")
+    assert "stages.text_encoder.parallel" in problems(path)[0]  # only the Denoiser has a gang
+
+
+def test_a_gang_replica_asks_serve_for_one_bundle_per_rank():
+    from serving.app import _stage_options
+
+    config = load_config(None, environ={"DITSERVE_STAGES__DENOISER": "{num_cpus: 2, num_gpus: 1, parallel: {ulysses: 2, cfg: 2}}",
+                                        "DITSERVE_MODEL__PRESET": "wan2.1-t2v-1.3b"})
+    options = _stage_options("denoiser", config.stages.denoiser)
+    assert options["placement_group_bundles"] == [{"CPU": 2, "GPU": 1}] * 4
+    assert options["placement_group_strategy"] == "STRICT_PACK"
+    assert options["ray_actor_options"]["num_gpus"] == 1  # the replica itself is rank 0, in bundle 0
+    assert "placement_group_bundles" not in _stage_options("text_encoder", config.stages.text_encoder)
