@@ -42,6 +42,16 @@ def add_bench_command(sub, parser_class, add_config) -> None:
     cache.add_argument("--steps", type=int, default=20, help="denoising steps per video (default 20)")
     cache.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds per prompt (default 0 1 2)")
     add_config(cache)
+    parallel = kinds.add_parser("parallel", help="one DiT forward's time vs the gang's layout (sequence and CFG "
+                                                  "parallel ranks, serving/parallel/), in local processes")
+    parallel.add_argument("--layouts", default=None,
+                          help="comma-separated ULYSSES:CFG:THREADS per rank, the first the reference "
+                               "(default on a CPU: 1:1:1,1:1:2,2:1:1,1:2:1; on GPUs: 1:1:1,2:1:1,... up to the GPUs)")
+    parallel.add_argument("--size", default="256x256", help="WIDTHxHEIGHT (default 256x256)")
+    parallel.add_argument("--frames", type=int, default=33, help="frames, 4n+1 (default 33)")
+    parallel.add_argument("--rows", type=int, default=2, help="batch rows (a guided request is 2; default 2)")
+    parallel.add_argument("--repeats", type=int, default=3, help="timed forwards, median kept (default 3)")
+    add_config(parallel)
     attention = kinds.add_parser("attention", help="GPU: attention TFLOP/s, our Triton kernel vs SDPA vs xformers, "
                                                     "and the DiT per backend (bench gpu --only attention,dit)")
     attention.add_argument("--record", type=Path, default=Path("docs/benchmarks.md"),
@@ -77,6 +87,8 @@ def run_bench(args, config, argv: list[str] | None = None) -> int:
         return run_from_args(args, "ditserve " + " ".join(sys.argv[1:] if argv is None else argv))
     if args.bench == "cache":
         return _bench_cache(args, config)
+    if args.bench == "parallel":
+        return _bench_parallel(args, config)
     from serving.bench.engine import bench_engine, report
     from serving.models.loading import resolve_device
     from serving.pipeline.spec import SpecError
@@ -110,6 +122,43 @@ def _bench_cache(args, config) -> int:
         print(f"ditserve bench cache: error: --{exc.field.replace('_', '-')}: {exc.message}", file=sys.stderr)
         return EXIT_USAGE
     print(report(results, str(resolve_device(config.model)), args.steps))
+    return 0
+
+
+def _default_layouts() -> str:
+    import torch
+
+    if not torch.cuda.is_available():
+        return "1:1:1,1:1:2,2:1:1,1:2:1"
+    gpus = torch.cuda.device_count()
+    return ",".join(f"{d}:1:1" for d in (1, 2, 4, 8) if d <= gpus) + (",2:2:1" if gpus >= 4 else "")
+
+
+def _bench_parallel(args, config) -> int:
+    from serving.bench.parallel import bench_parallel, report
+    from serving.models.loading import resolve_device
+    from serving.pipeline.spec import SpecError
+
+    try:
+        layouts = [tuple(int(n) for n in item.split(":")) for item in (args.layouts or _default_layouts()).split(",")]
+        if not layouts or any(len(lay) != 3 or min(lay) < 1 for lay in layouts):
+            raise ValueError
+    except ValueError:
+        print("ditserve bench parallel: error: --layouts: expected ULYSSES:CFG:THREADS items such as 2:1:1",
+              file=sys.stderr)
+        return EXIT_USAGE
+    if args.rows < 1 or args.repeats < 1:
+        print("ditserve bench parallel: error: --rows and --repeats must be at least 1", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        results = bench_parallel(config, layouts, args.size, args.frames, args.rows, args.repeats,
+                                 log=lambda line: print(line, file=sys.stderr, flush=True))
+    except SpecError as exc:
+        field = {"num_frames": "frames"}.get(exc.field, exc.field)
+        print(f"ditserve bench parallel: error: --{field}: {exc.message}", file=sys.stderr)
+        return EXIT_USAGE
+    print(report(results, str(resolve_device(config.model)), args.rows, f"{args.size} x {args.frames} frames",
+                 args.repeats))
     return 0
 
 

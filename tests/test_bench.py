@@ -63,3 +63,24 @@ def test_bench_attention_needs_a_gpu_and_says_so():
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert "needs a CUDA GPU" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_bench_parallel_times_each_layout_and_checks_its_output():
+    result = subprocess.run([sys.executable, "-m", "serving.cli", "bench", "parallel", "--layouts", "1:1:1,2:1:1,1:2:1",
+                             "--size", "48x48", "--frames", "9", "--repeats", "1"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    rows = [[cell.strip() for cell in line.split("|")[1:-1]] for line in result.stdout.splitlines()
+            if re.match(r"\| \d+ \| \d+ \|", line)]
+    assert [r[:4] for r in rows] == [["1", "1", "1", "1"], ["2", "1", "2", "1"], ["1", "2", "2", "1"]]
+    assert "(27 tokens)" in result.stdout  # uneven over 2 ranks
+    for row in rows:
+        assert float(row[4]) > 0
+        assert float(row[6]) < 1e-4  # each layout computes the same forward
+
+
+def test_bench_parallel_refuses_a_bad_layout():
+    result = subprocess.run([sys.executable, "-m", "serving.cli", "bench", "parallel", "--layouts", "2x1"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "--layouts: expected ULYSSES:CFG:THREADS" in result.stderr

@@ -68,6 +68,8 @@ def _member(rank: int, config: ServiceConfig, ulysses: int, cfg: int, port: int,
     from serving.pipeline.local import LocalPipeline
 
     torch.set_num_threads(config.stages.denoiser.torch_threads)
+    if config.model.device != "cpu" and torch.cuda.is_available():
+        torch.cuda.set_device(rank % torch.cuda.device_count())  # one GPU per rank ("cuda" is the current one)
     pipeline = LocalPipeline(config)
     gang = Gang.form(ulysses, cfg, rank, "127.0.0.1", port, pipeline.transformer.device)
     gang.install(pipeline.transformer, config.model.attention_backend)
