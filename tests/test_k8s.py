@@ -1,4 +1,4 @@
-"""The Kubernetes deployment: generated files match their sources, both overlays render with
+"""The Kubernetes deployment: generated files match their sources, every overlay renders with
 kubectl's kustomize, core resources validate against Kubernetes schemas offline, and the
 RayService's serveConfigV2 is a valid Ray Serve deploy config whose app builds."""
 
@@ -16,6 +16,7 @@ import yaml
 from ray.serve.schema import ServeDeploySchema
 
 from serving.k8s import KUBERNETES, rendered_files
+from serving.config import ServiceConfig
 
 CORE_KINDS = {"Service", "ConfigMap", "Namespace", "Deployment", "Ingress"}
 CRD_KINDS = {"RayService", "PodMonitor", "PrometheusRule"}
@@ -39,7 +40,7 @@ def kustomize(overlay: str) -> list[dict]:
     return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
 
 
-@pytest.fixture(scope="module", params=["dev", "prod"])
+@pytest.fixture(scope="module", params=["dev", "prod", "prod-4gpu"])
 def rendered(request):
     return request.param, kustomize(request.param)
 
@@ -53,7 +54,7 @@ def test_overlay_renders_the_expected_resources(rendered):
     kinds = {d["kind"] for d in docs}
     assert {"RayService", "Service", "PodMonitor", "PrometheusRule", "ConfigMap"} <= kinds
     assert kinds <= CORE_KINDS | CRD_KINDS
-    if overlay == "prod":
+    if overlay.startswith("prod"):
         assert {"Ingress", "Deployment"} <= kinds  # the Ingress and Redis for GCS fault tolerance
 
 
@@ -114,8 +115,14 @@ def test_cluster_shape(rendered):
     if overlay == "dev":
         assert args["model"]["preset"] == "tiny" and gpu_limits == [None, None]
     else:
-        assert args["model"]["preset"].startswith("wan2.1") and gpu_limits == ["1", "1"]
+        # A Denoiser replica's gang (one bundle of num_gpus per rank, STRICT_PACK) fits one pod.
+        degree = ServiceConfig.model_validate(args).stages.denoiser.parallel.degree
+        assert args["model"]["preset"].startswith("wan2.1") and gpu_limits == [str(degree), "1"]
         assert stages["denoiser"]["num_gpus"] == 1
+        denoiser = groups["denoiser"]
+        assert denoiser["rayStartParams"]["num-gpus"] == str(degree)
+        assert offered["denoiser"]["ditserve_denoiser"] >= degree * stages["denoiser"]["resources"]["ditserve_denoiser"]
+        assert (overlay == "prod-4gpu") == (degree == 4)
         for group in groups.values():
             spec = group["template"]["spec"]
             assert spec["nodeSelector"] and spec["tolerations"]
