@@ -43,7 +43,7 @@ def summarize_arm(arm: Arm, plan: Plan, log: JobLog, samples: list[Sample], *, p
     latencies = [r.latency_s * x for r in rows if r.outcome == "completed" and r.latency_s is not None]
     completed = outcomes["completed"]
     held = gpu_seconds(samples, *window) * x
-    busy = sum(plan.job.seconds.of(s) * STAGE_GPUS[s] for s in STAGE_NAMES)  # GPU-seconds of one video
+    busy = arm.busy_gpu_seconds(plan.job)  # GPU-seconds of one video
     denoise = [_denoise_seconds(r) * x for r in started if _denoise_seconds(r) is not None]
     jobs_p95 = percentile(waits, 0.95)
     return {

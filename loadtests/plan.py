@@ -12,7 +12,9 @@ for it; then:
 - autoscaling: each stage from its base size up to what the budget holds (every replica of
   every stage at its max fits the `gpus` at once), on its queue-wait policy
   (serving/autoscaling.py) with target `slo / 2`: the other half of the SLO is for what the
-  policy cannot see coming (metric push periods, a replica's start-up).
+  policy cannot see coming (metric push periods, a replica's start-up);
+- fixed-peak-4gpu: fixed-peak with its Denoiser GPUs as replicas of 4 (sequence parallel,
+  serving/parallel/; the profile's `parallel.speedup`): fewer, faster replicas on the same GPUs.
 
 The Denoiser runs one job per replica (`engine.max_batch: 1`): at 480p x 81 frames a DiT
 forward is compute-bound (the profile's time is linear in rows), so a batch would not raise
@@ -41,7 +43,8 @@ from serving.simulate.profile import CostProfile
 from loadtests.shapes import PEAK_MULTIPLIER
 
 UTILIZATION = 0.75
-ARM_NAMES = ("fixed-base", "fixed-peak", "autoscaling")
+ARM_NAMES = ("fixed-base", "fixed-peak", "autoscaling", "fixed-peak-4gpu")
+GANG = 4  # fixed-peak-4gpu: fixed-peak's Denoiser GPUs as replicas of this many (serving/parallel/)
 ONE_AT_A_TIME = ("denoiser", "vae_decoder")  # stages whose replica runs one call at a time
 PROMPT = "a paper boat drifting down a rain-soaked street at dusk"
 
@@ -58,6 +61,8 @@ class Arm:
     replicas: dict[str, int]  # fixed: the replicas; autoscaling: the minimum
     max_replicas: dict[str, int] = field(default_factory=dict)  # autoscaling only
     target_queue_wait_s: float = 0.0  # autoscaling only
+    denoiser_degree: int = 1  # GPUs per Denoiser replica (sequence parallel: stages.denoiser.parallel)
+    denoiser_speedup: float = 1.0  # the profile's DiT speed-up on that many
 
     @property
     def autoscaling(self) -> bool:
@@ -66,7 +71,14 @@ class Arm:
     def gpus(self, replicas: dict[str, float] | None = None) -> float:
         """GPUs `replicas` hold (default: this arm's fixed or minimum replicas)."""
         replicas = self.replicas if replicas is None else replicas
-        return sum(STAGE_GPUS[stage] * n for stage, n in replicas.items())
+        return sum(STAGE_GPUS[stage] * n * (self.denoiser_degree if stage == "denoiser" else 1)
+                   for stage, n in replicas.items())
+
+    def busy_gpu_seconds(self, job: "Job") -> float:
+        """GPU-seconds one video keeps this arm's GPUs busy: a gang's Denoiser holds all its
+        GPUs for the shorter, parallel denoise."""
+        return sum(job.seconds.of(s) * STAGE_GPUS[s] * (self.denoiser_degree / self.denoiser_speedup
+                                                          if s == "denoiser" else 1) for s in STAGE_NAMES)
 
     def config(self, data_dir: str, profile: CostProfile) -> dict:
         """The `ditserve serve --config` YAML (as a dict) of this arm, times uncompressed."""
@@ -81,6 +93,8 @@ class Arm:
                 stages[stage] = {"num_replicas": self.replicas[stage]}
             if stage in ONE_AT_A_TIME:
                 stages[stage]["max_ongoing_requests"] = 1
+        if self.denoiser_degree > 1:
+            stages["denoiser"]["parallel"] = {"ulysses": self.denoiser_degree}
         return {"engine": {"max_batch": 1}, "stages": stages,
                 "storage": {"job_store_url": f"sqlite:///{data_dir}/jobs.db", "artifacts_url": f"{data_dir}/artifacts"}}
 
@@ -136,6 +150,11 @@ def plan(profile: CostProfile, gpus: int, slo_s: float, target_s: float | None =
         if fixed_peak.gpus() <= gpus and ceiling["denoiser"] >= peak["denoiser"]:
             arms = [Arm("fixed-base", base), fixed_peak,
                     Arm("autoscaling", base, {s: ceiling[s] for s in STAGE_NAMES}, target_s)]
+            if profile.parallel is not None and str(GANG) in profile.parallel.speedup:
+                # The same Denoiser GPUs (rounded up to whole gangs) as fewer, faster replicas.
+                gangs = {**peak, "denoiser": math.ceil(peak["denoiser"] / GANG)}
+                arms.append(Arm("fixed-peak-4gpu", gangs, denoiser_degree=GANG,
+                                denoiser_speedup=profile.parallel_speedup(GANG)))
             return Plan(gpus, round(rate * 60.0, 4), job, {arm.name: arm for arm in arms})
     raise PlanError(f"{gpus} GPUs cannot hold a fixed-peak arm ({PEAK_MULTIPLIER:g}x one base Denoiser plus the "
                     f"other stages); give --gpus {int(PEAK_MULTIPLIER) + 2} or more")

@@ -92,6 +92,11 @@ def _serve_simulated(args, config) -> int:
     except ProfileError as exc:
         print(f"ditserve serve: error: --simulate: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    try:
+        profile.parallel_speedup(config.stages.denoiser.parallel.degree)
+    except ValueError as exc:
+        print(f"ditserve serve: error: stages.denoiser.parallel: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     config, scale = simulated_config(config, profile)
     _quiet_libraries()
     simulation = config.simulation

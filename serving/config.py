@@ -421,8 +421,6 @@ class ServiceConfig(_Section):
             raise ValueError(f"stages.denoiser.parallel.ulysses ({ulysses}) must divide the {self.model.preset} "
                              f"model's {heads} attention heads; e.g. one of "
                              f"{[d for d in range(1, heads + 1) if heads % d == 0]}")
-        if self.simulation is not None and self.stages.denoiser.parallel.degree > 1:
-            raise ValueError("stages.denoiser.parallel is not simulated yet; leave it at 1 with --simulate")
         return self
 
     @model_validator(mode="after")

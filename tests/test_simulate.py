@@ -119,6 +119,15 @@ def test_simulated_dit_waits_the_scaled_profile_time_without_cpu(monkeypatch):
     assert out.shape == latents.shape
     assert wall == pytest.approx(expected, rel=0.15, abs=0.03)
     assert cpu < 0.1 * wall  # slept, never spun
+    # Spread over a gang of 4 GPUs (stages.denoiser.parallel), a forward takes the profile's
+    # time on 4; a gang size the profile has no figure for is refused, naming the ones it has.
+    transformer.spread_over(4)
+    _, _, wall = _cpu_and_wall(lambda: transformer(
+        hidden_states=latents, timestep=torch.tensor([500, 500]), encoder_hidden_states=torch.zeros(2, 512, 8),
+        return_dict=False)[0])
+    assert wall == pytest.approx(expected / profile.parallel.speedup["4"], rel=0.15, abs=0.03)
+    with pytest.raises(ValueError, match=r"no figure for 3 devices \(it has 2, 4, 8\)"):
+        transformer.spread_over(3)
 
 
 def test_simulated_stages_keep_the_models_interface_and_shapes():
@@ -253,27 +262,36 @@ def test_bench_profile_on_tiny_writes_a_loadable_profile(tmp_path):
 # ---- live: the real service on a simulated 2-node, 4-GPU cluster --------------------------------
 
 
-def test_serve_simulate_runs_a_job_through_the_real_api(tmp_path):
+@pytest.mark.parametrize("gang", [1, 2], ids=["one-gpu-replica", "two-gpu-gang"])
+def test_serve_simulate_runs_a_job_through_the_real_api(tmp_path, gang):
+    """With `gang` 2 the Denoiser replica is a simulated gang of 2 GPUs (stages.denoiser.parallel):
+    Ray holds both for it (a placement group), and its denoise takes the profile's time on 2."""
     import requests
 
     from tests.conftest import _free_port, wait_ready
 
     port = _free_port()
+    gpus = 4 if gang == 1 else 6  # 3 per node: a gang of 2 fits beside the encoder and decoder
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env.update(DITSERVE_STORAGE__JOB_STORE_URL=f"sqlite:///{tmp_path}/jobs.db",
                DITSERVE_STORAGE__ARTIFACTS_URL=str(tmp_path / "artifacts"))
+    if gang > 1:
+        env["DITSERVE_STAGES__DENOISER__PARALLEL"] = f"{{ulysses: {gang}}}"
     root = str(Path(__file__).resolve().parent.parent)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
     # Its own process group: nothing it starts (raylets, workers) outlives the test.
     process = subprocess.Popen(
-        [sys.executable, "-m", "serving.cli", "serve", "--simulate", "h100-wan2.1-1.3b", "--gpus", "4", "--nodes",
+        [sys.executable, "-m", "serving.cli", "serve", "--simulate", "h100-wan2.1-1.3b", "--gpus", str(gpus), "--nodes",
          "2", "--time-scale", "50", "--port", str(port), "--metrics-port", str(_free_port())],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_ready(url, timeout=300, process=process)
         ready = requests.get(f"{url}/readyz", timeout=10).json()
-        assert ready["simulated"] == {"profile": "h100-wan2.1-1.3b", "time_scale": 50.0, "gpus": 4, "nodes": 2}
+        assert ready["simulated"] == {"profile": "h100-wan2.1-1.3b", "time_scale": 50.0, "gpus": gpus, "nodes": 2}
+        if gang > 1:
+            [denoiser] = ready["denoisers"]
+            assert denoiser["parallel"] == {"ulysses": gang, "cfg": 1, "ranks": gang, "simulated": True}
         video = requests.post(f"{url}/v1/videos", json={"prompt": "a red circle", "seed": 3}, timeout=30).json()
         assert video["simulated"] is True and video["size"] == "832x480"
         deadline = time.monotonic() + 120
@@ -283,8 +301,10 @@ def test_serve_simulate_runs_a_job_through_the_real_api(tmp_path):
             video = requests.get(f"{url}/v1/videos/{video['id']}", timeout=10).json()
         assert video["status"] == "completed" and video["simulated"] is True
         stamps = video["timestamps"]
-        # 50 steps at 0.86 s each / 50: the denoise took at least the profile's compressed time.
-        assert stamps["denoiser_finished_at"] - stamps["denoiser_started_at"] >= 0.9 * 50 * 0.862 / 50
+        # 50 steps at 0.86 s each (on a gang: / its speed-up) / 50: the denoise took at least the
+        # profile's compressed time.
+        speedup = load_profile("h100-wan2.1-1.3b").parallel_speedup(gang)
+        assert stamps["denoiser_finished_at"] - stamps["denoiser_started_at"] >= 0.9 * 50 * 0.862 / speedup / 50
         content = requests.get(f"{url}/v1/videos/{video['id']}/content", timeout=30)
         assert content.status_code == 200
         import av
@@ -292,7 +312,7 @@ def test_serve_simulate_runs_a_job_through_the_real_api(tmp_path):
         with av.open(io.BytesIO(content.content)) as container:
             assert "SIMULATED" in container.metadata["title"]
         # Ray's view of the cluster, from outside (its address is in the banner): the declared
-        # GPUs, and the replicas holding theirs (1 Denoiser x 1 + encoder and decoder x 0.5).
+        # GPUs, and the replicas holding theirs (1 Denoiser x 1 GPU per rank + encoder and decoder x 0.5).
         banner = _read_banner(process)
         address = next(line.split("Ray address: ")[1].split()[0] for line in banner if "Ray address: " in line)
         probe = subprocess.run([sys.executable, "-c", (
@@ -301,8 +321,8 @@ def test_serve_simulate_runs_a_job_through_the_real_api(tmp_path):
             "len([n for n in ray.nodes() if n['Alive']])]))") % address],
             capture_output=True, text=True, timeout=120, env={**env, "RAY_TMPDIR": str(tmp_path / "probe")})
         total, available, nodes = json.loads(probe.stdout.strip().splitlines()[-1])
-        assert (total, nodes) == (4.0, 3)  # 2 GPU nodes + the head
-        assert available == pytest.approx(2.0)
+        assert (total, nodes) == (float(gpus), 3)  # 2 GPU nodes + the head
+        assert available == pytest.approx(gpus - gang - 1.0)
     finally:
         process.send_signal(signal.SIGINT)  # the clean path: Serve, then the simulated cluster, shut down
         try:

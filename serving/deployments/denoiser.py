@@ -28,6 +28,17 @@ def checkpoint_key(job_id: str) -> str:
     return f"{job_id}/denoise-checkpoint.pt"
 
 
+class SimulatedGang:
+    """A simulated replica's gang: Ray holds its devices (the placement group), its stand-in
+    runs each forward in the profile's time for that many; nothing to coordinate."""
+
+    def __init__(self, ulysses: int, cfg: int):
+        self.ulysses, self.cfg = ulysses, cfg
+
+    def describe(self) -> dict:
+        return {"ulysses": self.ulysses, "cfg": self.cfg, "ranks": self.ulysses * self.cfg, "simulated": True}
+
+
 @serve.deployment(name="Denoiser")
 class Denoiser:
     def __init__(self, config: ServiceConfig):
@@ -50,7 +61,7 @@ class Denoiser:
         self.gang = self._form_gang(config)
         self.engine = AsyncDenoiseEngine(DenoiseEngine(
             self.transformer, max_batch=config.engine.max_batch, checkpoint_every=config.engine.checkpoint_every,
-            on_forward=self._on_forward, blocks=self.gang.blocks if self.gang is not None else None))
+            on_forward=self._on_forward, blocks=getattr(self.gang, "blocks", None)))
         self.attention = self._choose_attention(config)
         self.replica = serve.get_replica_context().replica_id.unique_id
         self.report_loop = asyncio.get_running_loop().create_task(self._report_forever())
@@ -59,8 +70,12 @@ class Denoiser:
         """With stages.denoiser.parallel above 1, this replica spans a gang of devices
         (serving/parallel/): its workers start in the replica's placement group, and every
         forward's blocks run across them."""
-        if config.stages.denoiser.parallel.degree == 1:
+        parallel = config.stages.denoiser.parallel
+        if parallel.degree == 1:
             return None
+        if config.simulation is not None:  # the placement group holds the GPUs; the stand-in runs faster
+            self.transformer.spread_over(parallel.degree)
+            return SimulatedGang(parallel.ulysses, parallel.cfg)
         from serving.parallel.workers import GangLeader
 
         # Collectives wait no longer than a step may take before the replica counts as hung.

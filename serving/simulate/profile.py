@@ -66,6 +66,29 @@ class StepCacheCost(_Strict):
         return points[-1][1]
 
 
+class ParallelCost(_Strict):
+    """A Denoiser replica spread over a gang of devices (serving/parallel/): the DiT forward's
+    speed-up by the gang's size (ulysses x cfg ranks). A degree not listed is not simulated."""
+
+    speedup: dict[str, float] = Field(min_length=1, description="degree -> forward time on 1 device / on the gang")
+
+    @model_validator(mode="after")
+    def _sane(self) -> "ParallelCost":
+        for degree, speedup in self.speedup.items():
+            if not degree.isdigit() or int(degree) < 2 or not 1.0 <= speedup <= int(degree):
+                raise ValueError(f"parallel.speedup[{degree!r}] = {speedup}: expected a degree of 2 or more "
+                                 "and a speed-up from 1 to the degree")
+        return self
+
+    def of(self, degree: int) -> float:
+        if degree == 1:
+            return 1.0
+        if str(degree) not in self.speedup:
+            raise ValueError(f"the profile's parallel.speedup has no figure for {degree} devices "
+                             f"(it has {', '.join(sorted(self.speedup, key=int))})")
+        return self.speedup[str(degree)]
+
+
 class StartupCost(_Strict):
     """Seconds from a replica's placement to ready (process, weights read and moved to the device)."""
 
@@ -108,6 +131,7 @@ class CostProfile(_Strict):
     vae_decoder: VaeDecoderCost
     startup_seconds_per_stage: StartupCost
     step_cache: StepCacheCost | None = None
+    parallel: ParallelCost | None = None
     anchors: list[Anchor] = Field(default_factory=list)
     sources: list[Source] = Field(min_length=1)
 
@@ -143,7 +167,17 @@ class CostProfile(_Strict):
         """Every number of the model, as the dotted paths `sources[].what` names."""
         sections = ("text_encoder", "denoiser", "vae_decoder", "startup_seconds_per_stage")
         paths = [f"{section}.{name}" for section in sections for name in type(getattr(self, section)).model_fields]
-        return paths + (["step_cache.computed_fraction"] if self.step_cache is not None else [])
+        return (paths + (["step_cache.computed_fraction"] if self.step_cache is not None else [])
+                + (["parallel.speedup"] if self.parallel is not None else []))
+
+    def parallel_speedup(self, degree: int) -> float:
+        """The DiT forward's speed-up on a gang of `degree` devices; ValueError when not profiled."""
+        if degree == 1:
+            return 1.0
+        if self.parallel is None:
+            raise ValueError(f"cost profile {self.name!r} has no parallel.speedup: a Denoiser on {degree} devices "
+                             "is not simulated with it")
+        return self.parallel.of(degree)
 
     def unsourced(self) -> list[str]:
         named = {source.what for source in self.sources}

@@ -61,6 +61,13 @@ class SimulatedTransformer(_Simulated):
         self.config = SimpleNamespace(in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS,
                                       patch_size=(1, patch, patch), text_dim=EMBEDDING_DIM)
 
+    speedup = 1.0  # a replica spread over a gang of devices runs each forward this much faster
+
+    def spread_over(self, degree: int) -> None:
+        """This replica holds `degree` devices (stages.denoiser.parallel): forwards take the
+        profile's time on that many (its parallel.speedup)."""
+        self.speedup = self.cost.parallel_speedup(degree)
+
     def forward(self, hidden_states: torch.Tensor, timestep=None, encoder_hidden_states=None, return_dict=False, **_):
         rows, _, frames, height, width = hidden_states.shape
         self.wait(self._seconds(rows, hidden_states, encoder_hidden_states))
@@ -86,7 +93,7 @@ class SimulatedTransformer(_Simulated):
         _, _, frames, height, width = hidden_states.shape
         tokens = frames * (height // self.patch) * (width // self.patch)
         text_tokens = encoder_hidden_states.shape[1] if encoder_hidden_states is not None else 0
-        return self.cost.dit_forward_seconds(rows, tokens, text_tokens)
+        return self.cost.dit_forward_seconds(rows, tokens, text_tokens) / self.speedup
 
 
 class SimulatedVAE(_Simulated):
