@@ -71,6 +71,13 @@ def test_arms_are_sized_for_base_and_peak_within_the_gpu_budget():
         assert (config.stages.denoiser.autoscaling is not None) == arm.autoscaling
         if arm.autoscaling:  # the profile's cold start, not this CPU's
             assert config.stages.denoiser.autoscaling.startup_seconds == profile.startup_seconds("denoiser")
+    # fixed-peak's Denoiser GPUs as replicas of 4 (sequence parallel): same GPUs, a quarter the replicas.
+    gangs = arms.arms["fixed-peak-4gpu"]
+    assert gangs.replicas == {**peak.replicas, "denoiser": 3} and gangs.gpus() == peak.gpus()
+    assert ServiceConfig.model_validate(gangs.config("/tmp/x", profile)).stages.denoiser.parallel.ulysses == 4
+    # Its video keeps 4 GPUs busy for the faster denoise: 43.1 s / 3.14 x 4 GPU-seconds.
+    assert gangs.busy_gpu_seconds(arms.job) - peak.busy_gpu_seconds(arms.job) == pytest.approx(
+        arms.job.seconds.denoiser * (4 / profile.parallel_speedup(4) - 1))
     with pytest.raises(PlanError, match="give --gpus"):
         plan(profile, 4, 60.0)
     # The autoscaling arm's target: half the SLO unless given.
