@@ -88,6 +88,44 @@ def test_a_gang_of_two_gives_the_single_device_latents(single_device, sdpa_confi
     assert expected_alone["cached"][1] < 12  # the cached request did skip steps
 
 
+def _alone(requests):
+    def work(pipeline, blocks):
+        found = {}
+        for r in requests:
+            found.update(_engine_run(pipeline, blocks, [r], max_batch=1))
+        return found
+    return work
+
+
+def test_both_dimensions_at_once_on_four_ranks(single_device, sdpa_config):
+    """Ulysses 2 x CFG 2: the (cfg, ulysses) mesh with both dimensions split."""
+    expected, _ = single_device
+    chosen = [REQUESTS[0], REQUESTS[3]]  # guided, and the uneven token count
+    found = run_gang(sdpa_config, 2, 2, _alone(chosen), timeout_s=300)
+    for r in chosen:
+        difference = (found[r["rid"]][0] - expected[r["rid"]][0]).abs().max().item()
+        assert difference <= BATCH_ATOL, (r["rid"], difference)
+
+
+def test_our_triton_kernel_runs_under_the_split(tiny_pipeline, tiny_config):
+    """The attention backend stays pluggable: Ulysses 2 around our Triton kernel (under
+    TRITON_INTERPRET=1 here) gives the single-device (SDPA) latents."""
+    config = tiny_config.model_copy(update={"model": tiny_config.model.model_copy(update={"attention_backend": "triton"})})
+    request = dict(REQUESTS[0], steps=2)  # the interpreter is slow
+
+    def work(pipeline, blocks):
+        from serving.kernels.wan import KernelAttnProcessor
+
+        processors = {type(p).__name__: p.backend for p in pipeline.transformer.attn_processors.values()
+                      if isinstance(p, KernelAttnProcessor)}
+        return processors, _alone([request])(pipeline, blocks)
+
+    processors, found = run_gang(config, 2, 1, work, timeout_s=600)
+    assert processors == {"KernelAttnProcessor": "triton"}
+    [(reference, _)] = _engine_run(tiny_pipeline, None, [request], max_batch=1).values()
+    assert (found["guided"][0] - reference).abs().max().item() <= BATCH_ATOL
+
+
 # ---- a gang in the live cluster: Ray places it, Serve replaces it --------------------------
 
 GANG_APP = "gang"

@@ -59,6 +59,8 @@ class Denoiser:
         self.clock = StageClock("denoiser", config.stages.denoiser.timeout_seconds,
                                 preset_of(config.model).typical_step_seconds * config.engine.max_batch)
         self.gang = self._form_gang(config)
+        # Accelerator-seconds are device-seconds: a step on a gang holds every one of its devices.
+        self.devices = config.stages.denoiser.parallel.degree
         self.engine = AsyncDenoiseEngine(DenoiseEngine(
             self.transformer, max_batch=config.engine.max_batch, checkpoint_every=config.engine.checkpoint_every,
             on_forward=self._on_forward, blocks=getattr(self.gang, "blocks", None)))
@@ -156,8 +158,9 @@ class Denoiser:
         Yields {"accepted"} once this replica has the request, {"waiting", "step"} every few
         seconds while it waits for a batch slot, {"started", "step"} when the engine takes the
         job, {"step", "total_steps", "batch_size", "device_seconds"} after each step (its share
-        of the forward's time), {"checkpoint_step"} after each saved checkpoint, and finally
-        {"latents": tensor, "computed_steps": steps that ran the DiT in full}."""
+        of the forward's time, times the devices of the replica's gang), {"checkpoint_step"}
+        after each saved checkpoint, and finally {"latents": tensor, "computed_steps": steps
+        that ran the DiT in full}."""
         from serving.engine.scheduler import EngineRequest
         from serving.pipeline.denoise import start_denoise
         from serving.pipeline.spec import VideoSpec
@@ -184,12 +187,12 @@ class Denoiser:
                 yield {"started": True, "step": event.step}
             elif event.kind == "step":
                 yield {"step": event.step, "total_steps": event.total_steps, "batch_size": event.batch_size,
-                       "device_seconds": event.device_seconds}
+                       "device_seconds": event.device_seconds * self.devices}
             elif event.kind == "checkpoint":
                 await asyncio.to_thread(self.artifacts.put, checkpoint_key(job_id), event.checkpoint)
                 yield {"checkpoint_step": event.step}
             elif event.kind == "finished":
-                self.metrics.accelerator_seconds.observe(event.device_seconds, tags={"stage": "denoiser"})
+                self.metrics.accelerator_seconds.observe(event.device_seconds * self.devices, tags={"stage": "denoiser"})
                 yield {"latents": event.latents, "computed_steps": event.computed_steps}
             elif event.kind == "failed":
                 raise event.error
