@@ -173,8 +173,10 @@ def write_comparison(out: Path, summaries: dict[str, dict], plan: Plan, *, comma
         r, m = summary["replicas"], summary["max_replicas"]
         sizes = " / ".join(f"{r[s]}" + (f"–{m[s]}" if m else "") for s in STAGE_NAMES)
         lines.append(f"| {name} | {sizes} | " + " | ".join(_cell(key, summary.get(key)) for key, _ in TABLE) + " |")
-    lines += ["", "Goal (issue 14, item 4):", "", *goal(summaries), "",
-              "PromQL check (p95 queue wait from the Director's histogram vs the jobs' own timestamps; agree = within "
+    measured = goal(summaries)  # empty when the arms compared are not the goal's
+    if measured:
+        lines += ["", "Goal (issue 14, item 4):", "", *measured]
+    lines += ["", "PromQL check (p95 queue wait from the Director's histogram vs the jobs' own timestamps; agree = within "
               "the width of the histogram bucket the p95 falls in):", ""]
     if prometheus_note:
         lines.append(f"- {prometheus_note}")

@@ -147,7 +147,9 @@ def test_cancel_a_running_job(service):
 
 def test_progress_stream(service):
     client = service.client()
-    video = client.videos.create(prompt="a streamed job", **TINY, extra_body={"num_inference_steps": 100})
+    # 128x128: long enough (a few seconds) that several progress writes (>= 0.5 s apart) happen
+    video = client.videos.create(prompt="a streamed job", seconds="1", size="128x128",
+                                 extra_body={"num_inference_steps": 100})
     events = []
     with requests.get(f"{service.url}/v1/videos/{video.id}/events", stream=True, timeout=120) as response:
         assert response.headers["content-type"].startswith("text/event-stream")

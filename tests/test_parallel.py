@@ -4,6 +4,8 @@ a token count that does not divide by the degree, with and without step caching.
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import requests
 import torch
@@ -88,13 +90,25 @@ def test_a_gang_of_two_gives_the_single_device_latents(single_device, sdpa_confi
     assert expected_alone["cached"][1] < 12  # the cached request did skip steps
 
 
+def _each_alone(requests, pipeline, blocks):
+    """Work for run_gang (module-level so that spawned ranks can unpickle it)."""
+    found = {}
+    for r in requests:
+        found.update(_engine_run(pipeline, blocks, [r], max_batch=1))
+    return found
+
+
 def _alone(requests):
-    def work(pipeline, blocks):
-        found = {}
-        for r in requests:
-            found.update(_engine_run(pipeline, blocks, [r], max_batch=1))
-        return found
-    return work
+    return partial(_each_alone, requests)
+
+
+def _backends_then_alone(requests, pipeline, blocks):
+    """The attention backends the gang installed, and the requests denoised one by one."""
+    from serving.kernels.wan import KernelAttnProcessor
+
+    processors = {type(p).__name__: p.backend for p in pipeline.transformer.attn_processors.values()
+                  if isinstance(p, KernelAttnProcessor)}
+    return processors, _each_alone(requests, pipeline, blocks)
 
 
 def test_both_dimensions_at_once_on_four_ranks(single_device, sdpa_config):
@@ -112,18 +126,24 @@ def test_our_triton_kernel_runs_under_the_split(tiny_pipeline, tiny_config):
     TRITON_INTERPRET=1 here) gives the single-device (SDPA) latents."""
     config = tiny_config.model_copy(update={"model": tiny_config.model.model_copy(update={"attention_backend": "triton"})})
     request = dict(REQUESTS[0], steps=2)  # the interpreter is slow
-
-    def work(pipeline, blocks):
-        from serving.kernels.wan import KernelAttnProcessor
-
-        processors = {type(p).__name__: p.backend for p in pipeline.transformer.attn_processors.values()
-                      if isinstance(p, KernelAttnProcessor)}
-        return processors, _alone([request])(pipeline, blocks)
-
-    processors, found = run_gang(config, 2, 1, work, timeout_s=600)
+    processors, found = run_gang(config, 2, 1, partial(_backends_then_alone, [request]), timeout_s=600)
     assert processors == {"KernelAttnProcessor": "triton"}
     [(reference, _)] = _engine_run(tiny_pipeline, None, [request], max_batch=1).values()
     assert (found["guided"][0] - reference).abs().max().item() <= BATCH_ATOL
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs (NCCL puts one rank on each)")
+def test_a_gang_on_two_gpus_over_nccl(tiny_config):
+    """The same split over NCCL, one GPU per rank, against one GPU."""
+    config = tiny_config.model_copy(update={"model": tiny_config.model.model_copy(
+        update={"device": "cuda", "attention_backend": "sdpa"})})
+    chosen = [REQUESTS[0], REQUESTS[3]]
+    expected = run_gang(config, 1, 1, _alone(chosen), timeout_s=300)
+    for ulysses, cfg in ((2, 1), (1, 2)):
+        found = run_gang(config, ulysses, cfg, _alone(chosen), timeout_s=300)
+        for r in chosen:
+            difference = (found[r["rid"]][0] - expected[r["rid"]][0]).abs().max().item()
+            assert difference <= BATCH_ATOL, (ulysses, cfg, r["rid"], difference)
 
 
 # ---- a gang in the live cluster: Ray places it, Serve replaces it --------------------------
