@@ -44,6 +44,9 @@ def summarize_arm(arm: Arm, plan: Plan, log: JobLog, samples: list[Sample], *, p
     completed = outcomes["completed"]
     held = gpu_seconds(samples, *window) * x
     busy = arm.busy_gpu_seconds(plan.job)  # GPU-seconds of one video
+    if busy is None:  # it varies with the forwards' layouts: what the service measured per video
+        used = [r.accelerator_seconds * x for r in rows if r.outcome == "completed" and r.accelerator_seconds]
+        busy = sum(used) / len(used) if used else None
     denoise = [_denoise_seconds(r) * x for r in started if _denoise_seconds(r) is not None]
     jobs_p95 = percentile(waits, 0.95)
     return {
@@ -74,7 +77,7 @@ def summarize_arm(arm: Arm, plan: Plan, log: JobLog, samples: list[Sample], *, p
                           else "healthy replicas x GPUs per replica",
         "accelerator_seconds_per_video": _r(held / completed, 1) if completed else None,
         "busy_accelerator_seconds_per_video": _r(busy, 1),
-        "gpu_utilization": _r(busy * completed / held, 3) if held else None,
+        "gpu_utilization": _r(busy * completed / held, 3) if held and busy is not None else None,
         "denoise_seconds_p50": _r(percentile(denoise, 0.50)),
         "denoise_seconds_profile": _r(plan.job.seconds.denoiser),
         "replicas_seen": _replicas_seen(samples),

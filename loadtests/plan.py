@@ -14,9 +14,13 @@ for it; then:
   (serving/autoscaling.py) with target `slo / 2`: the other half of the SLO is for what the
   policy cannot see coming (metric push periods, a replica's start-up);
 - fixed-peak-4gpu: fixed-peak with its Denoiser GPUs as replicas of 4 (sequence parallel,
-  serving/parallel/; the profile's `parallel.speedup`): fewer, faster replicas on the same GPUs.
+  serving/parallel/; the profile's `parallel.speedup`): fewer, faster replicas on the same GPUs,
+  every forward split over its gang;
+- fixed-peak-4gpu-by-load: the same gangs laying out each forward by load
+  (serving/parallel/layout.py): a gang takes up to 4 jobs at once, splits a lone job across
+  its GPUs and gives each GPU whole jobs of its own when it holds several.
 
-The Denoiser runs one job per replica (`engine.max_batch: 1`): at 480p x 81 frames a DiT
+The Denoiser runs one job per replica (`engine.max_batch: 1`; a by-load gang one per GPU): at 480p x 81 frames a DiT
 forward is compute-bound (the profile's time is linear in rows), so a batch would not raise
 throughput, only hide queueing inside slower steps of jobs already "started". The Denoiser and
 the VAE decoder, which do one thing at a time, take one call at a time
@@ -43,7 +47,7 @@ from serving.simulate.profile import CostProfile
 from loadtests.shapes import PEAK_MULTIPLIER
 
 UTILIZATION = 0.75
-ARM_NAMES = ("fixed-base", "fixed-peak", "autoscaling", "fixed-peak-4gpu")
+ARM_NAMES = ("fixed-base", "fixed-peak", "autoscaling", "fixed-peak-4gpu", "fixed-peak-4gpu-by-load")
 GANG = 4  # fixed-peak-4gpu: fixed-peak's Denoiser GPUs as replicas of this many (serving/parallel/)
 ONE_AT_A_TIME = ("denoiser", "vae_decoder")  # stages whose replica runs one call at a time
 PROMPT = "a paper boat drifting down a rain-soaked street at dusk"
@@ -63,6 +67,7 @@ class Arm:
     target_queue_wait_s: float = 0.0  # autoscaling only
     denoiser_degree: int = 1  # GPUs per Denoiser replica (sequence parallel: stages.denoiser.parallel)
     denoiser_speedup: float = 1.0  # the profile's DiT speed-up on that many
+    denoiser_layout: str = "split"  # stages.denoiser.parallel.layout of a gang
 
     @property
     def autoscaling(self) -> bool:
@@ -74,9 +79,17 @@ class Arm:
         return sum(STAGE_GPUS[stage] * n * (self.denoiser_degree if stage == "denoiser" else 1)
                    for stage, n in replicas.items())
 
-    def busy_gpu_seconds(self, job: "Job") -> float:
+    @property
+    def jobs_per_denoiser(self) -> int:
+        """Jobs one Denoiser replica takes at once: one, or one per GPU of a by-load gang."""
+        return self.denoiser_degree if self.denoiser_layout == "by_load" else 1
+
+    def busy_gpu_seconds(self, job: "Job") -> float | None:
         """GPU-seconds one video keeps this arm's GPUs busy: a gang's Denoiser holds all its
-        GPUs for the shorter, parallel denoise."""
+        GPUs for the shorter, parallel denoise. None for a by-load gang, whose share depends on
+        how many jobs each forward held (the report takes the jobs' own usage instead)."""
+        if self.denoiser_layout == "by_load":
+            return None
         return sum(job.seconds.of(s) * STAGE_GPUS[s] * (self.denoiser_degree / self.denoiser_speedup
                                                           if s == "denoiser" else 1) for s in STAGE_NAMES)
 
@@ -92,10 +105,10 @@ class Arm:
             else:
                 stages[stage] = {"num_replicas": self.replicas[stage]}
             if stage in ONE_AT_A_TIME:
-                stages[stage]["max_ongoing_requests"] = 1
+                stages[stage]["max_ongoing_requests"] = self.jobs_per_denoiser if stage == "denoiser" else 1
         if self.denoiser_degree > 1:
-            stages["denoiser"]["parallel"] = {"ulysses": self.denoiser_degree}
-        return {"engine": {"max_batch": 1}, "stages": stages,
+            stages["denoiser"]["parallel"] = {"ulysses": self.denoiser_degree, "layout": self.denoiser_layout}
+        return {"engine": {"max_batch": self.jobs_per_denoiser}, "stages": stages,
                 "storage": {"job_store_url": f"sqlite:///{data_dir}/jobs.db", "artifacts_url": f"{data_dir}/artifacts"}}
 
 
@@ -153,8 +166,9 @@ def plan(profile: CostProfile, gpus: int, slo_s: float, target_s: float | None =
             if profile.parallel is not None and str(GANG) in profile.parallel.speedup:
                 # The same Denoiser GPUs (rounded up to whole gangs) as fewer, faster replicas.
                 gangs = {**peak, "denoiser": math.ceil(peak["denoiser"] / GANG)}
-                arms.append(Arm("fixed-peak-4gpu", gangs, denoiser_degree=GANG,
-                                denoiser_speedup=profile.parallel_speedup(GANG)))
+                for name, layout in (("fixed-peak-4gpu", "split"), ("fixed-peak-4gpu-by-load", "by_load")):
+                    arms.append(Arm(name, gangs, denoiser_degree=GANG, denoiser_speedup=profile.parallel_speedup(GANG),
+                                    denoiser_layout=layout))
             return Plan(gpus, round(rate * 60.0, 4), job, {arm.name: arm for arm in arms})
     raise PlanError(f"{gpus} GPUs cannot hold a fixed-peak arm ({PEAK_MULTIPLIER:g}x one base Denoiser plus the "
                     f"other stages); give --gpus {int(PEAK_MULTIPLIER) + 2} or more")

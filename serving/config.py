@@ -142,6 +142,13 @@ class ParallelConfig(_Section):
     cfg: int = Field(default=1, ge=1, le=2, description=(
         "2 puts a guided request's conditional and unconditional rows (or a batch's halves) on two "
         "groups of devices."))
+    layout: Literal["by_load", "split"] = Field(default="by_load", description=(
+        "by_load: each forward picks, from the rows it has, between splitting every row across the gang "
+        "(latency, for few requests) and giving each device whole rows of its own (throughput, when the "
+        "engine batches many); split: always the former (serving/parallel/layout.py)."))
+    split_efficiency: float = Field(default=0.8, gt=0, le=1, description=(
+        "The gang's speed-up over one device divided by its degree when every row is split (published "
+        "4-GPU figure: 3.14 / 4; `ditserve bench parallel` measures it); by_load weighs the layouts with it."))
 
     @property
     def degree(self) -> int:

@@ -64,10 +64,12 @@ def test_arms_are_sized_for_base_and_peak_within_the_gpu_budget():
     assert auto.replicas == base.replicas and auto.max_replicas["denoiser"] >= peak.replicas["denoiser"]
     assert auto.target_queue_wait_s == 30.0 and not base.autoscaling and auto.autoscaling
     assert arms.job.body["size"] == "832x480" and arms.job.body["seconds"] == "5"
-    # Each arm's config is a valid service config, batch of one, autoscaling only where planned.
+    # Each arm's config is a valid service config, batch of one (a by-load gang: one per GPU),
+    # autoscaling only where planned.
     for arm in arms.arms.values():
         config = ServiceConfig.model_validate(arm.config("/tmp/x", profile))
-        assert config.engine.max_batch == 1 and config.stages.denoiser.max_ongoing_requests == 1
+        per_replica = 4 if arm.name == "fixed-peak-4gpu-by-load" else 1
+        assert config.engine.max_batch == per_replica == config.stages.denoiser.max_ongoing_requests
         assert (config.stages.denoiser.autoscaling is not None) == arm.autoscaling
         if arm.autoscaling:  # the profile's cold start, not this CPU's
             assert config.stages.denoiser.autoscaling.startup_seconds == profile.startup_seconds("denoiser")
@@ -78,6 +80,13 @@ def test_arms_are_sized_for_base_and_peak_within_the_gpu_budget():
     # Its video keeps 4 GPUs busy for the faster denoise: 43.1 s / 3.14 x 4 GPU-seconds.
     assert gangs.busy_gpu_seconds(arms.job) - peak.busy_gpu_seconds(arms.job) == pytest.approx(
         arms.job.seconds.denoiser * (4 / profile.parallel_speedup(4) - 1))
+    # The same gangs, laying out each forward by load: same GPUs, a layout the config names.
+    by_load = arms.arms["fixed-peak-4gpu-by-load"]
+    assert by_load.replicas == gangs.replicas and by_load.gpus() == gangs.gpus()
+    parallel = ServiceConfig.model_validate(by_load.config("/tmp/x", profile)).stages.denoiser.parallel
+    assert (parallel.ulysses, parallel.layout) == (4, "by_load")
+    assert ServiceConfig.model_validate(gangs.config("/tmp/x", profile)).stages.denoiser.parallel.layout == "split"
+    assert by_load.busy_gpu_seconds(arms.job) is None  # measured per video instead
     with pytest.raises(PlanError, match="give --gpus"):
         plan(profile, 4, 60.0)
     # The autoscaling arm's target: half the SLO unless given.

@@ -11,6 +11,7 @@ import requests
 import torch
 
 from serving.engine.scheduler import DenoiseEngine, EngineRequest
+from serving.parallel.layout import choose_layout
 from serving.parallel.processes import run_gang
 from serving.parallel.ulysses import shard_sizes
 from serving.pipeline.denoise import start_denoise
@@ -57,6 +58,11 @@ def _alone_and_batched(pipeline, blocks):
     return alone, _engine_run(pipeline, blocks, REQUESTS, max_batch=4)
 
 
+def _with_layouts(pipeline, blocks):
+    alone, batched = _alone_and_batched(pipeline, blocks)
+    return alone, batched, dict(blocks.forwards)
+
+
 @pytest.fixture(scope="module")
 def single_device(tiny_pipeline):
     return _alone_and_batched(tiny_pipeline, None)
@@ -68,16 +74,34 @@ def sdpa_config(tiny_config):
     return tiny_config.model_copy(update={"model": tiny_config.model.model_copy(update={"attention_backend": "sdpa"})})
 
 
+def test_the_layout_follows_the_rows():
+    """Few rows: split each across the gang (latency); many: whole rows per device
+    (throughput); in between, whichever leaves the busiest device least to do."""
+    assert choose_layout(1, 4, 1) == "split"  # one unguided request
+    assert choose_layout(2, 4, 1) == "split"  # one guided request: 2 rows on 4 devices
+    assert choose_layout(4, 4, 1) == "rows"  # two guided requests: one row per device
+    assert choose_layout(5, 4, 1, split_efficiency=0.8) == "split"  # 2 rows on one device vs 5/4/0.8
+    assert choose_layout(8, 4, 1) == "rows"
+    assert choose_layout(2, 2, 1) == "rows"  # a guided request on 2 devices: CFG-parallel for free
+    assert choose_layout(2, 1, 2) == "rows"
+    assert choose_layout(8, 4, 1, policy="split") == "split"
+    assert choose_layout(8, 1, 1) == "split"  # one device: nothing to choose
+    # A perfect split (efficiency 1) never loses: rows only where they tie.
+    assert choose_layout(5, 4, 1, split_efficiency=1.0) == "split"
+    assert choose_layout(4, 4, 1, split_efficiency=1.0) == "rows"
+
+
 def test_uneven_slices_cover_the_sequence():
     assert shard_sizes(27, 2) == [14, 13]
     assert shard_sizes(5, 4) == [2, 1, 1, 1]
     assert sum(shard_sizes(32760, 8)) == 32760
 
 
-@pytest.mark.parametrize("ulysses,cfg", [(2, 1), (1, 2)], ids=["ulysses2", "cfg2"])
-def test_a_gang_of_two_gives_the_single_device_latents(single_device, sdpa_config, ulysses, cfg):
+@pytest.mark.parametrize("ulysses,cfg,policy", [(2, 1, "split"), (1, 2, "split"), (2, 1, "by_load")],
+                         ids=["ulysses2", "cfg2", "ulysses2-by-load"])
+def test_a_gang_of_two_gives_the_single_device_latents(single_device, sdpa_config, ulysses, cfg, policy):
     expected_alone, expected_batched = single_device
-    alone, batched = run_gang(sdpa_config, ulysses, cfg, _alone_and_batched, timeout_s=300)
+    alone, batched, forwards = run_gang(sdpa_config, ulysses, cfg, _with_layouts, timeout_s=300, policy=policy)
     for name, expected, found in (("alone", expected_alone, alone), ("batched", expected_batched, batched)):
         assert found.keys() == expected.keys()
         for rid, (latents, computed) in expected.items():
@@ -88,6 +112,12 @@ def test_a_gang_of_two_gives_the_single_device_latents(single_device, sdpa_confi
             # Step caching decides on the leader from the same inputs: the same steps run.
             assert got_computed == computed, (name, rid)
     assert expected_alone["cached"][1] < 12  # the cached request did skip steps
+    if policy == "split":
+        assert forwards["rows"] == 0 and forwards["split"] > 0
+    else:
+        # The unguided request alone (one row) ran split; guided ones and the batches (two
+        # rows or more) ran whole rows per rank: both layouts, the same latents.
+        assert forwards["rows"] > 0 and forwards["split"] > 0, forwards
 
 
 def _each_alone(requests, pipeline, blocks):

@@ -126,6 +126,16 @@ def test_simulated_dit_waits_the_scaled_profile_time_without_cpu(monkeypatch):
         hidden_states=latents, timestep=torch.tensor([500, 500]), encoder_hidden_states=torch.zeros(2, 512, 8),
         return_dict=False)[0])
     assert wall == pytest.approx(expected / profile.parallel.speedup["4"], rel=0.15, abs=0.03)
+    # Laid out by load, 8 rows (four guided requests) on 4 devices run as 2 whole rows on each:
+    # one device's time for 2 rows, where split they would take 8 rows' time / 3.14.
+    transformer.spread_over(4, policy="by_load", split_efficiency=0.8)
+    eight = torch.zeros(8, transformer.config.in_channels, 21, 60, 104)
+    _, _, wall = _cpu_and_wall(lambda: transformer(
+        hidden_states=eight, timestep=torch.full((8,), 500), encoder_hidden_states=torch.zeros(8, 512, 8),
+        return_dict=False)[0])
+    assert wall == pytest.approx(expected, rel=0.15, abs=0.03)
+    assert profile.dit_forward_seconds(8, 21 * 30 * 52, 512) / 2 / profile.parallel.speedup["4"] > 1.2 * expected
+    assert transformer.forwards == {"split": 0, "rows": 1}
     with pytest.raises(ValueError, match=r"no figure for 3 devices \(it has 2, 4, 8\)"):
         transformer.spread_over(3)
 
@@ -291,7 +301,8 @@ def test_serve_simulate_runs_a_job_through_the_real_api(tmp_path, gang):
         assert ready["simulated"] == {"profile": "h100-wan2.1-1.3b", "time_scale": 50.0, "gpus": gpus, "nodes": 2}
         if gang > 1:
             [denoiser] = ready["denoisers"]
-            assert denoiser["parallel"] == {"ulysses": gang, "cfg": 1, "ranks": gang, "simulated": True}
+            assert denoiser["parallel"] == {"ulysses": gang, "cfg": 1, "ranks": gang, "simulated": True,
+                                            "layout": "by_load", "forwards": {"split": 0, "rows": 0}}
         video = requests.post(f"{url}/v1/videos", json={"prompt": "a red circle", "seed": 3}, timeout=30).json()
         assert video["simulated"] is True and video["size"] == "832x480"
         deadline = time.monotonic() + 120
@@ -301,9 +312,10 @@ def test_serve_simulate_runs_a_job_through_the_real_api(tmp_path, gang):
             video = requests.get(f"{url}/v1/videos/{video['id']}", timeout=10).json()
         assert video["status"] == "completed" and video["simulated"] is True
         stamps = video["timestamps"]
-        # 50 steps at 0.86 s each (on a gang: / its speed-up) / 50: the denoise took at least the
-        # profile's compressed time.
-        speedup = load_profile("h100-wan2.1-1.3b").parallel_speedup(gang)
+        # 50 steps at 0.86 s each / 50: the denoise took at least the profile's compressed time.
+        # On a gang of 2 laid out by load, the guided job's two rows run one per GPU: half the
+        # rows per device, so at most twice as fast.
+        speedup = 2 if gang > 1 else 1
         assert stamps["denoiser_finished_at"] - stamps["denoiser_started_at"] >= 0.9 * 50 * 0.862 / speedup / 50
         content = requests.get(f"{url}/v1/videos/{video['id']}/content", timeout=30)
         assert content.status_code == 200

@@ -30,13 +30,16 @@ def checkpoint_key(job_id: str) -> str:
 
 class SimulatedGang:
     """A simulated replica's gang: Ray holds its devices (the placement group), its stand-in
-    runs each forward in the profile's time for that many; nothing to coordinate."""
+    lays out each forward and runs it in the profile's time for that many; nothing to coordinate."""
 
-    def __init__(self, ulysses: int, cfg: int):
-        self.ulysses, self.cfg = ulysses, cfg
+    def __init__(self, transformer, parallel):
+        self.transformer, self.parallel = transformer, parallel
+        transformer.spread_over(parallel.ulysses, parallel.cfg, parallel.layout, parallel.split_efficiency)
 
     def describe(self) -> dict:
-        return {"ulysses": self.ulysses, "cfg": self.cfg, "ranks": self.ulysses * self.cfg, "simulated": True}
+        p = self.parallel
+        return {"ulysses": p.ulysses, "cfg": p.cfg, "ranks": p.degree, "simulated": True,
+                "layout": p.layout, "forwards": dict(self.transformer.forwards)}
 
 
 @serve.deployment(name="Denoiser")
@@ -76,8 +79,7 @@ class Denoiser:
         if parallel.degree == 1:
             return None
         if config.simulation is not None:  # the placement group holds the GPUs; the stand-in runs faster
-            self.transformer.spread_over(parallel.degree)
-            return SimulatedGang(parallel.ulysses, parallel.cfg)
+            return SimulatedGang(self.transformer, parallel)
         from serving.parallel.workers import GangLeader
 
         # Collectives wait no longer than a step may take before the replica counts as hung.

@@ -25,13 +25,15 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def run_gang(config: ServiceConfig, ulysses: int, cfg: int, work: Callable[[Any, Callable], Any],
-             timeout_s: float = 600.0) -> Any:
+             timeout_s: float = 600.0, policy: str = "split") -> Any:
     """Start ulysses x cfg processes, each loading `config`'s model (LocalPipeline), and
-    return what `work(pipeline, blocks)` returned on rank 0."""
+    return what `work(pipeline, blocks)` returned on rank 0. `policy` is the gang's layout
+    policy (serving/parallel/layout.py): "split" runs every forward split, "by_load" lets the
+    rows decide; rank 0's count of forwards per layout lands in `blocks.forwards`."""
     context = mp.get_context("spawn")
     results = context.SimpleQueue()
     port = free_port()
-    members = [context.Process(target=_member, args=(rank, config, ulysses, cfg, port, work, results), daemon=True)
+    members = [context.Process(target=_member, args=(rank, config, ulysses, cfg, port, work, results, policy), daemon=True)
                for rank in range(ulysses * cfg)]
     for m in members:
         m.start()
@@ -63,7 +65,7 @@ def _get(results, members, timeout_s: float):
     return results.get()
 
 
-def _member(rank: int, config: ServiceConfig, ulysses: int, cfg: int, port: int, work, results) -> None:
+def _member(rank: int, config: ServiceConfig, ulysses: int, cfg: int, port: int, work, results, policy: str) -> None:
     from serving.parallel.gang import Gang
     from serving.pipeline.local import LocalPipeline
 
@@ -71,13 +73,16 @@ def _member(rank: int, config: ServiceConfig, ulysses: int, cfg: int, port: int,
     if config.model.device != "cpu" and torch.cuda.is_available():
         torch.cuda.set_device(rank % torch.cuda.device_count())  # one GPU per rank ("cuda" is the current one)
     pipeline = LocalPipeline(config)
-    gang = Gang.form(ulysses, cfg, rank, "127.0.0.1", port, pipeline.transformer.device)
+    gang = Gang.form(ulysses, cfg, rank, "127.0.0.1", port, pipeline.transformer.device, policy=policy,
+                     split_efficiency=config.stages.denoiser.parallel.split_efficiency)
     gang.install(pipeline.transformer, config.model.attention_backend)
     try:
         if rank == 0:
             try:
                 buffer = io.BytesIO()  # bytes, not tensors: shared-memory handles die with this process
-                torch.save(work(pipeline, partial(gang.lead, pipeline.transformer)), buffer)
+                blocks = partial(gang.lead, pipeline.transformer)
+                blocks.forwards = gang.forwards  # live: what work() sees after its forwards
+                torch.save(work(pipeline, blocks), buffer)
                 results.put(("ok", buffer.getvalue()))
             except Exception as exc:
                 results.put(("error", repr(exc)))

@@ -41,6 +41,7 @@ class SequenceGroup:
     rank: int  # this rank's place in the group
     size: int
     length: int = 0  # tokens of the whole sequence in the forward now running (set per forward)
+    active: bool = True  # False while a forward runs whole rows per rank (serving/parallel/layout.py)
 
     @property
     def sizes(self) -> list[int]:
@@ -66,5 +67,8 @@ class SequenceGroup:
         return received.reshape(self.size, mine, batch, per, dim).permute(2, 1, 0, 3, 4).reshape(batch, mine, -1, dim)
 
     def attend(self, attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """`attention(q, k, v)` over the whole sequence, from this rank's slice of it."""
+        """`attention(q, k, v)` over the whole sequence, from this rank's slice of it (which
+        is the whole sequence when the group is not active)."""
+        if not self.active:
+            return attention(q, k, v)
         return self.to_tokens(attention(self.to_heads(q), self.to_heads(k), self.to_heads(v)))

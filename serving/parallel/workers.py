@@ -39,7 +39,7 @@ class GangWorker:
     def join(self, address: str, port: int, timeout_s: float) -> int:
         parallel = self.config.stages.denoiser.parallel
         self.gang = Gang.form(parallel.ulysses, parallel.cfg, self.rank, address, port, self.transformer.device,
-                              timeout_s=timeout_s)
+                              timeout_s=timeout_s, policy=parallel.layout, split_efficiency=parallel.split_efficiency)
         self.gang.install(self.transformer, self.config.model.attention_backend)
         return os.getpid()
 
@@ -72,13 +72,15 @@ class GangLeader:
         address = ray.util.get_node_ip_address()
         port = free_port(address)
         joined = [w.join.remote(address, port, timeout_s) for w in self.workers]
-        self.gang = Gang.form(parallel.ulysses, parallel.cfg, 0, address, port, transformer.device, timeout_s=timeout_s)
+        self.gang = Gang.form(parallel.ulysses, parallel.cfg, 0, address, port, transformer.device, timeout_s=timeout_s,
+                              policy=parallel.layout, split_efficiency=parallel.split_efficiency)
         self.gang.install(transformer, config.model.attention_backend)
         self.pids = ray.get(joined, timeout=timeout_s)
         logger.info("gang formed: ulysses %d x cfg %d, worker pids %s", parallel.ulysses, parallel.cfg, self.pids)
 
     def describe(self) -> dict:
-        return {"ulysses": self.gang.ulysses, "cfg": self.gang.cfg, "ranks": self.gang.degree, "worker_pids": self.pids}
+        return {"ulysses": self.gang.ulysses, "cfg": self.gang.cfg, "ranks": self.gang.degree, "worker_pids": self.pids,
+                "layout": self.gang.policy, "forwards": dict(self.gang.forwards)}
 
     def blocks(self, hidden_states: torch.Tensor, timestep: torch.Tensor,
                encoder_hidden_states: torch.Tensor) -> torch.Tensor:

@@ -25,6 +25,7 @@ import torch
 
 from serving.cost_model import CostModel
 from serving.models.presets import Geometry
+from serving.parallel.layout import choose_layout, rows_work
 
 LATENT_CHANNELS = 1
 EMBEDDING_DIM = 8
@@ -61,12 +62,20 @@ class SimulatedTransformer(_Simulated):
         self.config = SimpleNamespace(in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS,
                                       patch_size=(1, patch, patch), text_dim=EMBEDDING_DIM)
 
-    speedup = 1.0  # a replica spread over a gang of devices runs each forward this much faster
+    # A replica spread over a gang of devices (stages.denoiser.parallel): its size, how it lays
+    # out each forward (serving/parallel/layout.py), and the forwards run per layout.
+    ulysses, cfg, policy, split_efficiency = 1, 1, "split", 1.0
+    speedup = 1.0  # a forward split over the whole gang runs this much faster (the profile's figure)
+    forwards: dict | None = None
 
-    def spread_over(self, degree: int) -> None:
-        """This replica holds `degree` devices (stages.denoiser.parallel): forwards take the
-        profile's time on that many (its parallel.speedup)."""
-        self.speedup = self.cost.parallel_speedup(degree)
+    def spread_over(self, ulysses: int, cfg: int = 1, policy: str = "split", split_efficiency: float = 0.8) -> None:
+        """This replica holds ulysses x cfg devices: a forward split across them takes the
+        profile's time on that many (its parallel.speedup); one laid out as whole rows per
+        device (policy "by_load", when the rows make it pay) takes one device's time for its
+        share of the rows."""
+        self.speedup = self.cost.parallel_speedup(ulysses * cfg)
+        self.ulysses, self.cfg, self.policy, self.split_efficiency = ulysses, cfg, policy, split_efficiency
+        self.forwards = {"split": 0, "rows": 0}
 
     def forward(self, hidden_states: torch.Tensor, timestep=None, encoder_hidden_states=None, return_dict=False, **_):
         rows, _, frames, height, width = hidden_states.shape
@@ -93,6 +102,14 @@ class SimulatedTransformer(_Simulated):
         _, _, frames, height, width = hidden_states.shape
         tokens = frames * (height // self.patch) * (width // self.patch)
         text_tokens = encoder_hidden_states.shape[1] if encoder_hidden_states is not None else 0
+        degree = self.ulysses * self.cfg
+        if degree == 1:
+            return self.cost.dit_forward_seconds(rows, tokens, text_tokens)
+        # The same choice a real gang's leader makes (the policy is config; the costs are the profile's).
+        layout = choose_layout(rows, self.ulysses, self.cfg, self.policy, self.split_efficiency)
+        self.forwards[layout] += 1
+        if layout == "rows":
+            return self.cost.dit_forward_seconds(rows_work(rows, degree), tokens, text_tokens)
         return self.cost.dit_forward_seconds(rows, tokens, text_tokens) / self.speedup
 
 
