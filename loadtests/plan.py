@@ -41,7 +41,7 @@ from serving.config import GenerationConfig
 from serving.cost_model import STAGE_NAMES, StageSeconds, spec_seconds
 from serving.models.presets import PRESETS
 from serving.pipeline.spec import build_spec
-from serving.simulate.cluster import STAGE_GPUS
+from serving.simulate.cluster import STAGE_GPUS, node_resource
 from serving.simulate.profile import CostProfile
 
 from loadtests.shapes import PEAK_MULTIPLIER
@@ -49,6 +49,7 @@ from loadtests.shapes import PEAK_MULTIPLIER
 UTILIZATION = 0.75
 ARM_NAMES = ("fixed-base", "fixed-peak", "autoscaling", "fixed-peak-4gpu", "fixed-peak-4gpu-by-load")
 GANG = 4  # fixed-peak-4gpu: fixed-peak's Denoiser GPUs as replicas of this many (serving/parallel/)
+AUX_SHARE = 0.01  # of node 0's pinning resource per encoder/decoder replica (100 fit)
 ONE_AT_A_TIME = ("denoiser", "vae_decoder")  # stages whose replica runs one call at a time
 PROMPT = "a paper boat drifting down a rain-soaked street at dusk"
 
@@ -108,6 +109,11 @@ class Arm:
                 stages[stage]["max_ongoing_requests"] = self.jobs_per_denoiser if stage == "denoiser" else 1
         if self.denoiser_degree > 1:
             stages["denoiser"]["parallel"] = {"ulysses": self.denoiser_degree, "layout": self.denoiser_layout}
+            # A gang needs all its GPUs on one node: the encoder and decoder (half a GPU each)
+            # share the first node, as the prod-4gpu overlay gives them a worker group of their
+            # own; spread by Ray's scheduler they left no node whole for the third gang.
+            for stage in ("text_encoder", "vae_decoder"):
+                stages[stage]["resources"] = {node_resource(0): AUX_SHARE}
         return {"engine": {"max_batch": self.jobs_per_denoiser}, "stages": stages,
                 "storage": {"job_store_url": f"sqlite:///{data_dir}/jobs.db", "artifacts_url": f"{data_dir}/artifacts"}}
 

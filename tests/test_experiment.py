@@ -87,6 +87,10 @@ def test_arms_are_sized_for_base_and_peak_within_the_gpu_budget():
     assert (parallel.ulysses, parallel.layout) == (4, "by_load")
     assert ServiceConfig.model_validate(gangs.config("/tmp/x", profile)).stages.denoiser.parallel.layout == "split"
     assert by_load.busy_gpu_seconds(arms.job) is None  # measured per video instead
+    # Gang arms keep the half-GPU stages on the first simulated node, leaving whole nodes for gangs.
+    stages = ServiceConfig.model_validate(by_load.config("/tmp/x", profile)).stages
+    assert stages.text_encoder.resources == stages.vae_decoder.resources == {"simulated_node_0": 0.01}
+    assert ServiceConfig.model_validate(peak.config("/tmp/x", profile)).stages.text_encoder.resources == {}
     with pytest.raises(PlanError, match="give --gpus"):
         plan(profile, 4, 60.0)
     # The autoscaling arm's target: half the SLO unless given.

@@ -70,6 +70,11 @@ def simulated_config(config: ServiceConfig, profile: CostProfile) -> tuple[Servi
     return scale_config(unscaled)
 
 
+def node_resource(index: int) -> str:
+    """The custom resource only simulated GPU node `index` declares (one unit)."""
+    return f"simulated_node_{index}"
+
+
 def gpus_per_node(gpus: int, nodes: int) -> list[int]:
     """Spread evenly: 10 GPUs on 4 nodes -> [3, 3, 2, 2]."""
     return [gpus // nodes + (1 if i < gpus % nodes else 0) for i in range(nodes)]
@@ -108,9 +113,12 @@ class SimulatedCluster:
             gcs_server_port=free_port()))
         self.metrics_ports = [self.metrics_port]
         warm_per_node = max(1, MAX_WARM_WORKERS // self.nodes)
-        for gpus in gpus_per_node(self.gpus, self.nodes):
+        for index, gpus in enumerate(gpus_per_node(self.gpus, self.nodes)):
             port = free_port()
+            # `simulated_node_<i>`: a config can pin a stage to a node (stages.<s>.resources), as a
+            # KubeRay worker group's custom resource does in the prod overlays.
             self.cluster.add_node(num_cpus=min(gpus + WARM_WORKERS_BEYOND_GPUS, warm_per_node), num_gpus=gpus,
+                                  resources={node_resource(index): 1.0},
                                   object_store_memory=NODE_OBJECT_STORE_BYTES, metrics_export_port=port,
                                   dashboard_agent_listen_port=free_port())
             self.metrics_ports.append(port)
