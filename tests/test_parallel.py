@@ -200,7 +200,8 @@ def gang_service(service, tmp_path_factory):
         "DITSERVE_SERVER__LEASE_SECONDS": "6",
         "DITSERVE_SERVER__GATEWAY_NUM_CPUS": "0.05", "DITSERVE_SERVER__DIRECTOR_NUM_CPUS": "0.05",
         "DITSERVE_STAGES__TEXT_ENCODER": small, "DITSERVE_STAGES__VAE_DECODER": small,
-        "DITSERVE_STAGES__DENOISER": "{num_cpus: 0.05, parallel: {ulysses: 2}}",
+        # split: every forward through the all-to-all (by_load would run these two-row jobs as rows)
+        "DITSERVE_STAGES__DENOISER": "{num_cpus: 0.05, parallel: {ulysses: 2, layout: split}}",
         "DITSERVE_ENGINE__CHECKPOINT_EVERY": "5",
     })
     serve.run(build_app(config), name=GANG_APP, route_prefix=f"/{GANG_APP}")
