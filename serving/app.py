@@ -56,7 +56,18 @@ def _stage_options(name: str, stage: StageConfig, prior_seconds_per_step: float 
     return options
 
 
+def check_servable(config: ServiceConfig) -> None:
+    """What the service cannot serve yet, refused before anything starts (ValueError)."""
+    preset = PRESETS[config.model.preset]
+    if preset.takes_image:
+        raise ValueError(
+            f"model.preset {preset.name!r} makes video from a first frame, and the service does not carry "
+            "images through its stages yet (issue 20): run it in-process with serving.pipeline.local."
+            "LocalPipeline(...).generate(spec, image=...) for now, or serve a text-to-video preset")
+
+
 def build_app(config: ServiceConfig) -> Application:
+    check_servable(config)
     stages = config.stages
     # Until a Denoiser has measured a step: the preset's, shared by a full batch's requests.
     step_prior = PRESETS[config.model.preset].typical_step_seconds / config.engine.max_batch

@@ -26,7 +26,7 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_default=True)
 
 
-PresetName = Literal["tiny", "tiny-random", "wan2.1-t2v-1.3b", "wan2.1-t2v-14b"]
+PresetName = Literal["tiny", "tiny-random", "wan2.1-t2v-1.3b", "wan2.1-t2v-14b", "wan2.1-i2v-14b-480p", "wan2.1-i2v-14b-720p"]
 
 
 class ModelConfig(_Section):

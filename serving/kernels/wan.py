@@ -30,6 +30,9 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     return rotated.flatten(-2).type_as(x)
 
 
+WAN_TEXT_TOKENS = 512  # Wan2.1's text context length
+
+
 class KernelAttnProcessor:
     """`sequence`: this replica's Ulysses group (serving/parallel/ulysses.py), when its tokens
     are split across a gang of devices; self-attention then runs over the whole sequence
@@ -41,12 +44,16 @@ class KernelAttnProcessor:
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, rotary_emb=None) -> torch.Tensor:
-        if attn.add_k_proj is not None:
-            raise NotImplementedError("image-conditioned Wan (I2V) attention is not routed through ditserve kernels")
         if attention_mask is not None:
-            raise NotImplementedError("Wan2.1 text-to-video passes no attention mask")
-        from diffusers.models.transformers.transformer_wan import _get_qkv_projections
+            raise NotImplementedError("Wan2.1 passes no attention mask")
+        from diffusers.models.transformers.transformer_wan import _get_added_kv_projections, _get_qkv_projections
 
+        image = None
+        if attn.add_k_proj is not None and encoder_hidden_states is not None:
+            # Wan2.1-I2V's cross-attention: the image tokens come before the text's (whose length
+            # Wan fixes at 512, as diffusers' own processor assumes).
+            split = encoder_hidden_states.shape[1] - WAN_TEXT_TOKENS
+            image, encoder_hidden_states = encoder_hidden_states[:, :split], encoder_hidden_states[:, split:]
         context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
         query, key, value = _get_qkv_projections(attn, hidden_states, context)
         query, key = attn.norm_q(query), attn.norm_k(key)
@@ -58,6 +65,11 @@ class KernelAttnProcessor:
         else:
             out = attend(query, key, value, backend=self.backend)
         out = out.flatten(2, 3).type_as(query)
+        if image is not None:  # and to the image tokens, with their own keys and values, added
+            key_image, value_image = _get_added_kv_projections(attn, image)
+            key_image = attn.norm_added_k(key_image).unflatten(2, (attn.heads, -1))
+            value_image = value_image.unflatten(2, (attn.heads, -1))
+            out = out + attend(query, key_image, value_image, backend=self.backend).flatten(2, 3).type_as(query)
         out = attn.to_out[0](out)
         return attn.to_out[1](out)
 

@@ -38,6 +38,12 @@ EXPECTED_LAYOUT: list[tuple[str, tuple[str, ...]]] = [
     ("VAE config", ("vae/config.json",)),
     ("VAE weights", ("vae/diffusion_pytorch_model.safetensors",)),
 ]
+# What an image-to-video folder holds besides (WanImageToVideoPipeline's layout).
+IMAGE_LAYOUT: list[tuple[str, tuple[str, ...]]] = [
+    ("image encoder config", ("image_encoder/config.json",)),
+    ("image encoder weights", ("image_encoder/model.safetensors", "image_encoder/model.safetensors.index.json")),
+    ("image processor config", ("image_processor/preprocessor_config.json",)),
+]
 
 
 def preset_of(cfg: ModelConfig) -> Preset:
@@ -52,7 +58,7 @@ def check_model_folder(cfg: ModelConfig) -> Path | None:
         if not folder.is_dir():
             raise ModelFolderError(f"the {preset.name!r} weights shipped with ditserve are missing from "
                                    f"{str(folder)!r}; reinstall the package or rebuild them with `ditserve train-tiny`")
-        return _complete(folder)
+        return _complete(folder, preset)
     if cfg.path is None:
         if preset.needs_folder:
             raise ModelFolderError(
@@ -63,13 +69,14 @@ def check_model_folder(cfg: ModelConfig) -> Path | None:
     folder = Path(cfg.path).expanduser()
     if not folder.is_dir():
         raise ModelFolderError(f"model.path {str(folder)!r} does not exist or is not a folder")
-    return _complete(folder)
+    return _complete(folder, preset)
 
 
-def _complete(folder: Path) -> Path:
+def _complete(folder: Path, preset: Preset) -> Path:
+    layout = EXPECTED_LAYOUT + (IMAGE_LAYOUT if preset.takes_image else [])
     missing = [
         f"{what} ({' or '.join(options)})"
-        for what, options in EXPECTED_LAYOUT
+        for what, options in layout
         if not any((folder / option).is_file() for option in options)
     ]
     if missing:
@@ -113,6 +120,26 @@ def load_text_encoder(cfg: ModelConfig, simulation: SimulationConfig | None = No
         tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer", local_files_only=True)
         model = UMT5EncoderModel.from_pretrained(folder / "text_encoder", torch_dtype=dtype, local_files_only=True)
     return TextEncoderParts(tokenizer=tokenizer, model=_place(model, device, dtype))
+
+
+@dataclass
+class ImageEncoderParts:
+    processor: Any  # CLIPImageProcessor: resize, crop and normalize as the encoder was trained
+    model: torch.nn.Module  # CLIPVisionModel
+
+
+def load_image_encoder(cfg: ModelConfig) -> ImageEncoderParts | None:
+    """The CLIP image encoder of an image-to-video preset (None for text-to-video ones)."""
+    if not preset_of(cfg).takes_image:
+        return None
+    from transformers import CLIPImageProcessor, CLIPVisionModel
+
+    folder = check_model_folder(cfg)
+    processor = CLIPImageProcessor.from_pretrained(folder / "image_processor", local_files_only=True)
+    # float32, as diffusers' Wan I2V examples load it: one image of 257 tokens per job, so the
+    # precision costs little.
+    model = CLIPVisionModel.from_pretrained(folder / "image_encoder", torch_dtype=torch.float32, local_files_only=True)
+    return ImageEncoderParts(processor=processor, model=_place(model, resolve_device(cfg), torch.float32))
 
 
 def load_transformer(cfg: ModelConfig, simulation: SimulationConfig | None = None) -> torch.nn.Module:

@@ -17,6 +17,7 @@ import diffusers
 import torch
 
 from serving.models.presets import Geometry
+from serving.pipeline.image import ImageCondition
 from serving.pipeline.spec import VideoSpec
 from serving.pipeline.step_cache import StepCache, forward_with_caches, warmup_steps
 
@@ -52,6 +53,7 @@ class DenoiseState:
     scheduler: Any
     step: int = 0
     cache: StepCache | None = None  # step caching, when the request asked for it (serving/pipeline/step_cache.py)
+    image: ImageCondition | None = None  # image-to-video: its first frame's conditioning (serving/pipeline/image.py)
 
     @property
     def total_steps(self) -> int:
@@ -62,9 +64,12 @@ class DenoiseState:
         return self.step >= self.total_steps
 
 
-def start_denoise(spec: VideoSpec, scheduler_config: dict, channels: int, geometry: Geometry) -> DenoiseState:
+def start_denoise(spec: VideoSpec, scheduler_config: dict, channels: int, geometry: Geometry,
+                  image: ImageCondition | None = None) -> DenoiseState:
+    """`channels`: the latents' (the DiT's output channels; an I2V DiT takes more in, the
+    first-frame condition)."""
     return DenoiseState(spec=spec, latents=initial_latents(spec, channels, geometry),
-                        scheduler=make_scheduler(scheduler_config, spec), cache=new_cache(spec))
+                        scheduler=make_scheduler(scheduler_config, spec), cache=new_cache(spec), image=image)
 
 
 def new_cache(spec: VideoSpec) -> StepCache | None:
@@ -95,25 +100,34 @@ def denoise_batch_step(
     guided = [i for i, s in enumerate(states) if s.spec.guidance_scale > 1.0 and negative_embeds[i] is not None]
     latents = [s.latents.to(device) for s in states]
     timesteps = [s.scheduler.timesteps[s.step] for s in states]
-    model_input = torch.cat(latents + [latents[i] for i in guided]).to(dtype)
-    rows_t = torch.stack(timesteps + [timesteps[i] for i in guided]).to(device)
+    rows = list(range(len(states))) + guided  # the request behind each row of the forward
+    inputs = latents
+    image_embeds = None
+    if states[0].image is not None:  # image-to-video (batch_key keeps a batch all one kind)
+        # The first-frame condition rides beside the latents; both rows of a guided request
+        # attend to its image (guidance is over the text only, as in Wan2.1-I2V).
+        inputs = [torch.cat([x, s.image.condition.to(device)], dim=1) for x, s in zip(latents, states)]
+        image_embeds = torch.cat([states[i].image.image_embeds for i in rows]).to(device=device, dtype=dtype)
+    model_input = torch.cat([inputs[i] for i in rows]).to(dtype)
+    rows_t = torch.stack([timesteps[i] for i in rows]).to(device)
     embeds = torch.cat(list(prompt_embeds) + [negative_embeds[i] for i in guided]).to(device=device, dtype=dtype)
     # A stand-in (simulated accelerators) brings its own step-caching forward.
     cached_forward = getattr(transformer, "forward_with_caches", None)
     if cached_forward is None and supports_step_cache(transformer):
         cached_forward = partial(forward_with_caches, transformer)
+    if image_embeds is not None and (blocks is not None or any(s.cache is not None for s in states)):
+        raise NotImplementedError("image-to-video runs neither step caching nor a gang of devices yet")
     if blocks is not None:  # a gang splits the blocks; step caching decides around them, as alone
-        owners = list(range(len(states))) + guided
-        noise, computed = forward_with_caches(transformer, model_input, rows_t, embeds, owners,
+        noise, computed = forward_with_caches(transformer, model_input, rows_t, embeds, rows,
                                               [s.cache for s in states], [(s.step, s.total_steps) for s in states],
                                               blocks=blocks)
     elif any(s.cache is not None for s in states) and cached_forward is not None:
-        owners = list(range(len(states))) + guided
-        noise, computed = cached_forward(model_input, rows_t, embeds, owners, [s.cache for s in states],
+        noise, computed = cached_forward(model_input, rows_t, embeds, rows, [s.cache for s in states],
                                          [(s.step, s.total_steps) for s in states])
     else:
+        extra = {} if image_embeds is None else {"encoder_hidden_states_image": image_embeds}
         noise = transformer(hidden_states=model_input, timestep=rows_t, encoder_hidden_states=embeds,
-                            return_dict=False)[0]
+                            return_dict=False, **extra)[0]
         computed = [True] * len(states)
     unconditional = dict(zip(guided, noise[len(states):].split(1)))
     for i, state in enumerate(states):
@@ -132,8 +146,10 @@ def supports_step_cache(transformer: torch.nn.Module) -> bool:
 
 
 def batch_key(state: DenoiseState) -> tuple:
-    """Requests can share a forward only when their latent shapes and text lengths match."""
-    return tuple(state.latents.shape), state.spec.max_sequence_length
+    """Requests can share a forward only when their latent shapes and text lengths match, and
+    image-to-video ones only with each other (and the same number of image tokens)."""
+    image = None if state.image is None else tuple(state.image.image_embeds.shape)
+    return tuple(state.latents.shape), state.spec.max_sequence_length, image
 
 
 def denoise(
@@ -146,10 +162,11 @@ def denoise(
     on_step: Callable[[int, int], None] | None = None,
     on_computed: Callable[[bool], None] | None = None,
     blocks: Callable | None = None,
+    image: ImageCondition | None = None,
 ) -> torch.Tensor:
     """Run every step for one request; return the final latents (float32). `on_computed`
     hears, per step, whether it ran the DiT's blocks (False: step-cached)."""
-    state = start_denoise(spec, scheduler_config, transformer.config.in_channels, geometry)
+    state = start_denoise(spec, scheduler_config, transformer.config.out_channels, geometry, image=image)
     while not state.done:
         [computed] = denoise_batch_step(transformer, [state], [prompt_embeds], [negative_embeds], blocks=blocks)
         if on_computed is not None:
@@ -164,7 +181,7 @@ def save_state(state: DenoiseState) -> bytes:
     multistep solver keeps earlier model outputs, so the scheduler object is part of the state)."""
     buffer = io.BytesIO()
     torch.save({"step": state.step, "latents": state.latents.cpu(), "scheduler": state.scheduler,
-                "cache": _cache_on_cpu(state.cache)}, buffer)
+                "cache": _cache_on_cpu(state.cache), "image": state.image}, buffer)
     return buffer.getvalue()
 
 
@@ -178,7 +195,7 @@ def load_state(data: bytes, spec: VideoSpec) -> DenoiseState:
     if spec.cache_threshold and cache is None:
         cache = new_cache(spec)
     return DenoiseState(spec=spec, latents=saved["latents"], scheduler=saved["scheduler"], step=saved["step"],
-                        cache=cache)
+                        cache=cache, image=saved.get("image"))
 
 
 def _cache_on_cpu(cache: StepCache | None) -> StepCache | None:
