@@ -59,11 +59,9 @@ def _stage_options(name: str, stage: StageConfig, prior_seconds_per_step: float 
 def check_servable(config: ServiceConfig) -> None:
     """What the service cannot serve yet, refused before anything starts (ValueError)."""
     preset = PRESETS[config.model.preset]
-    if preset.takes_image:
-        raise ValueError(
-            f"model.preset {preset.name!r} makes video from a first frame, and the service does not carry "
-            "images through its stages yet (issue 20): run it in-process with serving.pipeline.local."
-            "LocalPipeline(...).generate(spec, image=...) for now, or serve a text-to-video preset")
+    if preset.takes_image and config.stages.denoiser.parallel.degree > 1:
+        raise ValueError(f"model.preset {preset.name!r}: image-to-video does not run on a gang of devices yet; "
+                         "set stages.denoiser.parallel to 1 x 1")
 
 
 def build_app(config: ServiceConfig) -> Application:

@@ -42,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--negative-prompt", help="what the video should not show")
     gen.add_argument("--shift", type=float, help="flow-matching timestep shift")
     gen.add_argument("--seed", type=int, help="random seed (a random one is chosen and printed if unset)")
+    gen.add_argument("--image", type=Path, help="the first frame (PNG, JPEG or WebP): image-to-video presets")
     _add_config(gen)
 
     add_serve_command(sub)
@@ -161,7 +162,34 @@ def _config(config) -> int:
 
 # Which flag a request field came from, so a validation error names what the user typed.
 _FLAG = {"num_inference_steps": "--steps", "guidance_scale": "--guidance-scale",
-         "negative_prompt": "--negative-prompt", "prompt": "PROMPT"}
+         "negative_prompt": "--negative-prompt", "prompt": "PROMPT", "input_reference": "--image"}
+
+
+def _first_frame(path: Path | None, config):
+    """--image read and checked as the API checks input_reference (SpecError naming it); a
+    PIL image, or None. An image-to-video preset requires it, a text-to-video one refuses it."""
+    import io
+
+    from PIL import Image
+
+    from serving.jobs.reference import FIELD, read_reference
+    from serving.models.presets import PRESETS, image_presets
+    from serving.pipeline.spec import SpecError
+
+    preset = PRESETS[config.model.preset]
+    if path is None:
+        if preset.takes_image:
+            raise SpecError(FIELD, f"model {preset.name!r} makes video from a first frame: give --image PATH")
+        return None
+    if not preset.takes_image:
+        raise SpecError(FIELD, f"model {preset.name!r} makes video from text only; --image needs an image-to-video "
+                               f"preset ({', '.join(image_presets())})")
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise SpecError(FIELD, f"cannot read {str(path)!r}: {exc.strerror}") from None
+    frame = read_reference(data, config.server.max_image_pixels)
+    return Image.open(io.BytesIO(frame.png)).convert("RGB")
 
 
 def _generate(args, config) -> int:
@@ -173,6 +201,7 @@ def _generate(args, config) -> int:
     try:
         spec = build_spec(preset_of(config.model), config.generation, args.prompt,
                           **{name: getattr(args, name) for name in fields})
+        image = _first_frame(args.image, config)
         check_model_folder(config.model)
     except SpecError as exc:
         flag = _FLAG.get(exc.field, f"--{exc.field.replace('_', '-')}")
@@ -192,7 +221,7 @@ def _generate(args, config) -> int:
         print(f"\rdenoising {step}/{total}", end="", file=sys.stderr, flush=True)
 
     interactive = sys.stderr.isatty()
-    video = pipeline.generate(spec, on_step=progress if interactive else None)
+    video = pipeline.generate(spec, on_step=progress if interactive else None, image=image)
     if interactive:
         print(file=sys.stderr)
     args.output.parent.mkdir(parents=True, exist_ok=True)

@@ -186,6 +186,12 @@ class ServerConfig(_Section):
         description="The URL clients reach this API at (e.g. https://video.example.com behind a TLS proxy), for the "
         "links the API hands out (a task's result_url); null: the request's own host and scheme.")
     max_body_bytes: int = Field(default=1 << 20, ge=1024, description="Also enforced on chunked and multipart bodies.")
+    max_image_bytes: int = Field(default=10 << 20, ge=1024, description=(
+        "Image-to-video presets: the largest first frame (input_reference) accepted, as sent; a create body may "
+        "then be this much larger (a third more for a base64 data: URL)."))
+    max_image_pixels: int = Field(default=4096 * 4096, ge=64 * 64, description=(
+        "Image-to-video presets: the most pixels a first frame may have, checked from its header before it is "
+        "decoded (so a decompression bomb is refused unread)."))
     api_docs: Literal["auto", "public", "off"] = Field(
         default="auto", description="/docs, /redoc and /openapi.json: 'auto' serves them only while auth is off; "
         "'public' serves them to anyone; 'off' never.")

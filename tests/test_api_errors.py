@@ -76,10 +76,12 @@ def test_huge_body(service):
     assert error_of(response, 413)["code"] == "body_too_large"
 
 
-def test_form_body_with_a_reference_image_is_refused_by_name(service):
-    response = requests.post(f"{service.url}/v1/videos", data={"prompt": "x"},
-                             files={"input_reference": ("ref.png", b"\x89PNG", "image/png")})
-    assert error_of(response, 400)["param"] == "input_reference"
+def test_a_text_to_video_model_refuses_a_first_frame_naming_the_presets_that_take_one(service):
+    for sent in ({"files": {"input_reference": ("ref.png", b"\x89PNG", "image/png")}, "data": {"prompt": "x"}},
+                 {"json": {"prompt": "x", "input_reference": {"image_url": "data:image/png;base64,iVBORw0KGgo="}}}):
+        error = error_of(requests.post(f"{service.url}/v1/videos", **sent), 400)
+        assert error["param"] == "input_reference"
+        assert "makes video from text only" in error["message"] and "wan2.1-i2v-14b-480p" in error["message"]
 
 
 @pytest.mark.parametrize("video_id", ["video_" + "0" * 32, "nope", "..%2F..%2Fetc%2Fpasswd", "video_../../x"])

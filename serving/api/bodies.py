@@ -16,6 +16,7 @@ from starlette.datastructures import UploadFile
 from starlette.formparsers import FormParser, MultiPartException, MultiPartParser
 
 from serving.api.errors import APIError
+from serving.jobs.reference import Upload
 
 FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
 MAX_FORM_FIELDS = 64  # the create body has a dozen fields; more is not a create request
@@ -84,14 +85,23 @@ async def _read_form(request: Request, content_type: str, max_bytes: int) -> dic
     try:
         for name, value in form.multi_items():
             if isinstance(value, UploadFile):
-                if name == "input_reference":
-                    data[name] = value.filename or "upload"
+                if name == "input_reference":  # the first frame: read whole (the body limit bounds it)
+                    data[name] = Upload(await value.read(), value.filename or "", value.content_type or "")
                     continue
                 raise APIError(400, f"{name}: file uploads are not accepted here", param=name, code="invalid_value")
             data[name] = value
     finally:
         await form.close()  # an uploaded part may sit in a temporary file
     return data
+
+
+def create_body_limit(config) -> int:
+    """A create body's byte limit: room for a first frame (as a base64 data: URL at most a
+    third larger) where the model takes one."""
+    from serving.models.presets import PRESETS
+
+    extra = config.server.max_image_bytes * 4 // 3 + 1024 if PRESETS[config.model.preset].takes_image else 0
+    return config.server.max_body_bytes + extra
 
 
 def _too_large(what: str, max_bytes: int) -> APIError:

@@ -98,8 +98,18 @@ def request_body_schema(config: ServiceConfig) -> dict[str, Any]:
         "num_frames": {"minimum": 5, "maximum": 1201},
     }
     apply_limits(schema, limits)
-    # Image-to-video is not served: the field exists only so the SDK's requests parse.
-    schema["properties"]["input_reference"] = {"type": "null", "description": "Not supported (text-to-video only)."}
+    # The first frame: JSON carries it as a base64 data: URL (multipart, as the SDK sends it, as a
+    # file part); only an image-to-video preset takes it, and then requires it.
+    from serving.models.presets import PRESETS
+
+    if PRESETS[config.model.preset].takes_image:
+        schema["properties"]["input_reference"] = {
+            "type": "object", "required": ["image_url"], "description": "The first frame: PNG, JPEG or WebP, at "
+            f"most {config.server.max_image_bytes} bytes and {config.server.max_image_pixels} pixels.",
+            "properties": {"image_url": {"type": "string", "pattern": "^data:image/[a-z]+;base64,"}}}
+        schema.setdefault("required", []).append("input_reference")
+    else:
+        schema["properties"]["input_reference"] = {"type": "null", "description": "Text-to-video model: no image."}
     schema["properties"]["seconds"]["anyOf"] = [{"type": "number", "exclusiveMinimum": 0,
                                                  "maximum": g.max_seconds},
                                                 {"type": "string", "pattern": r"^[0-9]+(\.[0-9]+)?$"},

@@ -11,13 +11,13 @@ video's id, so every other route works on it too.
 
 from __future__ import annotations
 
-from typing import Literal, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from serving.api.bodies import read_create_body
+from serving.api.bodies import create_body_limit, read_create_body
 from serving.api.context import APIContext, caller, context
 from serving.api.errors import APIError, body_error
 from serving.api.resolution import size_for
@@ -50,6 +50,9 @@ class CreateTaskBody(BaseModel):
                                                               "used as given.")
     callback_url: Optional[str] = Field(default=None, description="Called (signed, Standard Webhooks) when the "
                                                                   "task completes or fails.")
+    input_reference: Optional[Any] = Field(default=None, description="Image-to-video models: the first frame, as "
+                                                                     "POST /v1/videos takes it (a file part, or "
+                                                                     "{\"image_url\": a base64 data: URL}).")
 
     _numbers_are_not_booleans = field_validator("duration", "seed", mode="before")(lambda value: not_a_boolean(value))
 
@@ -125,13 +128,13 @@ def job_fields(body: CreateTaskBody, ctx: APIContext) -> dict:
         raise APIError(400, f"{name}: {exc.message}", param=name, code="invalid_value") from None
     return {"prompt": body.prompt, "model": body.model, "seconds": body.duration, "size": size,
             "negative_prompt": body.negative_prompt, "seed": body.seed, "language": body.language,
-            "webhook_url": body.callback_url}
+            "webhook_url": body.callback_url, "input_reference": body.input_reference}
 
 
 @router.post("/v1/videos/generations", response_model=Task, responses=CREATE_REFUSALS)
 async def create_task(request: Request, ctx: APIContext = Depends(context), who: Caller | None = Depends(caller)):
     """Queue a video the task way; answers 200 with its `task_id`."""
-    data = await read_create_body(request, ctx.config.server.max_body_bytes)
+    data = await read_create_body(request, create_body_limit(ctx.config))
     try:
         body = CreateTaskBody.model_validate(data)
     except ValidationError as exc:

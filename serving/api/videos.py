@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from starlette.background import BackgroundTask
 
-from serving.api.bodies import read_create_body
+from serving.api.bodies import create_body_limit, read_create_body
 from serving.api.content import content_response
 from serving.api.context import APIContext, caller, context, not_found, owner_of
 from serving.api.errors import APIError, body_error
@@ -38,15 +38,14 @@ CREATE_REFUSALS = {**BAD_INPUT, 409: {"model": ErrorEnvelope, "description": "Id
 
 async def read_video_request(request: Request, ctx: APIContext) -> dict[str, Any]:
     """A create body (JSON or form) as `VideoJobs.submit`'s fields, or a 4xx naming the field."""
-    data = await read_create_body(request, ctx.config.server.max_body_bytes)
+    data = await read_create_body(request, create_body_limit(ctx.config))
     try:
         body = CreateVideoBody.model_validate(data)
     except ValidationError as exc:
         raise body_error(exc) from None
-    if body.input_reference is not None:
-        raise APIError(400, "input_reference is not supported: this server generates video from text only",
-                       param="input_reference", code="unsupported_parameter")
-    return body.model_dump(exclude={"input_reference"})
+    # The first frame passes as sent (an Upload or the JSON value): VideoJobs.submit checks it.
+    return body.model_dump(exclude={"input_reference"}) | {"input_reference": body.input_reference}
+
 
 
 @router.post("/v1/videos", response_model=Video, responses=CREATE_REFUSALS)

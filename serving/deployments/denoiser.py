@@ -155,8 +155,10 @@ class Denoiser:
 
     steps_per_job = 0.0  # steps a request here still had to run, last seen (prices queued calls)
 
-    async def denoise(self, job_id: str, spec: dict, embeddings, priority: int = 0, resume: bool = False):
-        """`embeddings` holds the prompt's row, then the negative prompt's when guidance is on.
+    async def denoise(self, job_id: str, spec: dict, embeddings, priority: int = 0, resume: bool = False,
+                      image: dict | None = None):
+        """`embeddings` holds the prompt's row, then the negative prompt's when guidance is on;
+        `image` (image-to-video) the first frame's {"image_embeds", "condition"}.
         Yields {"accepted"} once this replica has the request, {"waiting", "step"} every few
         seconds while it waits for a batch slot, {"started", "step"} when the engine takes the
         job, {"step", "total_steps", "batch_size", "device_seconds"} after each step (its share
@@ -169,8 +171,14 @@ class Denoiser:
 
         video = VideoSpec(**spec)
         state = await self._resume(job_id, video) if resume else None
+        conditioning = None
+        if image is not None:
+            from serving.pipeline.image import ImageCondition
+
+            conditioning = ImageCondition(image_embeds=image["image_embeds"], condition=image["condition"])
         if state is None:
-            state = start_denoise(video, self.scheduler_config, self.transformer.config.in_channels, self.geometry)
+            state = start_denoise(video, self.scheduler_config, self.transformer.config.out_channels, self.geometry,
+                                  image=conditioning)
         # A new attempt means the earlier one's driver is gone (it lost the job's lease): its
         # request would otherwise denoise on to the end for nobody, holding a batch slot.
         superseded = self.engine.supersede(f"{job_id}/", f"a later attempt of {job_id} started")

@@ -159,13 +159,14 @@ class JobDriving:
         if encoded["device_seconds"] > 0:  # cached prompts cost nothing and teach nothing
             self._measured(job.id, Stage.TEXT_ENCODER, encoded["device_seconds"],
                            lambda s: self.cost.observe_encode(len(prompts), spec["max_sequence_length"], s))
+        image = await self._encode_first_frame(job) if spec.get("image") else None
         self.in_flight.encoded(job.id)
         # From here the job waits in (then runs on) the Denoiser: the stage says where it is.
         job = await self._write(job.id, [f"{Stage.TEXT_ENCODER.value}_finished_at"], stage=Stage.DENOISER,
                                 progress=PROGRESS_SPAN[Stage.DENOISER][0])
         self._check_cancel(job)
 
-        latents, computed_steps = await self._denoise(job, embeddings)
+        latents, computed_steps = await self._denoise(job, embeddings, image)
 
         job = await self._write(job.id, [f"{Stage.DENOISER.value}_finished_at", f"{Stage.VAE_DECODER.value}_started_at"],
                                 stage=Stage.VAE_DECODER, progress=PROGRESS_SPAN[Stage.VAE_DECODER][0],
@@ -187,7 +188,25 @@ class JobDriving:
                           video_key=video_key, thumbnail_key=thumbnail_key,
                           expires_at=expiry(self.config.storage.retention_hours, now), lease_owner=None)
 
-    async def _denoise(self, job: JobRecord, embeddings):
+    async def _encode_first_frame(self, job: JobRecord) -> dict:
+        """Image-to-video: the job's first frame (stored with it) as CLIP tokens, on a
+        TextEncoder replica, and as the VAE's first-frame condition, on a VAEDecoder replica
+        (which holds the VAE); both at once. Every attempt encodes again: a few seconds,
+        against keeping megabytes of conditioning per queued job."""
+        spec = job.spec
+        try:
+            png = await asyncio.to_thread(self.artifacts.read, spec["image"])
+        except ArtifactStoreError as exc:
+            raise RetryLater("artifact_store_unavailable") from exc
+        units = decode_units(spec["num_frames"], spec["width"], spec["height"])
+        tokens, condition = await asyncio.gather(
+            self._call(Stage.TEXT_ENCODER, self.text_encoder.encode_image.remote(png)),
+            self._call(Stage.VAE_DECODER, self.vae_decoder.encode_first_frame.remote(png, spec, self.geometry), units))
+        self._measured(job.id, Stage.TEXT_ENCODER, tokens["device_seconds"], lambda s: None)
+        self._measured(job.id, Stage.VAE_DECODER, condition["device_seconds"], lambda s: None)
+        return {"image_embeds": tokens["image_embeds"], "condition": condition["condition"]}
+
+    async def _denoise(self, job: JobRecord, embeddings, image: dict | None = None):
         """Stream the job through a Denoiser; every silence longer than one step's timeout
         (a hung forward, a stuck engine) ends the attempt. Waiting for a batch slot is not
         silence: a live engine says so every few seconds."""
@@ -196,7 +215,7 @@ class JobDriving:
         latents, computed_steps = None, None
         start, end = PROGRESS_SPAN[Stage.DENOISER]
         resume = job.checkpoint_step > 0  # an earlier attempt saved latents: go on from there
-        stream = self.denoiser.options(stream=True).denoise.remote(job.id, spec, embeddings, job.priority, resume)
+        stream = self.denoiser.options(stream=True).denoise.remote(job.id, spec, embeddings, job.priority, resume, image)
         accepted = False
         last_step_at = None
         shape = step_shape(self.geometry, spec)

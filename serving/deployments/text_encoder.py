@@ -1,4 +1,6 @@
-"""TextEncoder deployment: prompts -> embeddings, batched across requests and cached."""
+"""TextEncoder deployment: prompts -> embeddings, batched across requests and cached; for an
+image-to-video preset also a first frame -> CLIP image tokens (the other small encoder of a
+job's conditioning: on the same replicas, sharing their accelerator share)."""
 
 from __future__ import annotations
 
@@ -25,6 +27,9 @@ class TextEncoder:
         from serving.models.loading import load_text_encoder
 
         self.parts = load_text_encoder(config.model, config.simulation)
+        from serving.models.loading import load_image_encoder
+
+        self.image_encoder = load_image_encoder(config.model) if config.simulation is None else None
         mark_simulated("text_encoder", config.simulation)
         self.cache: OrderedDict[tuple[str, int], object] = OrderedDict()
         self.clock = StageClock("text_encoder", config.stages.text_encoder.timeout_seconds, PRIOR_ENCODE_SECONDS)
@@ -47,6 +52,33 @@ class TextEncoder:
         finally:
             self.clock.finish(call)
             self.load.finish(work)
+
+    async def encode_image(self, png: bytes) -> dict:
+        """{"image_embeds": the first frame's CLIP tokens (1, tokens, dim) on the CPU,
+        "device_seconds"}: once per job, image-to-video presets only."""
+        if self.image_encoder is None:
+            raise ValueError("this model takes no image")
+        call, work = self.clock.start(), self.load.arrive()
+        try:
+            started = time.perf_counter()
+            tokens = await asyncio.to_thread(self._encode_image, png)
+            seconds = time.perf_counter() - started
+            metrics().accelerator_seconds.observe(seconds, tags={"stage": "text_encoder"})
+            self.load.charge(work, seconds)
+            return {"image_embeds": tokens, "device_seconds": seconds}
+        finally:
+            self.clock.finish(call)
+            self.load.finish(work)
+
+    def _encode_image(self, png: bytes):
+        import io
+
+        from PIL import Image
+
+        from serving.pipeline.image import encode_image_tokens
+
+        with Image.open(io.BytesIO(png)) as image:
+            return encode_image_tokens(self.image_encoder.processor, self.image_encoder.model, image.convert("RGB"))
 
     async def record_autoscaling_stats(self) -> dict[str, float]:
         """What this replica holds, for `serving.autoscaling.StagePolicy`."""

@@ -1,4 +1,6 @@
-"""VAEDecoder deployment: latents -> MP4 bytes and a thumbnail (frames never leave the replica)."""
+"""VAEDecoder deployment: latents -> MP4 bytes and a thumbnail (frames never leave the replica);
+for an image-to-video preset also the first frame's VAE condition at a job's start (the
+replica holds the VAE already: the encoder half of the same weights, no second copy)."""
 
 from __future__ import annotations
 
@@ -55,6 +57,32 @@ class VAEDecoder:
         # The decode's own time, without its wait for the replica: the Director learns the cost from it.
         return {**await asyncio.to_thread(self._package, frames, fps, self.simulated_by),
                 "device_seconds": device_seconds}
+
+    async def encode_first_frame(self, png: bytes, spec: dict, geometry) -> dict:
+        """{"condition": the first-frame mask and latents (1, 4 + z, ...) on the CPU,
+        "device_seconds"}: once per job, image-to-video presets only."""
+        from serving.metrics import metrics
+
+        work = self.load.arrive()
+        try:
+            async with self.decode_lock:  # the same module (and its causal cache) as decode
+                self.load.start(work)
+                started = time.perf_counter()
+                condition = await asyncio.to_thread(self._encode_first_frame, png, spec, geometry)
+                device_seconds = time.perf_counter() - started
+                metrics().accelerator_seconds.observe(device_seconds, tags={"stage": "vae_decoder"})
+        finally:
+            self.load.finish(work)
+        return {"condition": condition, "device_seconds": device_seconds}
+
+    def _encode_first_frame(self, png: bytes, spec: dict, geometry):
+        from PIL import Image
+
+        from serving.pipeline.image import first_frame_condition
+        from serving.pipeline.spec import VideoSpec
+
+        with Image.open(io.BytesIO(png)) as image:
+            return first_frame_condition(self.vae, image.convert("RGB"), VideoSpec(**spec), geometry)
 
     async def record_autoscaling_stats(self) -> dict[str, float]:
         """What this replica holds, for `serving.autoscaling.StagePolicy`."""

@@ -19,7 +19,8 @@ from serving.jobs.records import JobRecord, JobStatus, is_job_id, new_job_id
 from serving.jobs.retention import remove_files
 from serving.jobs.store import JobStore, cost_fields
 from serving.measured_cost import Calibration, MeasuredCost, base_cost_model
-from serving.models.presets import PRESETS
+from serving.jobs.reference import FIELD, ReferenceImage, read_reference, reference_bytes
+from serving.models.presets import PRESETS, image_presets
 from serving.pipeline.spec import SpecError, build_spec
 from serving.policy import ContentPolicy, PolicyViolation
 from serving.storage import ArtifactStore
@@ -30,6 +31,7 @@ LANGUAGE_TAG = re.compile(r"[A-Za-z]{2,8}(-[A-Za-z0-9]{1,8}){0,4}")
 MAX_LANGUAGE_CHARS = 35  # BCP 47's practical limit, and the column's width
 
 # Request fields that pass straight through to `build_spec`.
+REFERENCE_NAME = "input_reference.png"  # a job's first frame, under its artifact prefix
 SPEC_FIELDS = ("size", "seconds", "fps", "num_inference_steps", "guidance_scale", "negative_prompt", "seed", "cache")
 
 
@@ -90,6 +92,10 @@ class VideoJobs:
         if max_priority is not None and priority > max_priority:
             raise PriorityNotAllowed(priority, max_priority)
         fields = {name: request.get(name) for name in SPEC_FIELDS} | {"seconds": seconds} | peer_spellings(request)
+        job_id = new_job_id()
+        image = self._first_frame(request.get("input_reference"))
+        if image is not None:
+            fields["image"] = f"{job_id}/{REFERENCE_NAME}"
         spec = build_spec(self.preset, self.config.generation, request.get("prompt", ""), **fields)
         webhook_url = request.get("webhook_url")
         if webhook_url is not None:
@@ -118,14 +124,33 @@ class VideoJobs:
             verdict = estimate.admit(cost, self.store.queued_seconds(min_priority=priority), limit)
             if not verdict.admitted:
                 raise QueueFull(verdict, limit)
+        if image is not None and not replay:  # stored before the row: a claimed job always finds its frame
+            self.artifacts.put(spec.image, image.png)
+        # A replay with the same key must bring the same frame: the request's hash covers its pixels.
+        hashable = {**request, FIELD: hashlib.sha256(image.png).hexdigest() if image is not None else None}
         now = time.time()
         record = JobRecord(
-            id=new_job_id(), created_at=now, status=JobStatus.QUEUED, model=self.model_name, spec=spec.to_dict(),
+            id=job_id, created_at=now, status=JobStatus.QUEUED, model=self.model_name, spec=spec.to_dict(),
             timestamps={"submitted_at": now}, idempotency_key=idempotency_key, priority=priority,
             num_steps=spec.num_inference_steps, owner=owner, webhook_url=webhook_url, language=language,
-            request_hash=_request_hash(request) if idempotency_key else None, **cost_fields(cost),
+            request_hash=_request_hash(hashable) if idempotency_key else None, **cost_fields(cost),
         )
         return self.store.create(record)
+
+    def _first_frame(self, value) -> ReferenceImage | None:
+        """The request's first frame, checked (SpecError naming input_reference): required by an
+        image-to-video preset, refused by a text-to-video one with the presets that take it."""
+        if not self.preset.takes_image:
+            if value is not None:
+                takers = ", ".join(image_presets())
+                raise SpecError(FIELD, f"model {self.model_name!r} makes video from text only; a first frame needs "
+                                       f"a server running an image-to-video preset ({takers})")
+            return None
+        if value is None:
+            raise SpecError(FIELD, f"model {self.model_name!r} makes video from a first frame: send it as "
+                                   "input_reference (an image file, or {\"image_url\": \"data:image/png;base64,...\"})")
+        server = self.config.server
+        return read_reference(reference_bytes(value, server.max_image_bytes), server.max_image_pixels)
 
     def get(self, job_id: str, owner: str | None = None) -> JobRecord | None:
         """The job, if it exists and `owner` may see it (another tenant's job is None, as if

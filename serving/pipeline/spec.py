@@ -41,6 +41,7 @@ class VideoSpec:
     seed: int
     max_sequence_length: int
     cache_threshold: float = 0.0  # step caching (serving/pipeline/step_cache.py); 0: every step runs the DiT
+    image: str | None = None  # image-to-video: the job's first frame, an artifact key (serving/jobs/reference.py)
 
     @property
     def seconds(self) -> float:
@@ -65,6 +66,7 @@ def build_spec(
     seed: int | None = None,
     cache: str | float | None = None,
     num_frames: int | None = None,
+    image: str | None = None,
 ) -> VideoSpec:
     """Fill unset fields from config, then preset defaults; validate everything.
     `num_frames` (peers' spelling of the length) replaces `seconds` when given."""
@@ -151,7 +153,7 @@ def build_spec(
     return VideoSpec(
         prompt=prompt, negative_prompt=negative, width=width, height=height, num_frames=num_frames,
         fps=fps, num_inference_steps=steps, guidance_scale=float(guidance), shift=float(shift),
-        seed=seed, max_sequence_length=max_len, cache_threshold=cache_threshold,
+        seed=seed, max_sequence_length=max_len, cache_threshold=cache_threshold, image=image,
     )
 
 
