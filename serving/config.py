@@ -189,6 +189,19 @@ class ServerConfig(_Section):
     max_image_bytes: int = Field(default=10 << 20, ge=1024, description=(
         "Image-to-video presets: the largest first frame (input_reference) accepted, as sent; a create body may "
         "then be this much larger (a third more for a base64 data: URL)."))
+    fetch_image_urls: bool = Field(default=False, description=(
+        "Image-to-video presets: fetch an input_reference given as an http(s) image_url. Off by default: the "
+        "server would connect where a client says. Public addresses only, plus image_url_allowed_networks; no "
+        "redirects, no proxies, the size limit counted as it downloads."))
+    image_url_allowed_networks: list[str] = Field(default_factory=list, description=(
+        "Networks (CIDR) an image_url may point into besides public addresses, e.g. an internal image store."))
+    image_fetch_timeout_seconds: float = Field(default=10.0, gt=0, le=120)
+
+    @field_validator("image_url_allowed_networks")
+    @classmethod
+    def _image_networks(cls, value: list[str]) -> list[str]:
+        return cidr_list(value)
+
     max_image_pixels: int = Field(default=4096 * 4096, ge=64 * 64, description=(
         "Image-to-video presets: the most pixels a first frame may have, checked from its header before it is "
         "decoded (so a decompression bomb is refused unread)."))
@@ -343,16 +356,21 @@ class WebhooksConfig(_Section):
     @field_validator("allowed_networks")
     @classmethod
     def _cidrs(cls, value: list[str]) -> list[str]:
-        import ipaddress
+        return cidr_list(value)
 
-        networks = []
-        for text in value:
-            try:
-                networks.append(str(ipaddress.ip_network(text.strip())))
-            except ValueError as exc:
-                raise ValueError(f"{text!r} is not a network in CIDR form such as 10.0.0.0/8 or fd00::/8 "
-                                 f"({exc})") from None
-        return networks
+
+def cidr_list(value: list[str]) -> list[str]:
+    """Networks in CIDR form, normalized; ValueError naming one that is not."""
+    import ipaddress
+
+    networks = []
+    for text in value:
+        try:
+            networks.append(str(ipaddress.ip_network(text.strip())))
+        except ValueError as exc:
+            raise ValueError(f"{text!r} is not a network in CIDR form such as 10.0.0.0/8 or fd00::/8 "
+                             f"({exc})") from None
+    return networks
 
 
 class StorageConfig(_Section):

@@ -391,3 +391,106 @@ def test_ditserve_generate_takes_an_image(i2v_folder, tmp_path):
     missing = subprocess.run([sys.executable, "-m", "serving.cli", "generate", "a disc", "--size", "64x64"],
                              capture_output=True, text=True, timeout=300, env=env)
     assert missing.returncode == 2 and "--image: model 'wan2.1-i2v-14b-480p' makes video from a first frame" in missing.stderr
+
+
+# ---- remote image_url: off unless the operator allows it, and then only where egress allows ------
+
+
+def _server(**overrides):
+    from serving.config import ServerConfig
+
+    return ServerConfig(**{"fetch_image_urls": True, **overrides})
+
+
+def test_image_url_hosts_are_checked_before_any_connection():
+    from serving.api.image_fetch import check_image_url
+    from serving.pipeline.spec import SpecError
+
+    with pytest.raises(SpecError, match="not fetched by this server"):
+        check_image_url("https://images.example/frame.png", _server(fetch_image_urls=False))
+    for url, kind in (("http://127.0.0.1:9/f.png", "loopback"), ("http://2130706433:9/f.png", "loopback"),
+                      ("http://0x7f.1:9/f.png", "loopback"), ("http://localhost:9/f.png", "loopback"),
+                      ("http://[::ffff:127.0.0.1]:9/f.png", "loopback"), ("http://169.254.169.254/latest", "link-local"),
+                      ("http://10.1.2.3/f.png", "private"), ("http://[fd00::1]/f.png", "unique-local")):
+        with pytest.raises(SpecError, match=kind) as refused:
+            check_image_url(url, _server())
+        assert refused.value.field == "input_reference"
+    with pytest.raises(SpecError, match="without credentials"):
+        check_image_url("http://user:pw@images.example/f.png", _server())
+    # A public address passes the check (nothing is fetched here), and so does a trusted network.
+    assert check_image_url("https://93.184.216.34/f.png", _server()).host == "93.184.216.34"
+    assert check_image_url("http://127.0.0.1:9/f.png", _server(image_url_allowed_networks=["127.0.0.0/8"]))
+
+
+@pytest.fixture()
+def image_host():
+    """A real HTTP server on loopback: /frame.png, /redirect (to a loopback port) and /huge."""
+    import http.server
+    import threading
+
+    frame = _png(_frame())
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            if self.path == "/redirect":
+                self.send_response(302)
+                self.send_header("Location", "http://127.0.0.1:9/secret")
+                self.end_headers()
+                return
+            body = frame if self.path == "/frame.png" else b"\0" * 5000
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", frame
+    server.shutdown()
+
+
+def test_an_allowed_image_url_is_fetched_within_the_limits(image_host):
+    import asyncio
+
+    from serving.api.image_fetch import fetch_image
+    from serving.pipeline.spec import SpecError
+
+    base, frame = image_host
+    trusted = _server(image_url_allowed_networks=["127.0.0.1/32"], max_image_bytes=4096)
+    assert asyncio.run(fetch_image(f"{base}/frame.png", trusted)).data == frame
+    for path, match in (("/redirect", "HTTP 302"), ("/huge", "passed 4096 bytes")):
+        with pytest.raises(SpecError, match=match):
+            asyncio.run(fetch_image(f"{base}{path}", trusted))
+    with pytest.raises(SpecError, match="could not be fetched"):
+        asyncio.run(fetch_image("http://127.0.0.1:9/closed.png", trusted))
+    # Untrusted, the same server is refused before any connection, by address.
+    with pytest.raises(SpecError, match="loopback"):
+        asyncio.run(fetch_image(f"{base}/frame.png", _server()))
+
+
+def test_a_name_that_resolves_inside_is_refused_when_connecting(image_host):
+    """DNS rebinding: a public-looking name whose answer is loopback is refused by the resolver
+    the connection uses (the URL check could not know)."""
+    import asyncio
+
+    from aiohttp.abc import AbstractResolver
+
+    from serving.api.image_fetch import fetch_image
+    from serving.pipeline.spec import SpecError
+
+    base, _ = image_host
+    port = int(base.rsplit(":", 1)[1])
+
+    class Rebinding(AbstractResolver):  # DNS's answer, as an attacker's name server would give it
+        async def resolve(self, host, port=0, family=0):
+            return [{"hostname": host, "host": "127.0.0.1", "port": port, "family": 2, "proto": 0, "flags": 0}]
+
+        async def close(self):
+            pass
+
+    with pytest.raises(SpecError, match="resolves only to addresses this server does not call.*loopback"):
+        asyncio.run(fetch_image(f"http://images.example:{port}/frame.png", _server(), dns=Rebinding()))

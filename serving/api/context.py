@@ -24,6 +24,7 @@ from fastapi.security import HTTPBearer
 from serving.admission import NO_WORK, QueueFull, WaitEstimate
 from serving.api.errors import APIError
 from serving.api.events import JobWatcher, StreamSlots
+from serving.api.image_fetch import fetch_image, remote_url
 from serving.api.schemas import Video, video_from_job
 from serving.auth import ApiKeys, AuthError, Caller
 from serving.config import ServiceConfig
@@ -104,6 +105,12 @@ class APIContext:
         renamed = renamed or {}
         if idempotency_key is not None and not 1 <= len(idempotency_key) <= 255:
             raise APIError(400, "Idempotency-Key must be 1 to 255 characters", param="Idempotency-Key")
+        url = remote_url(fields.get("input_reference")) if self.jobs.preset.takes_image else None
+        if url is not None:  # fetched here, before admission: submit checks the bytes as any upload's
+            try:
+                fields = {**fields, "input_reference": await fetch_image(url, self.config.server)}
+            except SpecError as exc:
+                raise APIError(400, f"{exc.field}: {exc.message}", param=exc.field, code="invalid_value") from None
         wait = await self.current_estimate()  # costs the job, and admits it or not (serving/admission.py)
         try:
             async with self._quota_lock(who):

@@ -55,7 +55,7 @@ def task_body_schema(config: ServiceConfig, schema: dict[str, Any]) -> dict[str,
     g = config.generation
     limits = {"prompt": {"minLength": 1, "maxLength": g.max_prompt_chars},
               "negative_prompt": {"maxLength": g.max_prompt_chars},
-              "model": {"enum": sorted({config.server.model_name or config.model.preset, config.model.preset})},
+              "model": {"enum": model_names(config)},
               "seed": {"minimum": 0, "maximum": 2**63 - 1}, "language": LANGUAGE,
               "callback_url": {"maxLength": 2048}, "aspect_ratio": {"pattern": r"^[1-9][0-9]{0,2}:[1-9][0-9]{0,2}$"},
               "resolution": {"pattern": r"^([0-9]{1,5}x[0-9]{1,5}|[0-9]{3,4}[pP]|[24][kK])$"}}
@@ -63,6 +63,11 @@ def task_body_schema(config: ServiceConfig, schema: dict[str, Any]) -> dict[str,
     schema["properties"]["duration"]["anyOf"] = [{"type": "number", "exclusiveMinimum": 0, "maximum": g.max_seconds},
                                                  {"type": "null"}]
     return schema
+
+
+def model_names(config: ServiceConfig) -> list[str]:
+    """What `model` may say: the served name, the preset, or "" (the one served, as omitted)."""
+    return sorted({"", config.server.model_name or config.model.preset, config.model.preset})
 
 
 def docs_urls(config: ServiceConfig) -> dict[str, str | None]:
@@ -83,7 +88,7 @@ def request_body_schema(config: ServiceConfig) -> dict[str, Any]:
     g = config.generation
     limits = {
         "prompt": {"minLength": 1, "maxLength": g.max_prompt_chars},
-        "model": {"enum": sorted({config.server.model_name or config.model.preset, config.model.preset})},
+        "model": {"enum": model_names(config)},
         "negative_prompt": {"maxLength": g.max_prompt_chars},
         "size": {"pattern": r"^[0-9]+x[0-9]+$"},
         "num_inference_steps": {"minimum": 1, "maximum": g.max_steps},

@@ -7,8 +7,8 @@ against what the model can take, and the pixels are decoded whole, so a truncate
 refused here rather than failing a job later. What is stored is a plain RGB PNG of the frame
 (EXIF rotation applied, metadata dropped), the same bytes whatever the client sent.
 
-Remote `image_url`s (http/https) are not fetched: fetching needs the webhooks' egress
-checks and an operator's opt-in (issue 20), so they are refused with a way out.
+A remote `image_url` (http/https) reaches here only as the bytes the Gateway fetched, where
+the operator allows it (serving/api/image_fetch.py); as a URL it is refused with a way out.
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ def reference_bytes(value: Any, max_bytes: int) -> bytes:
 
 
 def _from_data_url(url: str, max_bytes: int) -> bytes:
-    if url.startswith(("http://", "https://")):
+    if url.lower().startswith(("http://", "https://")):
         raise SpecError(FIELD, "remote image URLs are not fetched by this server; send the image itself, as a "
                                "multipart file or a data: URL")
     found = DATA_URL.match(url[:200]) and DATA_URL.match(url)
