@@ -277,7 +277,7 @@ def i2v_service(service, i2v_folder, tmp_path_factory):
         "DITSERVE_SERVER__DIRECTOR_POLL_SECONDS": "0.2",
         "DITSERVE_SERVER__GATEWAY_NUM_CPUS": "0.05", "DITSERVE_SERVER__DIRECTOR_NUM_CPUS": "0.05",
         "DITSERVE_STAGES__TEXT_ENCODER": small, "DITSERVE_STAGES__VAE_DECODER": small,
-        "DITSERVE_STAGES__DENOISER": small,
+        "DITSERVE_STAGES__DENOISER": small, "DITSERVE_ENGINE__CHECKPOINT_EVERY": "5",
     })
     serve.run(build_app(config), name=I2V_APP, route_prefix=f"/{I2V_APP}")
     url = f"{service.url}/{I2V_APP}"
@@ -318,6 +318,30 @@ def test_the_sdk_uploads_a_first_frame_and_gets_its_video(i2v_service, i2v_pipel
 
     store = ArtifactStore(i2v_service.config.storage.artifacts_url)
     assert store.keys(video.id) == sorted([f"{video.id}/video.mp4", f"{video.id}/thumbnail.webp"])
+
+
+def test_a_killed_denoiser_resumes_an_i2v_job_with_its_frame(i2v_service):
+    """The conditioning survives a lost replica: the job resumes from its checkpoint and comes
+    out byte for byte as an uninterrupted one."""
+    import ray
+
+    from conftest import wait_for
+
+    client = i2v_service.client()
+    every = i2v_service.config.engine.checkpoint_every
+    body = dict(prompt="a disc that survives", seconds="1", size="256x256",
+                input_reference=("frame.png", _png(_frame(256, 256)), "image/png"),
+                extra_body={"num_inference_steps": 100, "seed": 9})
+    video = client.videos.create(**body)
+    wait_for(lambda: client.videos.retrieve(video.id).progress >= 5 + 85 * (2 * every + 1) // 100, timeout=180)
+    [replica] = [a for a in ray.util.list_named_actors(all_namespaces=True) if f"{I2V_APP}#Denoiser#" in a["name"]]
+    ray.kill(ray.get_actor(replica["name"], namespace=replica["namespace"]), no_restart=True)
+    final = client.videos.poll(video.id, poll_interval_ms=200)
+    assert final.status == "completed", final.error
+    assert final.model_extra["resumed_from_step"] >= every
+    again = client.videos.create_and_poll(**body, poll_interval_ms=200)
+    assert again.model_extra["resumed_from_step"] is None
+    assert client.videos.download_content(video.id).read() == client.videos.download_content(again.id).read()
 
 
 def test_a_json_data_url_works_too_and_bad_frames_are_400s(i2v_service):
