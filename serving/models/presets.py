@@ -92,6 +92,25 @@ _TINY = Preset(
     bundled="weights/tiny",
 )
 
+# Wan2.1 I2V: the 14B DiT with 36 input channels (noise, first-frame mask, first-frame latents)
+# and an image cross-attention over CLIP ViT-H/14 tokens; one folder per resolution, with the
+# flow shift the Wan release recommends for it (3.0 at 480p, 5.0 at 720p).
+_I2V_480P = Preset(
+    name="wan2.1-i2v-14b-480p",
+    description="Wan2.1 I2V 14B 480P from a local diffusers folder: a video from a first frame and a prompt",
+    dtype="bfloat16",
+    needs_folder=True,
+    defaults=GenerationDefaults(
+        size="832x480", seconds=5.0, fps=16, num_inference_steps=40, guidance_scale=5.0,
+        shift=3.0, negative_prompt=WAN_NEGATIVE_PROMPT, max_sequence_length=512,
+    ),
+    typical_step_seconds=4.0,
+    attention_heads=40,
+    max_cost=8_000_000,  # as the 480p T2V preset: its default job is 2.7 M token-steps
+    step_cache=(),  # the image tokens do not pass through step caching's forward yet
+    task="i2v",
+)
+
 PRESETS: dict[str, Preset] = {
     "tiny": _TINY,
     "tiny-random": dataclasses.replace(
@@ -125,39 +144,12 @@ PRESETS: dict[str, Preset] = {
         # Default job: 7.6 M. Fits 10 s at the defaults (14.8 M) or 100 steps (15.1 M).
         max_cost=16_000_000,
     ),
-    # Wan2.1 I2V: the 14B DiT with 36 input channels (noise, first-frame mask, first-frame
-    # latents) and an image cross-attention over CLIP ViT-H/14 tokens; one folder per resolution,
-    # with the flow shift the Wan release recommends for it (3.0 at 480p, 5.0 at 720p).
-    "wan2.1-i2v-14b-480p": Preset(
-        name="wan2.1-i2v-14b-480p",
-        description="Wan2.1 I2V 14B 480P from a local diffusers folder: a video from a first frame and a prompt",
-        dtype="bfloat16",
-        needs_folder=True,
-        defaults=GenerationDefaults(
-            size="832x480", seconds=5.0, fps=16, num_inference_steps=40, guidance_scale=5.0,
-            shift=3.0, negative_prompt=WAN_NEGATIVE_PROMPT, max_sequence_length=512,
-        ),
-        typical_step_seconds=4.0,
-        attention_heads=40,
-        max_cost=8_000_000,  # as the 480p T2V preset: its default job is 2.7 M token-steps
-        step_cache=(),  # the image tokens do not pass through step caching's forward yet
-        task="i2v",
-    ),
-    "wan2.1-i2v-14b-720p": Preset(
-        name="wan2.1-i2v-14b-720p",
+    "wan2.1-i2v-14b-480p": _I2V_480P,
+    "wan2.1-i2v-14b-720p": dataclasses.replace(
+        _I2V_480P, name="wan2.1-i2v-14b-720p",
         description="Wan2.1 I2V 14B 720P from a local diffusers folder: a video from a first frame and a prompt",
-        dtype="bfloat16",
-        needs_folder=True,
-        defaults=GenerationDefaults(
-            size="1280x720", seconds=5.0, fps=16, num_inference_steps=40, guidance_scale=5.0,
-            shift=5.0, negative_prompt=WAN_NEGATIVE_PROMPT, max_sequence_length=512,
-        ),
-        typical_step_seconds=8.0,
-        attention_heads=40,
-        max_cost=16_000_000,
-        step_cache=(),
-        task="i2v",
-    ),
+        defaults=dataclasses.replace(_I2V_480P.defaults, size="1280x720", shift=5.0),
+        typical_step_seconds=8.0, max_cost=16_000_000),
 }
 
 
