@@ -56,16 +56,7 @@ def _stage_options(name: str, stage: StageConfig, prior_seconds_per_step: float 
     return options
 
 
-def check_servable(config: ServiceConfig) -> None:
-    """What the service cannot serve yet, refused before anything starts (ValueError)."""
-    preset = PRESETS[config.model.preset]
-    if preset.takes_image and config.stages.denoiser.parallel.degree > 1:
-        raise ValueError(f"model.preset {preset.name!r}: image-to-video does not run on a gang of devices yet; "
-                         "set stages.denoiser.parallel to 1 x 1")
-
-
 def build_app(config: ServiceConfig) -> Application:
-    check_servable(config)
     stages = config.stages
     # Until a Denoiser has measured a step: the preset's, shared by a full batch's requests.
     step_prior = PRESETS[config.model.preset].typical_step_seconds / config.engine.max_batch

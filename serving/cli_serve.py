@@ -54,11 +54,8 @@ def serve(args, config) -> int:
 
     from serving.models.loading import ModelFolderError, check_model_folder
 
-    from serving.app import check_servable
-
     try:
         config = with_flags(args, config)
-        check_servable(config)
     except (ValueError, ValidationError) as exc:
         print(f"ditserve serve: error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_USAGE

@@ -3,6 +3,8 @@ frame's conditioning, and the staged pipeline against diffusers' WanImageToVideo
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 from diffusers import UniPCMultistepScheduler, WanImageToVideoPipeline, WanTransformer3DModel
@@ -133,13 +135,34 @@ def test_an_i2v_preset_needs_an_image_and_a_t2v_one_refuses_it(i2v_pipeline, tin
         tiny_pipeline.latents(tiny_pipeline.spec("a disc"), image=_frame())
 
 
-def test_i2v_requests_refuse_step_caching_by_name(i2v_pipeline):
-    from serving.pipeline.spec import SpecError
+def test_step_caching_and_a_gang_carry_the_image_tokens(i2v_folder, i2v_pipeline):
+    """The split forward (step caching's, and a gang's blocks) embeds the image tokens as the
+    model does: uncached through it equals the model's own forward, a gang of two equals one
+    device, and caching skips steps."""
+    from serving.parallel.processes import run_gang
 
-    with pytest.raises(SpecError, match="does not run step caching") as refused:
-        i2v_pipeline.spec("a disc", size="64x64", num_frames=9, cache="balanced")
-    assert refused.value.field == "cache"
-    assert i2v_pipeline.spec("a disc", size="64x64", num_frames=9).cache_threshold == 0.0
+    spec = i2v_pipeline.spec("a disc", seed=8, size="64x64", num_frames=9, num_inference_steps=12)
+    cached = i2v_pipeline.spec("a disc", seed=8, size="64x64", num_frames=9, num_inference_steps=12, cache="fast")
+    image = _frame()
+    plain = i2v_pipeline.latents(spec, image=image)
+    steps = []
+    skipped = i2v_pipeline.latents(cached, image=image, on_computed=steps.append)
+    assert 0 < sum(steps) < len(steps)  # some steps reused their residual
+    assert (skipped - plain).abs().max().item() < 0.5  # close, not equal: caching trades fidelity
+    config = ServiceConfig(model=ModelConfig(preset=PRESET, path=str(i2v_folder), device="cpu", dtype="float32",
+                                             attention_backend="sdpa"))
+    for ulysses, cfg in ((2, 1), (1, 2)):
+        found = run_gang(config, ulysses, cfg, partial(_i2v_with_blocks, spec), timeout_s=300)
+        assert (found - plain).abs().max().item() <= FIDELITY_ATOL, (ulysses, cfg)
+
+
+def _i2v_with_blocks(spec, pipeline, blocks):
+    """Work for run_gang: the I2V job denoised with the gang's blocks."""
+    from serving.pipeline.denoise import denoise
+
+    cond, neg = pipeline.encode(spec)
+    return denoise(pipeline.transformer, pipeline.scheduler_config, spec, cond, neg, pipeline.preset.geometry,
+                   blocks=blocks, image=pipeline.encode_image(spec, _frame()))
 
 
 def test_checkpoints_carry_the_image_conditioning(i2v_pipeline):
@@ -175,15 +198,6 @@ def test_our_attention_kernel_runs_the_image_cross_attention(i2v_folder, i2v_pip
     found = kernel.latents(spec, image=_frame())
     expected = i2v_pipeline.latents(spec, image=_frame())
     assert (found - expected).abs().max().item() <= FIDELITY_ATOL
-
-
-def test_the_service_refuses_what_it_cannot_serve_yet():
-    from serving.app import check_servable
-
-    config = ServiceConfig.model_validate({"model": {"preset": PRESET, "path": "/nowhere"},
-                                           "stages": {"denoiser": {"parallel": {"ulysses": 2}}}})
-    with pytest.raises(ValueError, match="image-to-video does not run on a gang"):
-        check_servable(config)
 
 
 # ---- the first frame as a request sends it (serving/jobs/reference.py) --------------------------

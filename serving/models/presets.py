@@ -107,7 +107,6 @@ _I2V_480P = Preset(
     typical_step_seconds=4.0,
     attention_heads=40,
     max_cost=8_000_000,  # as the 480p T2V preset: its default job is 2.7 M token-steps
-    step_cache=(),  # the image tokens do not pass through step caching's forward yet
     task="i2v",
 )
 

@@ -91,7 +91,8 @@ class Gang:
 
     @torch.inference_mode()
     def blocks(self, transformer: torch.nn.Module, hidden_states: torch.Tensor, timestep: torch.Tensor,
-               encoder_hidden_states: torch.Tensor, layout: Layout = "split") -> torch.Tensor:
+               encoder_hidden_states: torch.Tensor, image_embeds: torch.Tensor | None = None,
+               layout: Layout = "split") -> torch.Tensor:
         """The output of the DiT's blocks for these rows, (rows, tokens, dim), computed by the
         whole gang in `layout`: every member calls this with the same inputs."""
         t = transformer
@@ -102,21 +103,22 @@ class Gang:
             first, last = shard_bounds(batch, self.degree, self.rank)
             self.sequence.length, self.sequence.active = length, False
             try:
-                y = self._run(t, hidden_states, timestep, encoder_hidden_states, first, last, 0, length)
+                y = self._run(t, hidden_states, timestep, encoder_hidden_states, image_embeds, first, last, 0, length)
             finally:
                 self.sequence.active = True
             return _gather(y, 0, shard_sizes(batch, self.degree), dist.group.WORLD)
         self.sequence.length = length
         first, last = shard_bounds(batch, self.cfg, self.cfg_rank)
         start, end = shard_bounds(length, self.ulysses, self.sequence.rank)
-        y = self._run(t, hidden_states, timestep, encoder_hidden_states, first, last, start, end)
+        y = self._run(t, hidden_states, timestep, encoder_hidden_states, image_embeds, first, last, start, end)
         if last > first:
             y = _gather(y, 1, shard_sizes(length, self.ulysses), self.sequence.group if self.ulysses > 1 else None)
         return _gather(y, 0, shard_sizes(batch, self.cfg), self.rows_group)
 
     @staticmethod
     def _run(t: torch.nn.Module, hidden_states: torch.Tensor, timestep: torch.Tensor,
-             encoder_hidden_states: torch.Tensor, first: int, last: int, start: int, end: int) -> torch.Tensor:
+             encoder_hidden_states: torch.Tensor, image_embeds: torch.Tensor | None, first: int, last: int,
+             start: int, end: int) -> torch.Tensor:
         """Rows first..last, tokens start..end, through the blocks: (rows, end - start, dim);
         empty when this rank has no rows (it only joins the gathers)."""
         from serving.pipeline.step_cache import embed
@@ -126,7 +128,8 @@ class Gang:
             return hidden_states.new_empty(0, end - start, dim, dtype=next(t.parameters()).dtype)
         # Every rank embeds its rows whole (cheap) and keeps its slice of the tokens.
         x, _, projection, text, rotary = embed(t, hidden_states[first:last], timestep[first:last],
-                                               encoder_hidden_states[first:last])
+                                               encoder_hidden_states[first:last],
+                                               None if image_embeds is None else image_embeds[first:last])
         cos, sin = rotary
         y, rotary = x[:, start:end], (cos[:, start:end], sin[:, start:end])
         for block in t.blocks:
@@ -139,9 +142,9 @@ class Gang:
     # failed collective.
 
     def lead(self, transformer: torch.nn.Module, hidden_states: torch.Tensor, timestep: torch.Tensor,
-             encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+             encoder_hidden_states: torch.Tensor, image_embeds: torch.Tensor | None = None) -> torch.Tensor:
         """Rank 0: run the blocks for these rows across the gang (the others in `follow`)."""
-        inputs = [hidden_states, timestep, encoder_hidden_states]
+        inputs = [hidden_states, timestep, encoder_hidden_states] + ([] if image_embeds is None else [image_embeds])
         layout = choose_layout(hidden_states.shape[0], self.ulysses, self.cfg, self.policy, self.split_efficiency)
         try:
             dist.broadcast_object_list([(layout, [(tuple(v.shape), v.dtype) for v in inputs])], src=0,

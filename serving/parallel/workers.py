@@ -82,11 +82,11 @@ class GangLeader:
         return {"ulysses": self.gang.ulysses, "cfg": self.gang.cfg, "ranks": self.gang.degree, "worker_pids": self.pids,
                 "layout": self.gang.policy, "forwards": dict(self.gang.forwards)}
 
-    def blocks(self, hidden_states: torch.Tensor, timestep: torch.Tensor,
-               encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+    def blocks(self, hidden_states: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+               image_embeds: torch.Tensor | None = None) -> torch.Tensor:
         followed = [w.follow.remote() for w in self.workers]
         try:
-            y = self.gang.lead(self.transformer, hidden_states, timestep, encoder_hidden_states)
+            y = self.gang.lead(self.transformer, hidden_states, timestep, encoder_hidden_states, image_embeds)
             ray.get(followed, timeout=self.timeout_s)
             return y
         except Exception as exc:  # GangError, a dead worker (RayActorError), a timeout

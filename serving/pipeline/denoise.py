@@ -115,15 +115,14 @@ def denoise_batch_step(
     cached_forward = getattr(transformer, "forward_with_caches", None)
     if cached_forward is None and supports_step_cache(transformer):
         cached_forward = partial(forward_with_caches, transformer)
-    if image_embeds is not None and (blocks is not None or any(s.cache is not None for s in states)):
-        raise NotImplementedError("image-to-video runs neither step caching nor a gang of devices yet")
+    image = {} if image_embeds is None else {"image_embeds": image_embeds}
     if blocks is not None:  # a gang splits the blocks; step caching decides around them, as alone
         noise, computed = forward_with_caches(transformer, model_input, rows_t, embeds, rows,
                                               [s.cache for s in states], [(s.step, s.total_steps) for s in states],
-                                              blocks=blocks)
+                                              blocks=blocks, **image)
     elif any(s.cache is not None for s in states) and cached_forward is not None:
         noise, computed = cached_forward(model_input, rows_t, embeds, rows, [s.cache for s in states],
-                                         [(s.step, s.total_steps) for s in states])
+                                         [(s.step, s.total_steps) for s in states], **image)
     else:
         extra = {} if image_embeds is None else {"encoder_hidden_states_image": image_embeds}
         noise = transformer(hidden_states=model_input, timestep=rows_t, encoder_hidden_states=embeds,

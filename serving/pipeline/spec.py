@@ -162,10 +162,6 @@ def _cache_threshold(preset: Preset, g: GenerationConfig, cache: str | float | N
     server's maximum."""
     value = g.cache if cache is None else cache
     named = dict(preset.step_cache)
-    if not named:  # a preset step caching does not run on (yet): the server's default is off for it
-        if cache is None or (isinstance(cache, str) and cache.strip().lower() in ("off", "0", "")):
-            return 0.0
-        raise SpecError("cache", f"model {preset.name!r} does not run step caching; leave cache off")
     if isinstance(value, str) and value.strip().lower() in named:
         name, threshold = value.strip().lower(), named[value.strip().lower()]
     elif isinstance(value, str) and value.strip().lower() in ("off", "0", ""):

@@ -73,31 +73,36 @@ def warmup_steps(total: int) -> int:
 
 
 def embed(transformer: torch.nn.Module, hidden_states: torch.Tensor, timestep: torch.Tensor,
-          encoder_hidden_states: torch.Tensor):
+          encoder_hidden_states: torch.Tensor, image_embeds: torch.Tensor | None = None):
     """What a Wan DiT computes before its blocks: (tokens, time embedding, per-block
-    modulation, text, rotary table)."""
+    modulation, context, rotary table). The context is the text, preceded by the image's
+    tokens for an image-to-video DiT (its attention tells them apart by the text's length)."""
     t = transformer
     rotary = t.rope(hidden_states)
     x = t.patch_embedding(hidden_states).flatten(2).transpose(1, 2).contiguous()
-    temb, projection, text, _ = t.condition_embedder(timestep, encoder_hidden_states, None, timestep_seq_len=None)
+    temb, projection, text, image = t.condition_embedder(timestep, encoder_hidden_states, image_embeds,
+                                                         timestep_seq_len=None)
+    if image is not None:
+        text = torch.concat([image, text], dim=1)
     return x, temb, projection.unflatten(1, (6, -1)), text, rotary
 
 
 @torch.inference_mode()
 def forward_with_caches(transformer: torch.nn.Module, hidden_states: torch.Tensor, timestep: torch.Tensor,
                         encoder_hidden_states: torch.Tensor, owners: list[int], caches: list[StepCache | None],
-                        positions: list[tuple[int, int]], blocks=None) -> tuple[torch.Tensor, list[bool]]:
-    """A Wan DiT forward (diffusers' `WanTransformer3DModel`, text-to-video) over a batch
+                        positions: list[tuple[int, int]], blocks=None,
+                        image_embeds: torch.Tensor | None = None) -> tuple[torch.Tensor, list[bool]]:
+    """A Wan DiT forward (diffusers' `WanTransformer3DModel`; `image_embeds` for image-to-video) over a batch
     whose rows belong to requests `owners[row]`; request i skips the blocks when its
     `caches[i]` says so at `positions[i]` = (step, total). Returns (noise prediction, whether
     each request ran the blocks). With no cache at all it is the model's own forward, op for op.
 
-    `blocks(hidden_states, timestep, encoder_hidden_states)` -> the blocks' output for those
-    rows, when someone else runs them (a gang of devices: serving/parallel/gang.py)."""
+    `blocks(hidden_states, timestep, encoder_hidden_states, image_embeds)` -> the blocks' output
+    for those rows, when someone else runs them (a gang of devices: serving/parallel/gang.py)."""
     t = transformer
     batch, _, frames, height, width = hidden_states.shape
     p_t, p_h, p_w = t.config.patch_size
-    x, temb, projection, text, rotary = embed(t, hidden_states, timestep, encoder_hidden_states)
+    x, temb, projection, text, rotary = embed(t, hidden_states, timestep, encoder_hidden_states, image_embeds)
 
     first = t.blocks[0]
     rows_of = [[r for r, owner in enumerate(owners) if owner == i] for i in range(len(caches))]
@@ -117,8 +122,8 @@ def forward_with_caches(transformer: torch.nn.Module, hidden_states: torch.Tenso
         whole = len(running) == batch
         index = torch.tensor(running, device=x.device)
         if blocks is not None:
-            y = blocks(*(v if whole else v.index_select(0, index)
-                         for v in (hidden_states, timestep, encoder_hidden_states)))
+            y = blocks(*(v if whole or v is None else v.index_select(0, index)
+                         for v in (hidden_states, timestep, encoder_hidden_states, image_embeds)))
         else:
             y = x if whole else x.index_select(0, index)
             text_rows = text if whole else text.index_select(0, index)
