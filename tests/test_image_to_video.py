@@ -242,10 +242,11 @@ def test_bad_first_frames_are_refused_naming_the_field():
     from serving.jobs.reference import reference_bytes
     from serving.pipeline.spec import SpecError
 
-    _refused(b"GIF89a not really", "is not an image")
-    _refused(b"%PDF-1.7 a document", "is not an image")
-    gif = _png(Image.new("P", (8, 8)), format="GIF")
-    _refused(gif, "is a GIF image; expected PNG, JPEG or WebP")
+    _refused(b"GIF89a not really", "is not a PNG, JPEG or WebP image")
+    _refused(b"%PDF-1.7 a document", "is not a PNG, JPEG or WebP image")
+    # Other formats never reach a decoder: only PNG, JPEG and WebP are tried.
+    _refused(_png(Image.new("P", (8, 8)), format="GIF"), "is not a PNG, JPEG or WebP image")
+    _refused(_png(Image.new("RGB", (8, 8)), format="TIFF"), "is not a PNG, JPEG or WebP image")
     _refused(_png(Image.new("I;16", (8, 8))), "pixel mode I;16")
     _refused(_png(_frame())[:200], "truncated or corrupt")
     # A decompression bomb: a small file whose header claims 5000 x 5000 pixels, refused from the
@@ -379,7 +380,7 @@ def test_a_json_data_url_works_too_and_bad_frames_are_400s(i2v_service):
 
     for sent, match in (
         (None, "makes video from a first frame"),
-        ({"image_url": "data:image/png;base64," + base64.b64encode(b"not an image").decode()}, "is not an image"),
+        ({"image_url": "data:image/png;base64," + base64.b64encode(b"not an image").decode()}, "is not a PNG, JPEG or WebP image"),
         ({"image_url": "http://127.0.0.1:9/frame.png"}, "remote image URLs are not fetched"),
     ):
         answer = requests.post(url, json={"prompt": "a disc", "size": "64x64", "input_reference": sent}, timeout=30)
