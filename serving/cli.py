@@ -16,6 +16,7 @@ from serving.cli_bench import add_bench_command, run_bench
 from serving.cli_keys import add_keys_commands, run_keys
 from serving.cli_loadtest import add_loadtest_command, run_loadtest
 from serving.cli_serve import add_serve_command, serve
+from serving.cli_train import add_train_command, run_train_tiny
 
 EXIT_USAGE = 2
 
@@ -62,25 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     cfg = sub.add_parser("config", help="validate a config file and print the resolved settings")
     _add_config(cfg)
 
-    train = sub.add_parser("train-tiny", help="train the tiny preset on synthetic shape clips (CPU, well under an hour)")
-    train.add_argument("--out", type=Path, default=Path("tiny-model"),
-                       help="folder to write, diffusers layout (default ./tiny-model; serve it with "
-                            "DITSERVE_MODEL__PATH, or copy it over serving/models/weights/tiny)")
-    train.add_argument("--seed", type=int, default=0, help="the whole run follows from it (default 0)")
-    train.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    # Recipe settings default to train()'s own (the shipped model's), so they are None here.
-    train.add_argument("--num-clips", type=int, default=None, help="synthetic clips to train on")
-    train.add_argument("--vae-steps", type=int, default=None)
-    train.add_argument("--vae-from", type=Path, default=None,
-                       help="take the VAE of an earlier run's folder (e.g. serving/models/weights/tiny) instead of "
-                            "training one: same result for the same seed, in half the time")
-    train.add_argument("--dit-steps", type=int, default=None)
-    train.add_argument("--dit-batch", type=int, default=None)
-    train.add_argument("--dit-lr", type=float, default=None)
-    train.add_argument("--partial-captions", type=float, default=None,
-                       help="share of captions saying only 1-2 attributes (off by default: it lowered the held-out "
-                            "score)")
-
+    add_train_command(sub)
     add_keys_commands(sub)
     return parser
 
@@ -96,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "keys":  # makes secrets: no config needed
         return run_keys(args)
     if args.command == "train-tiny":  # its own fixed recipe: no config needed
-        return _train_tiny(args)
+        return run_train_tiny(args)
     if args.command == "bench" and args.bench == "gpu":  # builds its own models: no config needed
         _quiet_libraries()
         return run_bench(args, None, argv)
@@ -118,32 +101,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "k8s":
         return _k8s(args)
     return _generate(args, config)
-
-
-def _train_tiny(args) -> int:
-    _quiet_libraries()
-    counts = {"num_clips": args.num_clips, "vae_steps": args.vae_steps, "dit_steps": args.dit_steps,
-              "dit_batch": args.dit_batch}
-    recipe = {name: value for name, value in {**counts, "dit_lr": args.dit_lr,
-                                              "partial_captions": args.partial_captions}.items() if value is not None}
-    problems = [f"--{name.replace('_', '-')} must be at least 1" for name, value in counts.items()
-                if value is not None and value < 1]
-    if args.dit_lr is not None and not args.dit_lr > 0:
-        problems.append("--dit-lr must be above 0")
-    if args.partial_captions is not None and not 0 <= args.partial_captions <= 1:
-        problems.append("--partial-captions must be between 0 and 1")
-    if args.vae_from is not None and not (args.vae_from / "vae" / "config.json").is_file():
-        problems.append(f"--vae-from {args.vae_from}: no vae/config.json there; expected the folder an earlier "
-                        "train-tiny run wrote")
-    for problem in problems:
-        print(f"ditserve train-tiny: error: {problem}", file=sys.stderr)
-    if problems:
-        return EXIT_USAGE
-    from serving.models.train_tiny import train
-
-    train(args.out, seed=args.seed, threads=args.threads, vae_from=args.vae_from,
-          log=lambda line: print(line, flush=True), **recipe)
-    return 0
 
 
 def _config(config) -> int:

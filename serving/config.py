@@ -26,7 +26,7 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_default=True)
 
 
-PresetName = Literal["tiny", "tiny-random", "wan2.1-t2v-1.3b", "wan2.1-t2v-14b", "wan2.1-i2v-14b-480p", "wan2.1-i2v-14b-720p"]
+PresetName = Literal["tiny", "tiny-random", "tiny-i2v", "wan2.1-t2v-1.3b", "wan2.1-t2v-14b", "wan2.1-i2v-14b-480p", "wan2.1-i2v-14b-720p"]
 
 
 class ModelConfig(_Section):
@@ -452,6 +452,18 @@ class ServiceConfig(_Section):
             raise ValueError(f"stages.denoiser.parallel.ulysses ({ulysses}) must divide the {self.model.preset} "
                              f"model's {heads} attention heads; e.g. one of "
                              f"{[d for d in range(1, heads + 1) if heads % d == 0]}")
+        return self
+
+    @model_validator(mode="after")
+    def _image_models_keep_wan_text_length(self) -> "ServiceConfig":
+        from serving.models.presets import I2V_TEXT_TOKENS, PRESETS
+
+        asked = self.generation.max_sequence_length
+        if PRESETS[self.model.preset].takes_image and asked not in (None, I2V_TEXT_TOKENS):
+            # Wan's I2V DiT finds where its image tokens end by counting the text's from the end.
+            raise ValueError(f"generation.max_sequence_length must be {I2V_TEXT_TOKENS} (or unset) for the "
+                             f"image-to-video model {self.model.preset}: the DiT tells its image tokens from the "
+                             f"text's by that count; found {asked}")
         return self
 
     @model_validator(mode="after")

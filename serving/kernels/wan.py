@@ -19,6 +19,7 @@ from functools import partial
 import torch
 
 from serving.kernels.dispatch import Backend, attend
+from serving.models.presets import I2V_TEXT_TOKENS
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -30,7 +31,6 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     return rotated.flatten(-2).type_as(x)
 
 
-WAN_TEXT_TOKENS = 512  # Wan2.1's text context length
 
 
 class KernelAttnProcessor:
@@ -52,7 +52,7 @@ class KernelAttnProcessor:
         if attn.add_k_proj is not None and encoder_hidden_states is not None:
             # Wan2.1-I2V's cross-attention: the image tokens come before the text's (whose length
             # Wan fixes at 512, as diffusers' own processor assumes).
-            split = encoder_hidden_states.shape[1] - WAN_TEXT_TOKENS
+            split = encoder_hidden_states.shape[1] - I2V_TEXT_TOKENS
             image, encoder_hidden_states = encoder_hidden_states[:, :split], encoder_hidden_states[:, split:]
         context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
         query, key, value = _get_qkv_projections(attn, hidden_states, context)

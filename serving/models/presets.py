@@ -19,6 +19,12 @@ WAN_NEGATIVE_PROMPT = (
 )
 
 
+# Wan2.1-I2V's text context: its DiT takes [image tokens, text tokens] as one sequence and
+# splits them by counting this many text tokens from the end (diffusers' processor and ours,
+# serving/kernels/wan.py), so an image-to-video preset always encodes prompts to this length.
+I2V_TEXT_TOKENS = 512
+
+
 @dataclass(frozen=True)
 class GenerationDefaults:
     size: str
@@ -115,6 +121,15 @@ PRESETS: dict[str, Preset] = {
     "tiny-random": dataclasses.replace(
         _TINY, name="tiny-random", bundled=None,
         description="the tiny architecture with random weights built from model.seed: coloured noise, for tests"),
+    # The tiny model taught to animate a first frame (serving/models/train_tiny_i2v.py): the
+    # same DiT with Wan2.1-I2V's image inputs, the same text encoder and VAE. 512 text tokens,
+    # as every Wan I2V model: the DiT tells its image tokens from its text ones by that count
+    # (I2V_TEXT_TOKENS).
+    "tiny-i2v": dataclasses.replace(
+        _TINY, name="tiny-i2v", bundled="weights/tiny-i2v", task="i2v",
+        defaults=dataclasses.replace(_TINY.defaults, max_sequence_length=512),
+        description="the tiny model as image-to-video, trained to move the shape of a given first frame the way "
+                    "the prompt says (ships with ditserve)"),
     "wan2.1-t2v-1.3b": Preset(
         name="wan2.1-t2v-1.3b",
         description="Wan2.1 T2V 1.3B from a local diffusers folder (480p)",

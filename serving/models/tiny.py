@@ -45,8 +45,23 @@ SCHEDULER_CONFIG = dict(
     use_flow_sigmas=True, flow_shift=3.0, solver_order=2, solver_type="bh2", lower_order_final=True,
 )
 
+# `tiny-i2v`: the same DiT with Wan2.1-I2V's inputs (noisy latents, the 4-channel first-frame
+# mask and the first frame's latents: 36 channels) and an image cross-attention over the
+# tokens of a CLIP vision encoder at toy size, which sees the 64x64 frame as 8x8 patches
+# (64 patches + the class token = 65 image tokens).
+IMAGE_SIZE = 64
+IMAGE_ENCODER_CONFIG = dict(
+    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+    image_size=IMAGE_SIZE, patch_size=8,
+)
+I2V_TRANSFORMER_CONFIG = dict(
+    TRANSFORMER_CONFIG, in_channels=2 * LATENT_CHANNELS + 4,
+    image_dim=IMAGE_ENCODER_CONFIG["hidden_size"],
+    added_kv_proj_dim=TRANSFORMER_CONFIG["num_attention_heads"] * TRANSFORMER_CONFIG["attention_head_dim"],
+)
+
 # Each component gets its own seed offset so it can be built alone, identically.
-_OFFSETS = {"text_encoder": 1, "transformer": 2, "vae": 3}
+_OFFSETS = {"text_encoder": 1, "transformer": 2, "vae": 3, "image_encoder": 4}
 
 
 @contextmanager
@@ -74,6 +89,25 @@ def build_transformer(seed: int) -> WanTransformer3DModel:
 def build_vae(seed: int) -> AutoencoderKLWan:
     with _seeded(seed + _OFFSETS["vae"]):
         return AutoencoderKLWan(**VAE_CONFIG).eval()
+
+
+def build_image_processor():
+    """CLIP's preprocessing at the toy encoder's input size (resize, centre crop, normalize)."""
+    from transformers import CLIPImageProcessor
+
+    return CLIPImageProcessor(size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
+
+
+def build_image_encoder(seed: int):
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    with _seeded(seed + _OFFSETS["image_encoder"]):
+        return CLIPVisionModel(CLIPVisionConfig(**IMAGE_ENCODER_CONFIG)).eval()
+
+
+def build_i2v_transformer(seed: int) -> WanTransformer3DModel:
+    with _seeded(seed + _OFFSETS["transformer"]):
+        return WanTransformer3DModel(**I2V_TRANSFORMER_CONFIG).eval()
 
 
 def scheduler_config() -> dict:
