@@ -73,7 +73,7 @@ def _frame(width: int = 64, height: int = 64) -> Image.Image:
 
 
 def test_the_i2v_presets_take_an_image_and_need_its_encoder(tmp_path, i2v_folder):
-    assert image_presets() == ["wan2.1-i2v-14b-480p", "wan2.1-i2v-14b-720p"]
+    assert image_presets() == ["tiny-i2v", "wan2.1-i2v-14b-480p", "wan2.1-i2v-14b-720p"]
     assert not PRESETS["wan2.1-t2v-14b"].takes_image
     assert (PRESETS["wan2.1-i2v-14b-480p"].defaults.shift, PRESETS["wan2.1-i2v-14b-720p"].defaults.shift) == (3.0, 5.0)
     assert load_image_encoder(ModelConfig()) is None  # tiny: text only
@@ -329,11 +329,18 @@ def test_the_sdk_uploads_a_first_frame_and_gets_its_video(i2v_service, tiny_i2v_
     assert video.status == "completed", video.error
     served = _served_frames(client.videos.download_content(video.id).read())
     spec = tiny_i2v_pipeline.spec(body["prompt"], seed=17, num_inference_steps=3, seconds=1, size="64x64")
-    reference = _served_frames(tiny_i2v_pipeline.generate(spec, image=frame).mp4)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the stage replicas run: float sums then agree, not only to rounding
+    try:
+        reference = _served_frames(tiny_i2v_pipeline.generate(spec, image=frame).mp4)
+        other = _served_frames(tiny_i2v_pipeline.generate(spec, image=Image.new("RGB", (64, 64), (70, 80, 110))).mp4)
+    finally:
+        torch.set_num_threads(threads)
     assert served.shape == reference.shape
-    # Latents agree to float rounding (the parity test above); through uint8 frames and H.264
-    # that is at most a level here and there, where a lost condition changes the picture.
+    # At most a level here and there through uint8 frames and H.264 (another thread count alone
+    # moves the trained model's frames by ~0.7 on average); another first frame moves them by tens.
     assert (served - reference).abs().mean().item() < 0.5
+    assert (served - other).abs().mean().item() > 10
     # The frame was the job's while it ran, and went with its other working files when it finished.
     from serving.storage import ArtifactStore
 
@@ -348,7 +355,7 @@ def test_held_out_first_frames_over_http_meet_the_goal(i2v_service, tiny_i2v_pip
     from serving.models import semantic_i2v
 
     client = i2v_service.client()
-    cases = semantic_i2v.held_out_cases((0,))
+    cases = semantic_i2v.held_out_cases((0, 1, 2))
     jobs = [(client.videos.create(prompt=case.prompt, input_reference=("frame.png", _png(case.image()), "image/png"),
                                   extra_body={"seed": case.seed}), case) for case in cases]
     over_http = []
@@ -359,10 +366,10 @@ def test_held_out_first_frames_over_http_meet_the_goal(i2v_service, tiny_i2v_pip
                                                    .to(torch.uint8), case)))
     served = semantic_i2v.score(over_http)
     in_process = semantic_i2v.score_pipeline(tiny_i2v_pipeline, cases)
-    print("\n" + semantic_i2v.report("tiny-i2v over HTTP, seed 0", served))
+    print("\n" + semantic_i2v.report("tiny-i2v over HTTP, seeds 0-2", served))
     print(f"in process: {in_process.correct}/{in_process.total}")
     agree = sum(a["ok"] == b["ok"] for a, b in zip(served.results, in_process.results))
-    assert agree >= len(cases) - 1  # H.264 may tip one borderline clip
+    assert agree >= len(cases) - 2  # H.264 may tip a borderline clip
     assert served.fraction >= 0.8
 
 
