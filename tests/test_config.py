@@ -94,8 +94,8 @@ def test_mis_indented_block_that_parses_says_where_the_key_belongs(tmp_path):
 def test_wrong_choice_lists_the_choices(tmp_path):
     path = write(tmp_path, "model:\n  preset: wan3\n")
     [problem] = problems(path)
-    assert problem.startswith(f"{path}:2: model.preset: expected one of 'tiny', 'tiny-random', 'wan2.1-t2v-1.3b', "
-                              "'wan2.1-t2v-14b', 'wan2.1-i2v-14b-480p' or 'wan2.1-i2v-14b-720p'")
+    assert problem.startswith(f"{path}:2: model.preset: expected one of 'tiny', 'tiny-random', 'tiny-i2v', "
+                              "'wan2.1-t2v-1.3b', 'wan2.1-t2v-14b', 'wan2.1-i2v-14b-480p' or 'wan2.1-i2v-14b-720p'")
     assert "found 'wan3'" in problem
 
 
