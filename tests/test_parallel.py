@@ -273,3 +273,25 @@ def test_a_dead_rank_fails_over_like_a_dead_replica(gang_service):
     again = client.videos.create_and_poll(**body, poll_interval_ms=200)
     assert again.model_extra["resumed_from_step"] is None
     assert client.videos.download_content(video.id).read() == client.videos.download_content(again.id).read()
+
+
+def test_an_idle_gangs_dead_rank_is_replaced_before_any_job_needs_it(gang_service):
+    """No job running: the replica's health check pings its workers, finds the dead one and
+    Serve replaces the replica with a whole new gang, which then serves."""
+    import os
+    import signal
+
+    from conftest import wait_for
+
+    # One replica reporting (after the test above, its predecessor's report lingers a while).
+    wait_for(lambda: len(_gang_reports(gang_service.url)) == 1, timeout=120)
+    [gang] = _gang_reports(gang_service.url)
+    [pid] = gang["worker_pids"]
+    os.kill(pid, signal.SIGKILL)
+    # Serve's health checks run every 10 s; the replica's replacement then forms its gang.
+    wait_for(lambda: (reports := _gang_reports(gang_service.url)) and all(g["worker_pids"] != [pid] for g in reports),
+             timeout=150)
+    video = gang_service.client().videos.create_and_poll(prompt="a new gang", seconds="1", size="64x64",
+                                                         extra_body={"num_inference_steps": 2}, poll_interval_ms=200)
+    assert video.status == "completed", video.error
+    assert video.model_extra["resumed_from_step"] is None

@@ -36,6 +36,9 @@ class SimulatedGang:
         self.transformer, self.parallel = transformer, parallel
         transformer.spread_over(parallel.ulysses, parallel.cfg, parallel.layout, parallel.split_efficiency)
 
+    def check_members(self) -> None:
+        pass  # no processes to lose: the stand-in is one
+
     def describe(self) -> dict:
         p = self.parallel
         return {"ulysses": p.ulysses, "cfg": p.cfg, "ranks": p.degree, "simulated": True,
@@ -137,6 +140,8 @@ class Denoiser:
         loop = self.engine.loop_task
         if loop is not None and loop.done() and not loop.cancelled() and loop.exception() is not None:
             raise RuntimeError(f"the denoise loop stopped: {loop.exception()!r}")
+        if self.gang is not None:
+            self.gang.check_members()  # a lost rank: Serve replaces the replica, and the gang with it
 
     async def record_autoscaling_stats(self) -> dict[str, float]:
         """What this replica holds, for `serving.autoscaling.StagePolicy` (the keys every stage

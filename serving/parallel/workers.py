@@ -4,7 +4,8 @@ bundle 0; it starts one `GangWorker` actor in each other bundle, so Ray, not we,
 where the gang's devices are and holds them for the replica's lifetime. The workers are the
 replica's children: when the replica dies, Ray ends them with it.
 
-A member that dies takes the replica with it (`GangLeader.blocks` exits the process): to
+A member that dies takes the replica with it (`GangLeader.blocks` exits the process; an idle
+gang's loss is found by the replica's health check, `check_members`): to
 Serve and the Director that is a dead replica like any other, so Serve starts a new one (and
 a new gang) and the Director resumes its jobs from their checkpoints on another replica.
 """
@@ -47,6 +48,9 @@ class GangWorker:
         """Take part in the leader's forward that is starting now."""
         self.gang.follow(self.transformer)
 
+    def ping(self) -> int:
+        return os.getpid()
+
 
 class GangLeader:
     """Rank 0: the replica itself. `blocks` is what its engine runs the DiT's blocks through."""
@@ -76,6 +80,7 @@ class GangLeader:
                               policy=parallel.layout, split_efficiency=parallel.split_efficiency)
         self.gang.install(transformer, config.model.attention_backend)
         self.pids = ray.get(joined, timeout=timeout_s)
+        self.pings: list | None = None  # the last check_members' pings, one per worker
         logger.info("gang formed: ulysses %d x cfg %d, worker pids %s", parallel.ulysses, parallel.cfg, self.pids)
 
     def describe(self) -> dict:
@@ -92,6 +97,24 @@ class GangLeader:
         except Exception as exc:  # GangError, a dead worker (RayActorError), a timeout
             self._broken(exc)
             raise
+
+    def check_members(self) -> None:
+        """Raise GangError if a worker has died, between forwards too (the Denoiser's health
+        check calls this, so Serve replaces an idle broken replica before a job finds it).
+        Never waits: each call reads the answers to the previous call's pings and sends new
+        ones once all are in (a worker inside a long forward answers after it)."""
+        if self.pings is not None:
+            ready, _ = ray.wait(self.pings, num_returns=len(self.pings), timeout=0)
+            for rank, ping in enumerate(self.pings, start=1):
+                if ping in ready:
+                    try:
+                        ray.get(ping)
+                    except Exception as exc:  # RayActorError: the worker's process is gone
+                        raise GangError(f"gang rank {rank} (pid {self.pids[rank - 1]}) is gone: "
+                                        f"{type(exc).__name__}") from exc
+            if len(ready) < len(self.pings):
+                return
+        self.pings = [w.ping.remote() for w in self.workers]
 
     def _broken(self, exc: BaseException) -> None:
         # No forward can run on this gang any more, and its collectives may be half done: end
