@@ -164,12 +164,40 @@ class Compressed:
         return self.model.vae_decode_seconds(frames, width, height) / self.time_scale
 
 
-def base_cost_model(preset: Preset, simulation=None) -> CostModel:
+class OnGang:
+    """A cost model whose DiT forward runs on a gang of `degree` devices (serving/parallel/):
+    `speedup` times faster, holding every device, so degree / speedup times the device seconds
+    of one. Priced as if every forward were split (the by-load layout's narrow forwards cost
+    less; measured steps replace the prior either way)."""
+
+    def __init__(self, model: CostModel, degree: int, speedup: float):
+        self.model, self.degree, self.speedup = model, degree, speedup
+
+    def text_encode_seconds(self, prompts: int, tokens: int) -> float:
+        return self.model.text_encode_seconds(prompts, tokens)
+
+    def dit_forward_seconds(self, rows: int, latent_tokens: int, text_tokens: int) -> float:
+        return self.model.dit_forward_seconds(rows, latent_tokens, text_tokens) * self.degree / self.speedup
+
+    def vae_decode_seconds(self, frames: int, width: int, height: int) -> float:
+        return self.model.vae_decode_seconds(frames, width, height)
+
+
+def base_cost_model(preset: Preset, simulation=None, parallel=None) -> CostModel:
     """The model estimates start from before anything is measured: the simulation's cost
     profile when the stages are simulated (it is exactly what they will take), else the
-    preset's prior."""
+    preset's prior. With Denoiser gangs (`parallel`, stages.denoiser.parallel) a step costs
+    the gang's device seconds: the profile's speed-up for that many devices, or without a
+    profile the config's own assumption (degree x split_efficiency)."""
     if simulation is not None:
         from serving.simulate.profile import load_profile
 
-        return Compressed(load_profile(simulation.profile), simulation.time_scale)
-    return PresetPrior(preset)
+        profile = load_profile(simulation.profile)
+        model: CostModel = Compressed(profile, simulation.time_scale)
+        speedup = profile.parallel_speedup(parallel.degree) if parallel is not None and parallel.degree > 1 else 1.0
+    else:
+        model = PresetPrior(preset)
+        speedup = parallel.degree * parallel.split_efficiency if parallel is not None and parallel.degree > 1 else 1.0
+    if parallel is None or parallel.degree == 1:
+        return model
+    return OnGang(model, parallel.degree, speedup)

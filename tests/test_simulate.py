@@ -378,6 +378,33 @@ def test_estimates_under_simulation_start_from_the_profile_the_stages_wait():
     assert prior.total != simulated.total
 
 
+def test_a_gang_job_is_priced_at_the_gangs_device_seconds():
+    """With stages.denoiser.parallel a step holds every device of the gang for 1/speedup of
+    one device's time: estimates start from degree / speedup times the one-device seconds
+    (the profile's speed-up when simulated, degree x split_efficiency without one); encoding
+    and decoding are unchanged."""
+    from serving.config import ParallelConfig, SimulationConfig
+    from serving.cost_model import job_seconds
+    from serving.measured_cost import base_cost_model
+    from serving.models.presets import PRESETS
+    from serving.simulate.profile import load_profile
+
+    preset = PRESETS["wan2.1-t2v-1.3b"]
+    shape = dict(width=832, height=480, num_frames=81, steps=50, guidance_scale=5.0, text_tokens=512)
+    simulation = SimulationConfig(profile="h100-wan2.1-1.3b", time_scale=1)
+    one = job_seconds(base_cost_model(preset, simulation), preset.geometry, **shape)
+    four = ParallelConfig(ulysses=4)
+    gang = job_seconds(base_cost_model(preset, simulation, four), preset.geometry, **shape)
+    speedup = load_profile("h100-wan2.1-1.3b").parallel_speedup(4)
+    assert abs(gang.denoiser - one.denoiser * 4 / speedup) < 1e-9 * one.denoiser
+    assert (gang.text_encoder, gang.vae_decoder) == (one.text_encoder, one.vae_decoder)
+    prior_one = job_seconds(base_cost_model(preset), preset.geometry, **shape)
+    prior_gang = job_seconds(base_cost_model(preset, None, ParallelConfig(ulysses=2, split_efficiency=0.5)),
+                             preset.geometry, **shape)
+    assert abs(prior_gang.denoiser - prior_one.denoiser * 2 / (2 * 0.5)) < 1e-9 * prior_one.denoiser
+    assert job_seconds(base_cost_model(preset, None, ParallelConfig()), preset.geometry, **shape) == prior_one
+
+
 def test_simulated_step_caching_runs_the_profiles_measured_share_of_steps():
     """A caching request on simulated accelerators skips the share of steps its profile says
     (warm-up and last step always run), and waits only for the rows that run."""

@@ -63,7 +63,7 @@ class Director(JobDriving):
         preset = PRESETS[config.model.preset]
         prior = preset.typical_step_seconds
         self.geometry = preset.geometry
-        self.cost = MeasuredCost(base_cost_model(preset, config.simulation))
+        self.cost = MeasuredCost(base_cost_model(preset, config.simulation, config.stages.denoiser.parallel))
         self.in_flight = WorkInFlight(self.cost, self.geometry)
         stages = config.stages
         self.capacity = {name: Capacity(floor=_replicas_at_least(getattr(stages, name))) for name in STAGE_NAMES}

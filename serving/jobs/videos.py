@@ -64,7 +64,7 @@ class VideoJobs:
         self.store = JobStore(config.storage.job_store_url)
         self.artifacts = ArtifactStore(config.storage.artifacts_url, config.storage.artifacts_options)
         self.policy = ContentPolicy(config.content_policy)
-        self.base_cost = base_cost_model(self.preset, config.simulation)
+        self.base_cost = base_cost_model(self.preset, config.simulation, config.stages.denoiser.parallel)
 
     def submit(self, request: dict[str, Any], idempotency_key: str | None = None, owner: str | None = None,
                max_active: int | None = None, max_priority: int | None = None,
