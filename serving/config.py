@@ -464,6 +464,11 @@ class ServiceConfig(_Section):
             raise ValueError(f"generation.max_sequence_length must be {I2V_TEXT_TOKENS} (or unset) for the "
                              f"image-to-video model {self.model.preset}: the DiT tells its image tokens from the "
                              f"text's by that count; found {asked}")
+        if PRESETS[self.model.preset].takes_image and self.simulation is not None:
+            # The stand-ins (serving/simulate/) cover the text encoder, the DiT and the VAE decode,
+            # not the CLIP encoder or the first frame's VAE encode: every job would fail.
+            raise ValueError(f"simulation: the image-to-video model {self.model.preset} cannot be simulated (no "
+                             "stand-ins for its image encoder yet); simulate a text-to-video preset")
         return self
 
     @model_validator(mode="after")

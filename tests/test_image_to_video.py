@@ -493,6 +493,9 @@ def test_image_url_hosts_are_checked_before_any_connection():
         assert refused.value.field == "input_reference"
     with pytest.raises(SpecError, match="without credentials"):
         check_image_url("http://user:pw@images.example/f.png", _server())
+    for bad_name in ("http://a..b.example/f.png", f"http://{'x' * 64}.example/f.png"):
+        with pytest.raises(SpecError, match="is not a valid name"):  # a 400 here, not the resolver's UnicodeError
+            check_image_url(bad_name, _server())
     # A public address passes the check (nothing is fetched here), and so does a trusted network.
     assert check_image_url("https://93.184.216.34/f.png", _server()).host == "93.184.216.34"
     assert check_image_url("http://127.0.0.1:9/f.png", _server(image_url_allowed_networks=["127.0.0.0/8"]))
@@ -570,3 +573,42 @@ def test_a_name_that_resolves_inside_is_refused_when_connecting(image_host):
 
     with pytest.raises(SpecError, match="resolves only to addresses this server does not call.*loopback"):
         asyncio.run(fetch_image(f"http://images.example:{port}/frame.png", _server(), dns=Rebinding()))
+
+
+# ---- the frame's file, without a Director: a queued cancel, and storage that is down ------------
+
+
+def test_a_cancelled_queued_job_leaves_no_frame_and_storage_down_is_a_503(tmp_path):
+    """No Director here, so the job stays queued: cancelling it removes its stored frame at
+    once (no driver will ever tidy it). With the file storage gone, a create that must store a
+    frame is a 503 with Retry-After, not a 500."""
+    import shutil
+
+    from fastapi.testclient import TestClient
+
+    from serving.api.app import create_api
+    from serving.config import load_config
+    from serving.jobs.videos import VideoJobs
+    from serving.storage import ArtifactStore
+
+    artifacts = tmp_path / "artifacts"
+    config = load_config(None, environ={
+        "DITSERVE_MODEL__PRESET": "tiny-i2v", "DITSERVE_STORAGE__JOB_STORE_URL": f"sqlite:///{tmp_path}/jobs.db",
+        "DITSERVE_STORAGE__ARTIFACTS_URL": str(artifacts)})
+    upload = {"input_reference": ("frame.png", _png(_frame()), "image/png")}
+    # As a client sees it: the server's error handlers answer (no exception re-raised here).
+    with TestClient(create_api(config, VideoJobs(config)), raise_server_exceptions=False) as client:
+        created = client.post("/v1/videos", data={"prompt": "a disc"}, files=upload)
+        assert created.status_code == 200, created.text
+        job_id = created.json()["id"]
+        store = ArtifactStore(str(artifacts))
+        assert store.keys(job_id) == [f"{job_id}/input_reference.png"]
+        cancelled = client.post(f"/v1/videos/{job_id}/cancel")
+        assert cancelled.status_code == 200 and cancelled.json()["error"]["code"] == "cancelled"
+        assert store.keys(job_id) == []
+
+        shutil.rmtree(artifacts)
+        artifacts.write_text("not a folder")  # every write under it now fails
+        down = client.post("/v1/videos", data={"prompt": "a disc"}, files=upload)
+        assert down.status_code == 503, down.text
+        assert down.headers["Retry-After"].isdigit() and down.json()["error"]["code"] == "service_unavailable"

@@ -70,7 +70,7 @@ def test_the_recipe_starts_from_tiny_exactly():
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
-def test_image_models_keep_wans_text_length():
+def test_image_models_keep_wans_text_length_and_are_not_simulated():
     """Wan's I2V DiT splits [image, text] tokens by counting 512 text tokens from the end, so
     every I2V preset encodes prompts to 512 tokens and a config that changes it is refused."""
     from serving.config import ConfigError, load_config
@@ -81,6 +81,9 @@ def test_image_models_keep_wans_text_length():
     with pytest.raises(ConfigError, match="generation.max_sequence_length must be 512"):
         load_config(None, environ={"DITSERVE_MODEL__PRESET": "tiny-i2v", "DITSERVE_GENERATION__MAX_SEQUENCE_LENGTH": "128"})
     load_config(None, environ={"DITSERVE_MODEL__PRESET": "tiny", "DITSERVE_GENERATION__MAX_SEQUENCE_LENGTH": "128"})
+    # Simulated accelerators have no stand-ins for the image encoder: refused at start, not per job.
+    with pytest.raises(ConfigError, match="cannot be simulated"):
+        load_config(None, environ={"DITSERVE_MODEL__PRESET": "tiny-i2v", "DITSERVE_SIMULATION__PROFILE": "tiny-cpu"})
 
 
 def test_train_tiny_i2v_smoke_writes_a_folder_the_service_serves_and_it_is_no_i2v_model_yet(tmp_path):

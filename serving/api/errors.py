@@ -64,6 +64,14 @@ def install_error_handlers(app: FastAPI) -> None:
             return error_response(503, f"the service's database is unavailable; retry in "
                                        f"{UNAVAILABLE_RETRY_AFTER_SECONDS} s (reference {reference})",
                                   type="server_error", code="service_unavailable", headers=headers)
+        from serving.storage import ArtifactStoreError
+
+        if isinstance(exc, ArtifactStoreError):  # object storage down (e.g. writing an I2V job's frame)
+            logger.warning("request %s: the artifact store is unavailable (%r)", reference, exc)
+            headers["Retry-After"] = str(UNAVAILABLE_RETRY_AFTER_SECONDS)
+            return error_response(503, f"the service's file storage is unavailable; retry in "
+                                       f"{UNAVAILABLE_RETRY_AFTER_SECONDS} s (reference {reference})",
+                                  type="server_error", code="service_unavailable", headers=headers)
         logger.exception("request %s: unhandled error in the API", reference)
         return error_response(500, f"internal error; the server log has the details under {reference}",
                               type="server_error", code="internal_error", headers=headers)

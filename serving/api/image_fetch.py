@@ -48,6 +48,12 @@ def check_image_url(url: str, server: ServerConfig):
         raise SpecError(FIELD, "image_url must be an absolute http(s) URL without credentials")
     host = parsed.raw_host
     address = literal_address(parsed.host if ":" in host else host.removesuffix("."))
+    if address is None:
+        try:  # what the resolver will do with the name: refuse here what it would choke on
+            host.removesuffix(".").encode("idna")
+        except UnicodeError:
+            raise SpecError(FIELD, f"image_url's host {host[:80]!r} is not a valid name (an empty label, or one over "
+                                   "63 characters)") from None
     if address is None and is_loopback_name(host):
         address = IPv4Address("127.0.0.1")
     reason = AddressPolicy(server.image_url_allowed_networks).refusal(address) if address is not None else None
@@ -81,3 +87,6 @@ async def fetch_image(url: str, server: ServerConfig, dns=None) -> Upload:
         raise SpecError(FIELD, f"image_url is not fetched: {exc}") from None
     except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
         raise SpecError(FIELD, f"image_url could not be fetched ({type(exc).__name__}: {exc or 'timed out'})") from None
+    except UnicodeError:  # the resolver's IDNA codec: an empty label ("a..b") or one over 63 characters
+        raise SpecError(FIELD, "image_url's host is not a valid name (an empty label, or one over 63 "
+                               "characters)") from None

@@ -196,7 +196,9 @@ class JobDriving:
         spec = job.spec
         try:
             png = await asyncio.to_thread(self.artifacts.read, spec["image"])
-        except ArtifactStoreError as exc:
+        except FileNotFoundError:
+            raise  # the frame is gone: no attempt can succeed
+        except Exception as exc:  # ArtifactStoreError, or the object store's own (a timeout, an S3 503)
             raise RetryLater("artifact_store_unavailable") from exc
         units = decode_units(spec["num_frames"], spec["width"], spec["height"])
         tokens, condition = await asyncio.gather(

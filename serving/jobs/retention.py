@@ -117,8 +117,10 @@ class StorageSweeper:
             job_id = key.split("/", 1)[0]
             if is_job_id(job_id):  # anything else in the bucket is not ours to judge
                 by_job.setdefault(job_id, []).append(key)
-        # Rows are read after the listing: a job's row is written before any of its files,
-        # so a prefix listed above whose row is absent here has no job being created.
+        # Rows are read after the listing. A prefix whose row is absent is an orphan, except
+        # for an I2V job being created: its first frame is stored just before its row is
+        # written, so orphans go only after ORPHAN_GRACE_SECONDS (a create that failed or lost
+        # an idempotency race after storing its frame leaves one, removed then).
         live = self.store.get_many(by_job)
         for job_id, keys in by_job.items():
             job = live.get(job_id)

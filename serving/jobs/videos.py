@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 import time
 from typing import Any
@@ -16,15 +17,17 @@ from serving.admission import QueueFull, WaitEstimate
 from serving.config import ServiceConfig
 from serving.cost_model import StageSeconds, spec_seconds
 from serving.jobs.records import JobRecord, JobStatus, is_job_id, new_job_id
-from serving.jobs.retention import remove_files
+from serving.jobs.retention import remove_files, tidy_after_run
 from serving.jobs.store import JobStore, cost_fields
 from serving.measured_cost import Calibration, MeasuredCost, base_cost_model
 from serving.jobs.reference import FIELD, ReferenceImage, read_reference, reference_bytes
 from serving.models.presets import PRESETS, image_presets
 from serving.pipeline.spec import SpecError, build_spec
 from serving.policy import ContentPolicy, PolicyViolation
-from serving.storage import ArtifactStore
+from serving.storage import ArtifactStore, ArtifactStoreError
 from serving.webhooks import WebhookURLError, check_webhook_url, signing_secret
+
+logger = logging.getLogger(__name__)
 
 # A BCP 47 language tag, as clients send it ("en", "zh-Hans", "pt-BR"); recorded, not acted on.
 LANGUAGE_TAG = re.compile(r"[A-Za-z]{2,8}(-[A-Za-z0-9]{1,8}){0,4}")
@@ -173,7 +176,18 @@ class VideoJobs:
     def cancel(self, job_id: str, owner: str | None = None) -> tuple[JobRecord, bool] | None:
         """(the job, whether this cancel ended it: a queued job; a running one is flagged and
         ended by its driver); None for an unknown job."""
-        return self.store.cancel(job_id) if self.get(job_id, owner) is not None else None
+        if self.get(job_id, owner) is None:
+            return None
+        found = self.store.cancel(job_id)
+        if found is None:  # deleted meanwhile
+            return None
+        job, ended_here = found
+        if ended_here:  # no driver will tidy a job that never ran: its working files (an I2V frame) go now
+            try:
+                tidy_after_run(self.store, self.artifacts, job_id)
+            except ArtifactStoreError as exc:  # the storage sweep removes them later
+                logger.warning("cancelled job %s: its working files stay until the storage sweep (%s)", job_id, exc)
+        return job, ended_here
 
     def delete(self, job_id: str, owner: str | None = None) -> tuple[JobRecord, bool] | None:
         """Delete the job and its files; a running job stops (its driver loses the lease).
