@@ -478,6 +478,20 @@ def _server(**overrides):
     return ServerConfig(**{"fetch_image_urls": True, **overrides})
 
 
+def test_every_form_of_a_remote_image_url_is_recognised():
+    """The forms reference_bytes reads for data: URLs are the forms a remote URL may take,
+    so an operator's fetch_image_urls covers each (and none escapes to the data: path)."""
+    from serving.api.image_fetch import remote_url
+    from serving.jobs.reference import Upload
+
+    url = "https://images.example/frame.png"
+    for value in ({"image_url": url}, {"image_url": {"url": url}}, url, "HTTPS://images.example/frame.png"):
+        assert remote_url(value) is not None, value
+    for value in ({"image_url": "data:image/png;base64,AAAA"}, "data:image/png;base64,AAAA", None, 7,
+                  Upload(b"png", content_type="image/png")):
+        assert remote_url(value) is None, value
+
+
 def test_image_url_hosts_are_checked_before_any_connection():
     from serving.api.image_fetch import check_image_url
     from serving.pipeline.spec import SpecError

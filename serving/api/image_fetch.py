@@ -23,8 +23,9 @@ MAX_URL_LENGTH = 2048
 
 
 def remote_url(value) -> str | None:
-    """The http(s) URL of a JSON input_reference, or None when it is anything else."""
-    url = value.get("image_url") if isinstance(value, dict) else None
+    """The http(s) URL of an input_reference, or None when it is anything else; every form
+    reference_bytes reads: {"image_url": URL}, {"image_url": {"url": URL}}, or URL alone."""
+    url = value.get("image_url") if isinstance(value, dict) else value
     if isinstance(url, dict):
         url = url.get("url")
     return url if isinstance(url, str) and url.lower().startswith(("http://", "https://")) else None

@@ -111,7 +111,9 @@ def request_body_schema(config: ServiceConfig) -> dict[str, Any]:
         schema["properties"]["input_reference"] = {
             "type": "object", "required": ["image_url"], "description": "The first frame: PNG, JPEG or WebP, at "
             f"most {config.server.max_image_bytes} bytes and {config.server.max_image_pixels} pixels.",
-            "properties": {"image_url": {"type": "string", "pattern": "^data:image/[a-z]+;base64,"}}}
+            "properties": {"image_url": {"type": "string", "pattern": (
+                "^(data:image/[a-z]+;base64,|https?://)" if config.server.fetch_image_urls
+                else "^data:image/[a-z]+;base64,")}}}
         schema.setdefault("required", []).append("input_reference")
     else:
         schema["properties"]["input_reference"] = {"type": "null", "description": "Text-to-video model: no image."}
