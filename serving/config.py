@@ -455,7 +455,7 @@ class ServiceConfig(_Section):
         return self
 
     @model_validator(mode="after")
-    def _image_models_keep_wan_text_length(self) -> "ServiceConfig":
+    def _image_models_can_run(self) -> "ServiceConfig":
         from serving.models.presets import I2V_TEXT_TOKENS, PRESETS
 
         asked = self.generation.max_sequence_length

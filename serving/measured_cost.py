@@ -189,15 +189,14 @@ def base_cost_model(preset: Preset, simulation=None, parallel=None) -> CostModel
     preset's prior. With Denoiser gangs (`parallel`, stages.denoiser.parallel) a step costs
     the gang's device seconds: the profile's speed-up for that many devices, or without a
     profile the config's own assumption (degree x split_efficiency)."""
+    profile = None
     if simulation is not None:
         from serving.simulate.profile import load_profile
 
         profile = load_profile(simulation.profile)
-        model: CostModel = Compressed(profile, simulation.time_scale)
-        speedup = profile.parallel_speedup(parallel.degree) if parallel is not None and parallel.degree > 1 else 1.0
-    else:
-        model = PresetPrior(preset)
-        speedup = parallel.degree * parallel.split_efficiency if parallel is not None and parallel.degree > 1 else 1.0
+    model: CostModel = PresetPrior(preset) if profile is None else Compressed(profile, simulation.time_scale)
     if parallel is None or parallel.degree == 1:
         return model
-    return OnGang(model, parallel.degree, speedup)
+    degree = parallel.degree
+    speedup = degree * parallel.split_efficiency if profile is None else profile.parallel_speedup(degree)
+    return OnGang(model, degree, speedup)

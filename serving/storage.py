@@ -67,8 +67,14 @@ class ArtifactStore:
         return int(self.fs.size(self._path(key)))
 
     def read(self, key: str, start: int | None = None, end: int | None = None) -> bytes:
-        """Bytes [start, end) of an artifact (the whole of it by default)."""
-        return self.fs.cat_file(self._path(key), start=start, end=end)
+        """Bytes [start, end) of an artifact (the whole of it by default). FileNotFoundError
+        when there is none; ArtifactStoreError when the store cannot answer (try again)."""
+        try:
+            return self.fs.cat_file(self._path(key), start=start, end=end)
+        except FileNotFoundError:
+            raise
+        except Exception as exc:
+            raise ArtifactStoreError(f"could not read {key} from {self.url}: {exc}") from exc
 
     def read_chunks(self, key: str, start: int, end: int, chunk_size: int) -> Iterator[bytes]:
         """Bytes [start, end) of an artifact as ranged reads of at most `chunk_size` bytes, so a

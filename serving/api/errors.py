@@ -58,18 +58,15 @@ def install_error_handlers(app: FastAPI) -> None:
         # URLs); the operator finds the traceback in the log under the same reference.
         reference = "req_" + secrets.token_hex(8)
         headers = {"x-request-id": reference}
-        if is_transient(exc):  # the job database is down past the store's own retries
-            logger.warning("request %s: the job store is unavailable (%r)", reference, exc)
-            headers["Retry-After"] = str(UNAVAILABLE_RETRY_AFTER_SECONDS)
-            return error_response(503, f"the service's database is unavailable; retry in "
-                                       f"{UNAVAILABLE_RETRY_AFTER_SECONDS} s (reference {reference})",
-                                  type="server_error", code="service_unavailable", headers=headers)
         from serving.storage import ArtifactStoreError
 
-        if isinstance(exc, ArtifactStoreError):  # object storage down (e.g. writing an I2V job's frame)
-            logger.warning("request %s: the artifact store is unavailable (%r)", reference, exc)
+        # The job database down past the store's own retries, or the file storage down (e.g.
+        # storing an I2V job's frame): nothing about the request, so 503 and try again.
+        down = "database" if is_transient(exc) else "file storage" if isinstance(exc, ArtifactStoreError) else None
+        if down is not None:
+            logger.warning("request %s: the service's %s is unavailable (%r)", reference, down, exc)
             headers["Retry-After"] = str(UNAVAILABLE_RETRY_AFTER_SECONDS)
-            return error_response(503, f"the service's file storage is unavailable; retry in "
+            return error_response(503, f"the service's {down} is unavailable; retry in "
                                        f"{UNAVAILABLE_RETRY_AFTER_SECONDS} s (reference {reference})",
                                   type="server_error", code="service_unavailable", headers=headers)
         logger.exception("request %s: unhandled error in the API", reference)

@@ -16,18 +16,15 @@ from ipaddress import IPv4Address
 
 from serving.config import ServerConfig
 from serving.egress import AddressPolicy, ForbiddenAddress, GuardedResolver, is_loopback_name, literal_address
-from serving.jobs.reference import FIELD, Upload
+from serving.jobs.reference import FIELD, Upload, image_url_of
 from serving.pipeline.spec import SpecError
 
 MAX_URL_LENGTH = 2048
 
 
 def remote_url(value) -> str | None:
-    """The http(s) URL of an input_reference, or None when it is anything else; every form
-    reference_bytes reads: {"image_url": URL}, {"image_url": {"url": URL}}, or URL alone."""
-    url = value.get("image_url") if isinstance(value, dict) else value
-    if isinstance(url, dict):
-        url = url.get("url")
+    """The http(s) URL of an input_reference (in any form image_url_of reads), or None."""
+    url = image_url_of(value)
     return url if isinstance(url, str) and url.lower().startswith(("http://", "https://")) else None
 
 
@@ -88,6 +85,3 @@ async def fetch_image(url: str, server: ServerConfig, dns=None) -> Upload:
         raise SpecError(FIELD, f"image_url is not fetched: {exc}") from None
     except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
         raise SpecError(FIELD, f"image_url could not be fetched ({type(exc).__name__}: {exc or 'timed out'})") from None
-    except UnicodeError:  # the resolver's IDNA codec: an empty label ("a..b") or one over 63 characters
-        raise SpecError(FIELD, "image_url's host is not a valid name (an empty label, or one over 63 "
-                               "characters)") from None

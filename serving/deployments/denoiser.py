@@ -184,11 +184,6 @@ class Denoiser:
         if state is None:
             state = start_denoise(video, self.scheduler_config, self.transformer.config.out_channels, self.geometry,
                                   image=conditioning)
-        elif state.image is None and conditioning is not None:
-            # A checkpoint without the conditioning (written before checkpoints carried it): an
-            # I2V DiT must never get the bare latents. Otherwise the checkpoint's own copy is
-            # used, the very tensors the interrupted attempt ran with.
-            state.image = conditioning
         # A new attempt means the earlier one's driver is gone (it lost the job's lease): its
         # request would otherwise denoise on to the end for nobody, holding a batch slot.
         superseded = self.engine.supersede(f"{job_id}/", f"a later attempt of {job_id} started")

@@ -196,9 +196,7 @@ class JobDriving:
         spec = job.spec
         try:
             png = await asyncio.to_thread(self.artifacts.read, spec["image"])
-        except FileNotFoundError:
-            raise  # the frame is gone: no attempt can succeed
-        except Exception as exc:  # ArtifactStoreError, or the object store's own (a timeout, an S3 503)
+        except ArtifactStoreError as exc:  # the store down, not the frame gone (FileNotFoundError fails the job)
             raise RetryLater("artifact_store_unavailable") from exc
         units = decode_units(spec["num_frames"], spec["width"], spec["height"])
         tokens, condition = await asyncio.gather(

@@ -46,15 +46,20 @@ class ReferenceImage:
     height: int
 
 
+def image_url_of(value: Any) -> Any:
+    """The URL in a JSON input_reference, as clients spell it: {"image_url": URL},
+    {"image_url": {"url": URL}} (as chat messages do), or URL alone; not checked here."""
+    url = value.get("image_url") if isinstance(value, dict) else value
+    return url.get("url") if isinstance(url, dict) else url
+
+
 def reference_bytes(value: Any, max_bytes: int) -> bytes:
     """The image's bytes from what the client sent: an uploaded file, or {"image_url": a
     base64 data: URL} (a bare data: URL string too)."""
     if isinstance(value, Upload):
         data = value.data
     else:
-        url = value.get("image_url") if isinstance(value, dict) else value
-        if isinstance(url, dict):  # {"image_url": {"url": ...}}, as chat messages spell it
-            url = url.get("url")
+        url = image_url_of(value)
         if not isinstance(url, str):
             raise SpecError(FIELD, 'expected an image file (multipart) or {"image_url": "data:image/png;base64,..."}')
         data = _from_data_url(url, max_bytes)

@@ -31,8 +31,6 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     return rotated.flatten(-2).type_as(x)
 
 
-
-
 class KernelAttnProcessor:
     """`sequence`: this replica's Ulysses group (serving/parallel/ulysses.py), when its tokens
     are split across a gang of devices; self-attention then runs over the whole sequence

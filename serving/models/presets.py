@@ -108,7 +108,7 @@ _I2V_480P = Preset(
     needs_folder=True,
     defaults=GenerationDefaults(
         size="832x480", seconds=5.0, fps=16, num_inference_steps=40, guidance_scale=5.0,
-        shift=3.0, negative_prompt=WAN_NEGATIVE_PROMPT, max_sequence_length=512,
+        shift=3.0, negative_prompt=WAN_NEGATIVE_PROMPT, max_sequence_length=I2V_TEXT_TOKENS,
     ),
     typical_step_seconds=4.0,
     attention_heads=40,
@@ -127,7 +127,7 @@ PRESETS: dict[str, Preset] = {
     # (I2V_TEXT_TOKENS).
     "tiny-i2v": dataclasses.replace(
         _TINY, name="tiny-i2v", bundled="weights/tiny-i2v", task="i2v",
-        defaults=dataclasses.replace(_TINY.defaults, max_sequence_length=512),
+        defaults=dataclasses.replace(_TINY.defaults, max_sequence_length=I2V_TEXT_TOKENS),
         description="the tiny model as image-to-video, trained to move the shape of a given first frame the way "
                     "the prompt says (ships with ditserve)"),
     "wan2.1-t2v-1.3b": Preset(
