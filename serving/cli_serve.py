@@ -167,6 +167,17 @@ def shown_url(database_url: str) -> str:
 def banner(config, metrics_url: str, profile=None, scale=None, cluster=None) -> str:
     url = f"http://{config.server.host}:{config.server.port}"
     size = "64x64" if profile is None else "832x480"
+    from serving.models.presets import PRESETS
+
+    # The examples must work as pasted: an image-to-video model needs its first frame.
+    if PRESETS[config.model.preset].takes_image:
+        create = (f"curl -s {url}/v1/videos -F prompt='a shape moving right' -F seconds=1 -F size={size} \\\n"
+                  f"       -F input_reference=@frame.png      # frame.png: a {size} first frame")
+        prompt, frame = "a shape moving right", ', input_reference=open("frame.png", "rb")'
+    else:
+        create = (f"curl -s {url}/v1/videos -H 'Content-Type: application/json' \\\n"
+                  f"""       -d '{{"prompt": "a yellow circle moving right", "seconds": "1", "size": "{size}", "seed": 7}}'""")
+        prompt, frame = "a yellow circle moving right", ""
     simulated = ""
     if profile is not None:
         sim = config.simulation
@@ -187,15 +198,14 @@ ditserve is serving {config.model.preset!r} at {url}
   Prometheus scrape URL: {metrics_url}
 
 Try it:
-  curl -s {url}/v1/videos -H 'Content-Type: application/json' \\
-       -d '{{"prompt": "a yellow circle moving right", "seconds": "1", "size": "{size}", "seed": 7}}'
+  {create}
   curl -s {url}/v1/videos/VIDEO_ID                      # poll until "status": "completed"
   curl -s {url}/v1/videos/VIDEO_ID/content -o circle.mp4
 
 or with the openai SDK:
   from openai import OpenAI
   client = OpenAI(base_url="{url}/v1", api_key="unused")
-  video = client.videos.create_and_poll(prompt="a yellow circle moving right", seconds="1", size="{size}")
+  video = client.videos.create_and_poll(prompt="{prompt}", seconds="1", size="{size}"{frame})
   client.videos.download_content(video.id).write_to_file("circle.mp4")
 
 Ctrl-C stops the service.

@@ -46,3 +46,13 @@ def test_the_banner_never_shows_the_job_store_password():
     shown = banner(config, "http://127.0.0.1:8001/metrics")
     assert "s3cret-pw" not in shown
     assert "postgresql+psycopg://ditserve:***@127.0.0.1:5432/jobs" in shown
+
+
+def test_the_banners_examples_send_a_first_frame_to_an_image_to_video_model():
+    from serving.cli_serve import banner
+    from serving.config import load_config
+
+    i2v = banner(load_config(None, environ={"DITSERVE_MODEL__PRESET": "tiny-i2v"}), "http://127.0.0.1:8001/metrics")
+    assert "-F input_reference=@frame.png" in i2v and 'input_reference=open("frame.png", "rb")' in i2v
+    t2v = banner(load_config(None, environ={}), "http://127.0.0.1:8001/metrics")
+    assert "input_reference" not in t2v and "Content-Type: application/json" in t2v
