@@ -27,9 +27,14 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from serving.simulate.cluster import STAGE_GPUS
+from serving.simulate.node_autoscaling import NODE_TYPE
 
 GAUGES = ("ray_serve_deployment_replica_healthy", "ray_serve_autoscaling_target_replicas", "ray_resources",
-          "ray_ditserve_autoscaler_")
+          "ray_ditserve_autoscaler_", "autoscaler_")
+# Ray's node autoscaler (a node-autoscaled simulated cluster): the GPUs of the nodes it holds
+# (joined, and asked for but still provisioning: a booting machine is paid for), and its nodes.
+NODE_GAUGES = {"autoscaler_cluster_resources": "joined", "autoscaler_pending_resources": "pending"}
+NODE_COUNTS = {"autoscaler_active_nodes": "joined", "autoscaler_pending_nodes": "pending"}
 # Our policy's own gauges (serving/metrics.py AutoscalerMetrics): why a stage wanted what it did.
 POLICY_GAUGES = {"ray_ditserve_autoscaler_wanted_replicas": "wanted",
                  "ray_ditserve_autoscaler_backlog_seconds": "backlog_s",
@@ -45,6 +50,14 @@ class Sample:
     target: dict[str, float] = field(default_factory=dict)  # stage -> the autoscaler's target
     gpus_used: float | None = None  # GPUs Ray has handed out, all nodes
     policy: dict[str, float] = field(default_factory=dict)  # "<stage>_<wanted|backlog_s|inflow>" -> value
+    # Node autoscaling only: GPUs of the GPU nodes held ("joined", "pending"), and the nodes.
+    node_gpus: dict[str, float] = field(default_factory=dict)
+    nodes: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def gpus_provisioned(self) -> float | None:
+        """GPUs of every GPU node the cluster holds or is provisioning; None: a fixed cluster."""
+        return sum(self.node_gpus.values()) if self.node_gpus else None
 
     @property
     def gpus_held(self) -> float:
@@ -72,6 +85,14 @@ def read_sample(metrics_urls: list[str]) -> Sample:
             elif family.name in POLICY_GAUGES:
                 for s in family.samples:
                     sample.policy[f"{s.labels.get('stage')}_{POLICY_GAUGES[family.name]}"] = s.value
+            elif family.name in NODE_GAUGES:
+                for s in family.samples:
+                    if s.labels.get("resource") == "GPU":
+                        sample.node_gpus[NODE_GAUGES[family.name]] = s.value
+            elif family.name in NODE_COUNTS:
+                for s in family.samples:
+                    if s.labels.get("NodeType") == NODE_TYPE:
+                        sample.nodes[NODE_COUNTS[family.name]] = s.value
             elif family.name == "ray_resources":
                 for s in family.samples:
                     if s.labels.get("Name") == "GPU" and s.labels.get("State") == "USED":
@@ -113,21 +134,29 @@ def carried(sample: Sample, previous: Sample | None) -> Sample:
         sample.healthy = {**previous.healthy, **sample.healthy}
         sample.target = {**previous.target, **sample.target}
         sample.policy = {**previous.policy, **sample.policy}
+        sample.node_gpus = {**previous.node_gpus, **sample.node_gpus}
+        sample.nodes = {**previous.nodes, **sample.nodes}
         if sample.gpus_used is None:
             sample.gpus_used = previous.gpus_used
     return sample
 
 
-def gpu_seconds(samples: list[Sample], start: float, end: float) -> float:
+def gpu_seconds(samples: list[Sample], start: float, end: float, provisioned: bool = False) -> float:
     """GPU-seconds held between `start` and `end` (compressed clock): each sample's GPUs held
-    until the next sample (a step function, as Ray holds them)."""
+    until the next sample (a step function, as Ray holds them). `provisioned`: the GPUs of the
+    nodes held instead (node autoscaling: what a fleet pays for, replicas on them or not)."""
     total = 0.0
     for here, after in zip(samples, [*samples[1:], None]):
         left = max(here.at, start)
         right = min(after.at if after is not None else end, end)
+        gpus = here.gpus_provisioned if provisioned and here.gpus_provisioned is not None else here.gpus_held
         if right > left:
-            total += here.gpus_held * (right - left)
+            total += gpus * (right - left)
     return total
+
+
+def node_autoscaled(samples: list[Sample]) -> bool:
+    return any(s.gpus_provisioned is not None for s in samples)
 
 
 def uses_ray_accounting(samples: list[Sample]) -> bool:
@@ -141,10 +170,13 @@ def write_timeline(samples: list[Sample], started_at: float, time_scale: float, 
     policy = [f"{stage}_{name}" for stage in stages for name in POLICY_GAUGES.values()]
     with open(path, "w", newline="") as handle:
         writer = csv.writer(handle)
+        nodes = node_autoscaled(samples)  # then also the GPU nodes, joined and provisioning
         writer.writerow(["seconds", *(f"{s}_healthy" for s in stages), *(f"{s}_target" for s in stages), "gpus_held",
-                         *policy])
+                         *policy, *(("gpus_provisioned", "gpu_nodes_joined", "gpu_nodes_pending") if nodes else ())])
         for s in samples:
             seen = [s.policy.get(column, "") for column in policy]
             seen = [v * time_scale if column.endswith("_backlog_s") and v != "" else v for column, v in zip(policy, seen)]
+            node_columns = ((s.gpus_provisioned if s.gpus_provisioned is not None else "", s.nodes.get("joined", ""),
+                             s.nodes.get("pending", "")) if nodes else ())
             writer.writerow([round((s.at - started_at) * time_scale, 1), *(s.healthy.get(n, "") for n in stages),
-                             *(s.target.get(n, "") for n in stages), s.gpus_held, *seen])
+                             *(s.target.get(n, "") for n in stages), s.gpus_held, *seen, *node_columns])

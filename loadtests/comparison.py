@@ -14,7 +14,7 @@ from pathlib import Path
 from serving.cost_model import STAGE_NAMES
 from serving.simulate.cluster import STAGE_GPUS
 
-from loadtests.cluster_metrics import Sample, gpu_seconds, uses_ray_accounting
+from loadtests.cluster_metrics import Sample, gpu_seconds, node_autoscaled, uses_ray_accounting
 from loadtests.plan import Arm, Plan
 from loadtests.prometheus import bucket_of
 from loadtests.report import JobLog, JobRow, outcome_counts, percentile
@@ -82,7 +82,16 @@ def summarize_arm(arm: Arm, plan: Plan, log: JobLog, samples: list[Sample], *, p
         "denoise_seconds_profile": _r(plan.job.seconds.denoiser),
         "replicas_seen": _replicas_seen(samples),
         "prometheus": _prometheus_check(promql_p95, jobs_p95, x),
+        **(_nodes(samples, window, x) if node_autoscaled(samples) else {}),
     }
+
+
+def _nodes(samples: list[Sample], window: tuple[float, float], x: float) -> dict:
+    """A node-autoscaled arm: the GPUs of the nodes it held (joined or provisioning), which is
+    what a fleet pays for, and the GPU nodes seen."""
+    joined = [s.nodes["joined"] for s in samples if "joined" in s.nodes]
+    return {"gpu_hours_provisioned": _r(gpu_seconds(samples, *window, provisioned=True) * x / 3600.0, 3),
+            "gpu_nodes_seen": {"min": min(joined), "max": max(joined), "last": joined[-1]} if joined else None}
 
 
 def _denoise_seconds(row: JobRow) -> float | None:
@@ -132,6 +141,11 @@ def goal(summaries: dict[str, dict]) -> list[str]:
                          f"the arrivals around it, at most 85 % busy, no start-up, no lag): {bound} GPU-hours = "
                          f"{bound / peak['gpu_hours']:.0%} of fixed-peak; autoscaling spent "
                          f"{auto['gpu_hours'] / bound:.0%} of it")
+    if auto and peak and peak["gpu_hours"] and auto.get("gpu_hours_provisioned") is not None:
+        held = auto["gpu_hours_provisioned"]
+        lines.append(f"  - with its GPU nodes autoscaled too, the nodes it held (joined or provisioning) had {held} "
+                     f"GPU-hours = {held / peak['gpu_hours']:.0%} of fixed-peak's GPUs in use (which hold at least "
+                     f"that many nodes); GPU nodes {auto['gpu_nodes_seen']}")
     if base:
         p95 = base["queue_wait_p95_s"]
         missed = p95 is None or p95 > base["slo_queue_wait_s"] or base["rejected_429"]
@@ -228,6 +242,9 @@ def plot(out: Path, summaries: dict[str, dict], logs: dict[str, JobLog], samples
             axis.step(minutes_at, [s.healthy.get(stage, 0) for s in series], where="post", label=f"{stage} replicas")
         axis.step(minutes_at, [s.gpus_held for s in series], where="post", color="black", linestyle=":",
                   label="GPUs held")
+        if node_autoscaled(series):
+            axis.step(minutes_at, [s.gpus_provisioned or 0 for s in series], where="post", color="grey",
+                      linestyle="--", label="GPUs of the nodes held")
         axis.set_ylabel(name)
         axis.set_xlim(left=0)
         axis.grid(alpha=0.3)

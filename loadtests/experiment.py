@@ -46,7 +46,9 @@ def log_line(text: str) -> None:
 
 def run_experiment(*, profile: str, gpus: int, nodes: int, minutes: float, out: Path, time_scale: float,
                    seed: int, slo_s: float, arms: list[str], command: str,
-                   target_s: float | None = None, cache: str = "off") -> dict[str, dict]:
+                   target_s: float | None = None, cache: str = "off", node_autoscaling: bool = False) -> dict[str, dict]:
+    """`node_autoscaling`: the autoscaling arm's cluster also scales its GPU nodes (Ray's
+    autoscaler; serving/simulate/node_autoscaling.py); fixed arms keep all their nodes."""
     plan = make_plan(load_profile(profile), gpus, slo_s, target_s, cache)
     offsets = schedule("peak-hour", minutes, plan.base_rate_per_min, seed)
     log_line(f"SIMULATED {profile} on {gpus} GPUs / {nodes} nodes, time scale {time_scale:g}x: {len(offsets)} "
@@ -63,7 +65,8 @@ def run_experiment(*, profile: str, gpus: int, nodes: int, minutes: float, out: 
         folder.mkdir(parents=True, exist_ok=True)
         summary, logs[name], samples[name] = run_arm(plan.arms[name], plan, folder, offsets, profile=profile,
                                                      gpus=gpus, nodes=nodes, minutes=minutes, time_scale=time_scale,
-                                                     slo_s=slo_s, with_prometheus=has_prometheus, note=note)
+                                                     slo_s=slo_s, with_prometheus=has_prometheus, note=note,
+                                                     node_autoscaling=node_autoscaling and plan.arms[name].autoscaling)
         # What a policy with the same sizing rule cannot beat here (for uncached work: the bound
         # prices jobs at the plan's uncached seconds).
         if plan.arms[name].autoscaling and "cache" not in plan.job.body:
@@ -80,12 +83,13 @@ def run_experiment(*, profile: str, gpus: int, nodes: int, minutes: float, out: 
 
 
 def run_arm(arm: Arm, plan: Plan, folder: Path, offsets: list[float], *, profile: str, gpus: int, nodes: int,
-            minutes: float, time_scale: float, slo_s: float, with_prometheus: bool, note: str):
+            minutes: float, time_scale: float, slo_s: float, with_prometheus: bool, note: str,
+            node_autoscaling: bool = False):
     config = folder / "config.yaml"
     config.write_text(f"# {arm.name}: written by `ditserve loadtest experiment` (times uncompressed)\n"
                       + yaml.safe_dump(arm.config(str((folder / "data").resolve()), load_profile(profile)),
                                        sort_keys=False))
-    service = SimulatedService(folder, config, profile, gpus, nodes, time_scale)
+    service = SimulatedService(folder, config, profile, gpus, nodes, time_scale, node_autoscaling)
     prometheus = sampler = None
     try:
         log_line(f"{arm.name}: starting a simulated cluster ({folder}/serve.log)")
@@ -108,6 +112,11 @@ def run_arm(arm: Arm, plan: Plan, folder: Path, offsets: list[float], *, profile
         if arm.autoscaling:  # the mechanism's second half: back down once the burst is over
             settled = _wait_for(sampler, lambda healthy: all(healthy.get(s, 0) <= n for s, n in arm.replicas.items()),
                                 SETTLE_UNCOMPRESSED_S / time_scale, f"{arm.name}: back at the minimum {arm.replicas}")
+        nodes_settled = None
+        if node_autoscaling:  # and its idle GPU nodes removed
+            least = next((s.nodes["joined"] for s in sampler.samples if "joined" in s.nodes), None)
+            nodes_settled = _wait_until(lambda: least is not None and sampler.latest().nodes.get("joined", 0) <= least,
+                                        SETTLE_UNCOMPRESSED_S / time_scale, f"{arm.name}: back at {least} GPU node(s)")
         promql: float | None | str = note or "Prometheus did not run"
         startup_ms = None
         if prometheus is not None:
@@ -119,6 +128,8 @@ def run_arm(arm: Arm, plan: Plan, folder: Path, offsets: list[float], *, profile
         summary = summarize_arm(arm, plan, log, sampler.samples, profile=profile, time_scale=time_scale,
                                 minutes=minutes, slo_s=slo_s, window=window, promql_p95=promql)
         summary["scaled_back_to_min"] = settled
+        if node_autoscaling:
+            summary["gpu_nodes_back_to_min"] = nodes_settled
         # Fidelity: a replica's start-up here is this CPU's process start plus the profile's sleep, x the scale.
         summary["denoiser_replica_startup_p50_s"] = (None if startup_ms is None
                                                      else round(startup_ms / 1000 * time_scale, 1))
@@ -133,14 +144,25 @@ def run_arm(arm: Arm, plan: Plan, folder: Path, offsets: list[float], *, profile
 
 
 def _wait_for(sampler: ClusterSampler, condition, timeout_s: float, what: str) -> bool:
+    """Until `condition` holds for the latest sample's healthy replicas per stage."""
+    def holds() -> bool:
+        latest = sampler.latest()
+        return latest is not None and bool(latest.healthy) and condition(latest.healthy)
+
+    last = _wait_until(holds, timeout_s, what)
+    if not last:
+        log_line(f"  last seen: {sampler.latest().healthy if sampler.latest() else None}")
+    return last
+
+
+def _wait_until(condition, timeout_s: float, what: str) -> bool:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        latest = sampler.latest()
-        if latest is not None and latest.healthy and condition(latest.healthy):
+        if condition():
             log_line(f"{what}: yes")
             return True
         time.sleep(0.5)
-    log_line(f"{what}: NOT within {timeout_s:g} s (last: {sampler.latest().healthy if sampler.latest() else None})")
+    log_line(f"{what}: NOT within {timeout_s:g} s")
     return False
 
 

@@ -12,8 +12,7 @@ for it; then:
 - autoscaling: each stage from its base size up to what the budget holds (every replica of
   every stage at its max fits the `gpus` at once), on its queue-wait policy
   (serving/autoscaling.py) with target `slo / 2`: the other half of the SLO is for what the
-  policy cannot see coming (metric push periods, a replica's start-up); no delay of Serve's
-  before a scale-down beyond the policy's own break-even hold (`DOWNSCALE_DELAY_S`);
+  policy cannot see coming (metric push periods, a replica's start-up);
 - fixed-peak-4gpu: fixed-peak with its Denoiser GPUs as replicas of 4 (sequence parallel,
   serving/parallel/; the profile's `parallel.speedup`): fewer, faster replicas on the same GPUs,
   every forward split over its gang;
@@ -52,12 +51,6 @@ ARM_NAMES = ("fixed-base", "fixed-peak", "autoscaling", "fixed-peak-4gpu", "fixe
 GANG = 4  # fixed-peak-4gpu: fixed-peak's Denoiser GPUs as replicas of this many (serving/parallel/)
 AUX_SHARE = 0.01  # of node 0's pinning resource per encoder/decoder replica (100 fit)
 ONE_AT_A_TIME = ("denoiser", "vae_decoder")  # stages whose replica runs one call at a time
-# Serve's delay before a scale-down, on top of the policy's own hold. The policy already keeps
-# an idle replica for its start-up (the break-even rule) and sizes for the arrival rate over
-# a minute; the config's default 60 s on top held the burst's Denoisers about a minute and a
-# half past their need. Replayed on six seeded peaks (loadtests/policy_replay.py): 0.61 ->
-# 0.53 of fixed-peak's Denoiser GPU-hours, p95 queue wait at most 34.3 -> 34.9 s.
-DOWNSCALE_DELAY_S = 0.0
 PROMPT = "a paper boat drifting down a rain-soaked street at dusk"
 
 
@@ -109,8 +102,7 @@ class Arm:
                 stages[stage] = {"autoscaling": {"min_replicas": self.replicas[stage],
                                                  "max_replicas": self.max_replicas[stage],
                                                  "target_queue_wait_seconds": self.target_queue_wait_s,
-                                                 "startup_seconds": profile.startup_seconds(stage),
-                                                 "downscale_delay_s": DOWNSCALE_DELAY_S}}
+                                                 "startup_seconds": profile.startup_seconds(stage)}}
             else:
                 stages[stage] = {"num_replicas": self.replicas[stage]}
             if stage in ONE_AT_A_TIME:

@@ -22,10 +22,11 @@ START_TIMEOUT_S = 900  # a 32-GPU simulated cluster warms ~32 workers (torch imp
 
 
 class SimulatedService:
-    def __init__(self, folder: Path, config: Path, profile: str, gpus: int, nodes: int, time_scale: float):
+    def __init__(self, folder: Path, config: Path, profile: str, gpus: int, nodes: int, time_scale: float,
+                 node_autoscaling: bool = False):
         self.folder, self.config = folder, config
         self.args = ["--simulate", profile, "--gpus", str(gpus), "--nodes", str(nodes),
-                     "--time-scale", f"{time_scale:g}"]
+                     "--time-scale", f"{time_scale:g}", *(["--node-autoscaling"] if node_autoscaling else [])]
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.metrics_urls: list[str] = []  # every node's Prometheus endpoint, the head's first

@@ -51,6 +51,9 @@ def add_loadtest_command(sub, parser_class) -> None:
                           "sets what they save); arms are sized for uncached jobs (default off)")
     exp.add_argument("--arms", default="fixed-base,fixed-peak,autoscaling",
                      help="comma-separated arms to run, in order (default all three)")
+    exp.add_argument("--node-autoscaling", action="store_true",
+                     help="the autoscaling arm's cluster scales its GPU nodes too (Ray's autoscaler; each node joins "
+                          "after the profile's node_startup_seconds), from the nodes its minimum needs to --nodes")
 
     ceiling = kinds.add_parser(
         "ceiling", help="how much load one Director drives before orchestration adds 2 %% to a job's latency: a "
@@ -126,8 +129,12 @@ def _experiment(args, argv: list[str] | None) -> int:
     if args.target_seconds is not None and not 0 < args.target_seconds <= args.slo_seconds:
         return usage(f"--target-seconds must be above 0 and at most --slo-seconds, found {args.target_seconds:g}")
     try:
-        SimulationConfig(profile=args.simulate, gpus=args.gpus, nodes=args.nodes, time_scale=args.time_scale)
-        plan(load_profile(args.simulate), args.gpus, args.slo_seconds, args.target_seconds, args.cache)
+        SimulationConfig(profile=args.simulate, gpus=args.gpus, nodes=args.nodes, time_scale=args.time_scale,
+                         node_autoscaling=args.node_autoscaling)
+        profile = load_profile(args.simulate)
+        plan(profile, args.gpus, args.slo_seconds, args.target_seconds, args.cache)
+        if args.node_autoscaling and profile.node_startup_seconds is None:
+            return usage(f"--node-autoscaling: cost profile {profile.name!r} has no node_startup_seconds")
     except SpecError as exc:
         return usage(f"--cache: {exc.message}")
     except ValidationError as exc:
@@ -137,7 +144,7 @@ def _experiment(args, argv: list[str] | None) -> int:
         return usage(f"--simulate {args.simulate}: {exc}" if isinstance(exc, ProfileError) else f"--gpus: {exc}")
     summaries = run_experiment(profile=args.simulate, gpus=args.gpus, nodes=args.nodes, minutes=args.minutes,
                                out=args.out, time_scale=args.time_scale, seed=args.seed, slo_s=args.slo_seconds,
-                               target_s=args.target_seconds, cache=args.cache,
+                               target_s=args.target_seconds, cache=args.cache, node_autoscaling=args.node_autoscaling,
                                arms=arms, command=command_line(argv if argv is not None else sys.argv[1:]))
     print(json.dumps({name: {k: s[k] for k in ("completed", "failed", "rejected_429", "slo_attainment",
                                                 "queue_wait_p95_s", "gpu_hours", "accelerator_seconds_per_video")}

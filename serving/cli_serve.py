@@ -29,6 +29,9 @@ def add_serve_command(sub) -> None:
     sim.add_argument("--gpus", type=int, help="simulated GPUs in the whole cluster (default 8)")
     sim.add_argument("--nodes", type=int, help="simulated GPU nodes the GPUs are spread over (default 1)")
     sim.add_argument("--time-scale", type=float, help="compress every time by this factor, >= 1 (default 1)")
+    sim.add_argument("--node-autoscaling", action="store_const", const=True, default=None,
+                     help="start with the GPU nodes the minimum replicas need; Ray's autoscaler adds nodes (up to "
+                          "--nodes, each after the profile's node start-up) and removes idle ones")
     srv.add_argument("--config", type=Path,
                      help="YAML config file (DITSERVE_<SECTION>__<KEY> env vars override it)")
 
@@ -39,7 +42,8 @@ def with_flags(args: argparse.Namespace, config):
 
     server = config.server.model_copy(update={k: v for k, v in (("host", args.host), ("port", args.port)) if v})
     update: dict = {"server": server}
-    flags = {"profile": args.simulate, "gpus": args.gpus, "nodes": args.nodes, "time_scale": args.time_scale}
+    flags = {"profile": args.simulate, "gpus": args.gpus, "nodes": args.nodes, "time_scale": args.time_scale,
+             "node_autoscaling": getattr(args, "node_autoscaling", None)}
     given = {k: v for k, v in flags.items() if v is not None}
     if given:
         if config.simulation is None and args.simulate is None:
@@ -82,6 +86,7 @@ def serve(args, config) -> int:
 
 def _serve_simulated(args, config) -> int:
     from serving.simulate.cluster import SimulatedCluster, simulated_config
+    from serving.simulate.node_autoscaling import NodeScaling
     from serving.simulate.profile import ProfileError, load_profile
 
     if args.address is not None:
@@ -97,10 +102,15 @@ def _serve_simulated(args, config) -> int:
     except ValueError as exc:
         print(f"ditserve serve: error: stages.denoiser.parallel: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    config, scale = simulated_config(config, profile)
+    try:
+        config, scale = simulated_config(config, profile)
+    except ValueError as exc:
+        print(f"ditserve serve: error: --simulate: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     _quiet_libraries()
     simulation = config.simulation
-    cluster = SimulatedCluster(simulation.gpus, simulation.nodes, args.metrics_port, scale.ray_env)
+    cluster = SimulatedCluster(simulation.gpus, simulation.nodes, args.metrics_port, scale.ray_env,
+                               NodeScaling.of(config) if simulation.node_autoscaling else None)
 
     def start() -> str:
         cluster.start()
@@ -182,10 +192,15 @@ def banner(config, metrics_url: str, profile=None, scale=None, cluster=None) -> 
     if profile is not None:
         sim = config.simulation
         lines = "\n".join(f"    {line}" for line in scale.describe())
+        scaling = cluster.node_scaling
+        nodes = "" if scaling is None else (
+            f"\n  node autoscaling: {scaling.min_nodes} to {scaling.max_nodes} nodes of {scaling.gpus_per_node} GPUs, "
+            f"each joining {scaling.startup_s:g} s after it is asked for, removed after {scaling.idle_timeout_s:g} s idle "
+            "(Ray's autoscaler, fake multi-node provider)")
         simulated = f"""
 *** SIMULATED ACCELERATORS: no model runs; every video, /readyz and metric says so ***
   cost profile: {profile.name} ({profile.device})
-  cluster: {sim.gpus} simulated GPUs on {sim.nodes} nodes (Ray test cluster on this machine)
+  cluster: {sim.gpus} simulated GPUs on {sim.nodes} nodes (Ray test cluster on this machine){nodes}
   Ray address: {cluster.address} (RAY_TMPDIR={cluster.ray_tmp}; e.g. `ray status --address {cluster.address}`)
   time scale: {scale.factor:g}x (times here are compressed; multiply by {scale.factor:g} for real seconds)
   compressed settings:

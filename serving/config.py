@@ -411,12 +411,26 @@ class SimulationConfig(_Section):
                               "period and target alike (see serving/simulate/timescale.py); reports convert back.")
     gpus: int = Field(default=8, ge=1, description="Simulated GPUs in the whole cluster.")
     nodes: int = Field(default=1, ge=1, description="Simulated GPU nodes; the GPUs are spread evenly over them.")
+    node_autoscaling: bool = Field(default=False, description=(
+        "Start with the GPU nodes the stages' minimum replicas need and let Ray's autoscaler add nodes (up to "
+        "`nodes`) while replicas wait for GPUs and remove idle ones, as KubeRay does (serving/simulate/cluster.py)."))
+    node_startup_seconds: float | None = Field(default=None, ge=0, description=(
+        "Seconds a new GPU node takes to join (node_autoscaling). None: the cost profile's."))
+    node_idle_timeout_seconds: float = Field(default=60.0, ge=0, description=(
+        "How long a GPU node holds no replica before the autoscaler removes it (KubeRay's default)."))
 
     @model_validator(mode="after")
     def _a_gpu_per_node(self) -> "SimulationConfig":
         if self.gpus < self.nodes:
             raise ValueError(f"gpus ({self.gpus}) is below nodes ({self.nodes}): every node needs a GPU")
+        if self.node_autoscaling and self.gpus % self.nodes:
+            raise ValueError(f"node_autoscaling adds nodes of one kind: gpus ({self.gpus}) must be a multiple of "
+                             f"nodes ({self.nodes})")
         return self
+
+    @property
+    def gpus_per_node(self) -> int:
+        return self.gpus // self.nodes
 
 
 class ServiceConfig(_Section):

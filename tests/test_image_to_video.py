@@ -351,11 +351,12 @@ def test_the_sdk_uploads_a_first_frame_and_gets_its_video(i2v_service, tiny_i2v_
 def test_held_out_first_frames_over_http_meet_the_goal(i2v_service, tiny_i2v_pipeline):
     """Issue 20 item 4 through the live API: the held-out cases' first frames uploaded with
     the SDK, the MP4s judged as the same model's frames are in process
-    (tests/test_tiny_i2v.py), at least 80 % right."""
+    (tests/test_tiny_i2v.py), at least 80 % right. One seed's 12 cases, for CI's time; the
+    recorded run of seeds 0-2 (35/36) is in docs/tiny-model.md."""
     from serving.models import semantic_i2v
 
     client = i2v_service.client()
-    cases = semantic_i2v.held_out_cases((0, 1, 2))
+    cases = semantic_i2v.held_out_cases((0,))
     jobs = [(client.videos.create(prompt=case.prompt, input_reference=("frame.png", _png(case.image()), "image/png"),
                                   extra_body={"seed": case.seed}), case) for case in cases]
     over_http = []
@@ -366,7 +367,7 @@ def test_held_out_first_frames_over_http_meet_the_goal(i2v_service, tiny_i2v_pip
                                                    .to(torch.uint8), case)))
     served = semantic_i2v.score(over_http)
     in_process = semantic_i2v.score_pipeline(tiny_i2v_pipeline, cases)
-    print("\n" + semantic_i2v.report("tiny-i2v over HTTP, seeds 0-2", served))
+    print("\n" + semantic_i2v.report("tiny-i2v over HTTP, seed 0", served))
     print(f"in process: {in_process.correct}/{in_process.total}")
     agree = sum(a["ok"] == b["ok"] for a, b in zip(served.results, in_process.results))
     assert agree >= len(cases) - 2  # H.264 may tip a borderline clip

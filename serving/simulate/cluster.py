@@ -23,6 +23,7 @@ this machine's CPU, not the profile's cold start.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -31,6 +32,7 @@ import tempfile
 import time
 
 from serving.config import ServiceConfig, StorageConfig
+from serving.simulate.node_autoscaling import NodeScaling, autoscaler_config
 from serving.simulate.profile import CostProfile
 from serving.simulate.timescale import TimeScale, scale_config
 
@@ -65,8 +67,15 @@ def simulated_config(config: ServiceConfig, profile: CostProfile) -> tuple[Servi
            if config.storage.artifacts_url == defaults.artifacts_url else {}),
     })
     model = config.model.model_copy(update={"preset": profile.model, "path": None})
-    unscaled = ServiceConfig.model_validate({**config.model_dump(), "model": model.model_dump(),
-                                             "stages": stages.model_dump(), "storage": storage.model_dump()})
+    simulation = config.simulation
+    if simulation is not None and simulation.node_autoscaling and simulation.node_startup_seconds is None:
+        if profile.node_startup_seconds is None:
+            raise ValueError(f"cost profile {profile.name!r} has no node_startup_seconds: give "
+                             "simulation.node_startup_seconds for node_autoscaling")
+        simulation = simulation.model_copy(update={"node_startup_seconds": profile.node_startup_seconds})
+    unscaled = ServiceConfig.model_validate({
+        **config.model_dump(), "model": model.model_dump(), "stages": stages.model_dump(),
+        "storage": storage.model_dump(), "simulation": simulation.model_dump() if simulation is not None else None})
     return scale_config(unscaled)
 
 
@@ -80,6 +89,13 @@ def gpus_per_node(gpus: int, nodes: int) -> list[int]:
     return [gpus // nodes + (1 if i < gpus % nodes else 0) for i in range(nodes)]
 
 
+def gpu_nodes() -> int:
+    """Alive nodes of the connected cluster that declare GPUs."""
+    import ray
+
+    return sum(1 for node in ray.nodes() if node["Alive"] and node["Resources"].get("GPU", 0) > 0)
+
+
 def free_port() -> int:
     """A free TCP port on loopback (for a node's or a tool's listener)."""
     with socket.socket() as sock:
@@ -88,8 +104,10 @@ def free_port() -> int:
 
 
 class SimulatedCluster:
-    def __init__(self, gpus: int, nodes: int, metrics_port: int, env: dict[str, str]):
+    def __init__(self, gpus: int, nodes: int, metrics_port: int, env: dict[str, str],
+                 node_scaling: NodeScaling | None = None):
         self.gpus, self.nodes, self.metrics_port, self.env = gpus, nodes, metrics_port, env
+        self.node_scaling = node_scaling  # None: all `nodes` from the start, for the whole run
         self.cluster = None
         self.ray_tmp: str | None = None
         self.metrics_ports: list[int] = []
@@ -107,12 +125,15 @@ class SimulatedCluster:
                           # then fails: with dozens of replicas starting on two cores, one often is not.
                           RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S="60")
         # All nodes are processes of this machine (on its own address, as Ray's test cluster sets them up).
-        self.cluster = Cluster(initialize_head=True, head_node_args=dict(
-            num_cpus=HEAD_CPUS, object_store_memory=NODE_OBJECT_STORE_BYTES, num_gpus=0, include_dashboard=False,
-            metrics_export_port=self.metrics_port, dashboard_agent_listen_port=free_port(),
-            gcs_server_port=free_port()))
-        self.metrics_ports = [self.metrics_port]
+        head = dict(num_cpus=HEAD_CPUS, object_store_memory=NODE_OBJECT_STORE_BYTES, num_gpus=0,
+                    include_dashboard=False, metrics_export_port=self.metrics_port,
+                    dashboard_agent_listen_port=free_port(), gcs_server_port=free_port())
         warm_per_node = max(1, MAX_WARM_WORKERS // self.nodes)
+        if self.node_scaling is not None:
+            self._start_autoscaled(head, warm_per_node)
+            return
+        self.cluster = Cluster(initialize_head=True, head_node_args=head)
+        self.metrics_ports = [self.metrics_port]
         for index, gpus in enumerate(gpus_per_node(self.gpus, self.nodes)):
             port = free_port()
             # `simulated_node_<i>`: a config can pin a stage to a node (stages.<s>.resources), as a
@@ -124,6 +145,36 @@ class SimulatedCluster:
             self.metrics_ports.append(port)
         self.cluster.wait_for_nodes()
         ray.init(address=self.cluster.address, logging_level="WARNING", log_to_driver=False)
+        self._wait_until_warm()
+
+    def _start_autoscaled(self, head: dict, warm_per_node: int) -> None:
+        """The head alone, with Ray's autoscaler (serving/simulate/node_autoscaling.py); back once
+        the minimum GPU nodes have joined and warmed up."""
+        import ray
+        from ray.cluster_utils import Cluster
+
+        scaling = self.node_scaling
+        autoscaler_port = free_port()
+        # The fake provider runs only under RAY_FAKE_CLUSTER; the autoscaler's loop every second
+        # (its default 5 s would add up to 5 s to every scale-up, times the time scale).
+        os.environ.update(RAY_FAKE_CLUSTER="1", AUTOSCALER_UPDATE_INTERVAL_S="1",
+                          AUTOSCALER_METRIC_PORT=str(autoscaler_port))
+        gcs = f"{ray._private.services.get_node_ip_address()}:{head['gcs_server_port']}"
+        path = os.path.join(self.ray_tmp, "autoscaler.json")
+        with open(path, "w") as handle:
+            json.dump(autoscaler_config(scaling, gcs, HEAD_CPUS, min(scaling.gpus_per_node + WARM_WORKERS_BEYOND_GPUS,
+                                                                     warm_per_node), NODE_OBJECT_STORE_BYTES), handle)
+        self.cluster = Cluster(initialize_head=True, head_node_args={**head, "autoscaling_config": path})
+        # The autoscaler's own gauges (autoscaler_active_nodes, _pending_nodes, _cluster_resources)
+        # say which nodes the cluster holds: a fake node's own metrics port is not known here.
+        self.metrics_ports = [self.metrics_port, autoscaler_port]
+        ray.init(address=self.cluster.address, logging_level="WARNING", log_to_driver=False)
+        deadline = time.monotonic() + WARM_TIMEOUT_S + scaling.startup_s
+        while gpu_nodes() < scaling.min_nodes:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the autoscaler started {gpu_nodes()} of {scaling.min_nodes} GPU nodes "
+                                   f"(see {self.ray_tmp}, monitor.log)")
+            time.sleep(1.0)
         self._wait_until_warm()
 
     def _wait_until_warm(self) -> None:

@@ -130,6 +130,9 @@ class CostProfile(_Strict):
     denoiser: DenoiserCost
     vae_decoder: VaeDecoderCost
     startup_seconds_per_stage: StartupCost
+    node_startup_seconds: float | None = Field(
+        default=None, ge=0, description="Seconds from asking for one more GPU node to its joining the cluster "
+        "(machine boot, kubelet, GPU driver): what a node-autoscaled simulation waits (`--node-autoscaling`).")
     step_cache: StepCacheCost | None = None
     parallel: ParallelCost | None = None
     anchors: list[Anchor] = Field(default_factory=list)
@@ -167,7 +170,8 @@ class CostProfile(_Strict):
         """Every number of the model, as the dotted paths `sources[].what` names."""
         sections = ("text_encoder", "denoiser", "vae_decoder", "startup_seconds_per_stage")
         paths = [f"{section}.{name}" for section in sections for name in type(getattr(self, section)).model_fields]
-        return (paths + (["step_cache.computed_fraction"] if self.step_cache is not None else [])
+        return (paths + (["node_startup_seconds"] if self.node_startup_seconds is not None else [])
+                + (["step_cache.computed_fraction"] if self.step_cache is not None else [])
                 + (["parallel.speedup"] if self.parallel is not None else []))
 
     def parallel_speedup(self, degree: int) -> float:
