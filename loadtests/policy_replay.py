@@ -194,8 +194,8 @@ def main() -> None:
     arm, peak = the_plan.arms["autoscaling"], the_plan.arms["fixed-peak"].replicas["denoiser"]
     print(f"SIMULATED: {args.profile}, a model of Serve (loadtests/policy_replay.py); the Denoiser only; "
           "uncompressed seconds")
-    print("| seed | jobs | downscale delay s | p95 queue wait s | SLO attainment | max replicas | Denoiser GPU-h | "
-          "share of fixed-peak's Denoisers |")
+    print("| seed | jobs | downscale delay s | p95 queue wait s | SLO attainment | most replicas holding a GPU | "
+          "Denoiser GPU-h | share of fixed-peak's Denoisers |")
     print("|---|---|---|---|---|---|---|---|")
     for seed in args.seeds:
         offsets = schedule("peak-hour", args.minutes, the_plan.base_rate_per_min, seed)

@@ -200,7 +200,7 @@ def banner(config, metrics_url: str, profile=None, scale=None, cluster=None) -> 
         simulated = f"""
 *** SIMULATED ACCELERATORS: no model runs; every video, /readyz and metric says so ***
   cost profile: {profile.name} ({profile.device})
-  cluster: {sim.gpus} simulated GPUs on {sim.nodes} nodes (Ray test cluster on this machine){nodes}
+  cluster: {"up to " if scaling is not None else ""}{sim.gpus} simulated GPUs on {sim.nodes} nodes (Ray test cluster on this machine){nodes}
   Ray address: {cluster.address} (RAY_TMPDIR={cluster.ray_tmp}; e.g. `ray status --address {cluster.address}`)
   time scale: {scale.factor:g}x (times here are compressed; multiply by {scale.factor:g} for real seconds)
   compressed settings:
