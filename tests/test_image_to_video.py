@@ -518,14 +518,16 @@ def test_image_url_hosts_are_checked_before_any_connection():
 
 @pytest.fixture()
 def image_host():
-    """A real HTTP server on loopback: /frame.png, /redirect (to a loopback port) and /huge."""
+    """A real HTTP server on loopback: /frame.png, /redirect (to a loopback port) and /huge;
+    yields its base URL, the frame's bytes and the paths it was asked for."""
     import http.server
     import threading
 
-    frame = _png(_frame())
+    frame, asked = _png(_frame()), []
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self):  # noqa: N802
+            asked.append(self.path)
             if self.path == "/redirect":
                 self.send_response(302)
                 self.send_header("Location", "http://127.0.0.1:9/secret")
@@ -543,7 +545,7 @@ def image_host():
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}", frame
+    yield f"http://127.0.0.1:{server.server_address[1]}", frame, asked
     server.shutdown()
 
 
@@ -553,7 +555,7 @@ def test_an_allowed_image_url_is_fetched_within_the_limits(image_host):
     from serving.api.image_fetch import fetch_image
     from serving.pipeline.spec import SpecError
 
-    base, frame = image_host
+    base, frame, _ = image_host
     trusted = _server(image_url_allowed_networks=["127.0.0.1/32"], max_image_bytes=4096)
     assert asyncio.run(fetch_image(f"{base}/frame.png", trusted)).data == frame
     for path, match in (("/redirect", "HTTP 302"), ("/huge", "passed 4096 bytes")):
@@ -576,7 +578,7 @@ def test_a_name_that_resolves_inside_is_refused_when_connecting(image_host):
     from serving.api.image_fetch import fetch_image
     from serving.pipeline.spec import SpecError
 
-    base, _ = image_host
+    base, _, _ = image_host
     port = int(base.rsplit(":", 1)[1])
 
     class Rebinding(AbstractResolver):  # DNS's answer, as an attacker's name server would give it
@@ -588,6 +590,39 @@ def test_a_name_that_resolves_inside_is_refused_when_connecting(image_host):
 
     with pytest.raises(SpecError, match="resolves only to addresses this server does not call.*loopback"):
         asyncio.run(fetch_image(f"http://images.example:{port}/frame.png", _server(), dns=Rebinding()))
+
+
+def test_a_retry_with_its_idempotency_key_does_not_fetch_the_frame_again(tmp_path, image_host):
+    """The frame's URL is fetched once, when the job is made: a retry with the same
+    Idempotency-Key and body gets that job even after the URL stopped answering (a presigned
+    URL expires), and the key with another URL is a 409, both without a connection."""
+    from fastapi.testclient import TestClient
+
+    from serving.api.app import create_api
+    from serving.config import load_config
+    from serving.jobs.videos import VideoJobs
+
+    base, _, asked = image_host
+    config = load_config(None, environ={
+        "DITSERVE_MODEL__PRESET": "tiny-i2v", "DITSERVE_STORAGE__JOB_STORE_URL": f"sqlite:///{tmp_path}/jobs.db",
+        "DITSERVE_STORAGE__ARTIFACTS_URL": str(tmp_path / "artifacts"), "DITSERVE_SERVER__FETCH_IMAGE_URLS": "true",
+        "DITSERVE_SERVER__IMAGE_URL_ALLOWED_NETWORKS": '["127.0.0.1/32"]'})
+    body = {"prompt": "a disc", "input_reference": {"image_url": f"{base}/frame.png"}}
+    key = {"Idempotency-Key": "retry-me"}
+    with TestClient(create_api(config, VideoJobs(config)), raise_server_exceptions=False) as client:
+        first = client.post("/v1/videos", json=body, headers=key)
+        assert first.status_code == 200, first.text
+        assert asked == ["/frame.png"]
+        again = client.post("/v1/videos", json=body, headers=key)
+        assert again.status_code == 200 and again.json()["id"] == first.json()["id"]
+        other = client.post("/v1/videos", json={**body, "input_reference": {"image_url": f"{base}/frame.png?v=2"}},
+                            headers=key)
+        assert other.status_code == 409 and other.json()["error"]["param"] == "Idempotency-Key"
+        assert asked == ["/frame.png"]  # neither the retry nor the conflict connected
+        # A new key fetches, and a URL that no longer answers is that request's 400.
+        gone = client.post("/v1/videos", json={**body, "input_reference": {"image_url": "http://127.0.0.1:9/f.png"}},
+                           headers={"Idempotency-Key": "new"})
+        assert gone.status_code == 400 and "could not be fetched" in gone.json()["error"]["message"]
 
 
 # ---- the frame's file, without a Director: a queued cancel, and storage that is down ------------

@@ -106,6 +106,13 @@ class APIContext:
         if idempotency_key is not None and not 1 <= len(idempotency_key) <= 255:
             raise APIError(400, "Idempotency-Key must be 1 to 255 characters", param="Idempotency-Key")
         url = remote_url(fields.get("input_reference")) if self.jobs.preset.takes_image else None
+        if url is not None and idempotency_key is not None:  # a retry: its job, without fetching again
+            try:
+                earlier = await asyncio.to_thread(self.jobs.earlier_job, fields, url, idempotency_key, owner_of(who))
+            except IdempotencyConflict:
+                raise _key_reused() from None
+            if earlier is not None:
+                return earlier, False
         if url is not None:  # fetched here, before admission: submit checks the bytes as any upload's
             try:
                 fields = {**fields, "input_reference": await fetch_image(url, self.config.server)}
@@ -117,7 +124,7 @@ class APIContext:
                 job, created = await asyncio.to_thread(
                     self.jobs.submit, fields, idempotency_key, owner_of(who),
                     who.max_concurrent_jobs if who is not None else None,
-                    who.max_priority if who is not None else None, wait)
+                    who.max_priority if who is not None else None, wait, url)
         except QueueFull as exc:
             if self.on_rejected is not None:
                 self.on_rejected("queue_wait")
@@ -136,8 +143,7 @@ class APIContext:
         except PolicyViolation as exc:
             raise APIError(400, str(exc), param=exc.violation.field, code="content_policy_violation") from None
         except IdempotencyConflict:
-            raise APIError(409, "this Idempotency-Key was already used with a different request body",
-                           param="Idempotency-Key", code="idempotency_key_reused") from None
+            raise _key_reused() from None
         if created and self.on_submitted is not None:
             await self.on_submitted(job.id)
         return job, created
@@ -160,6 +166,11 @@ class APIContext:
                 self.on_ended(job, ending)
             except Exception:  # bookkeeping must never fail the request
                 logger.exception("recording the end of %s failed", job.id)
+
+
+def _key_reused() -> APIError:
+    return APIError(409, "this Idempotency-Key was already used with a different request body",
+                    param="Idempotency-Key", code="idempotency_key_reused")
 
 
 def owner_of(who: Caller | None) -> str | None:

@@ -18,7 +18,7 @@ from serving.config import ServiceConfig
 from serving.cost_model import StageSeconds, spec_seconds
 from serving.jobs.records import JobRecord, JobStatus, is_job_id, new_job_id
 from serving.jobs.retention import remove_files, tidy_after_run
-from serving.jobs.store import JobStore, cost_fields
+from serving.jobs.store import IdempotencyConflict, JobStore, cost_fields
 from serving.measured_cost import Calibration, MeasuredCost, base_cost_model
 from serving.jobs.reference import FIELD, ReferenceImage, read_reference, reference_bytes
 from serving.models.presets import PRESETS, image_presets
@@ -71,11 +71,13 @@ class VideoJobs:
 
     def submit(self, request: dict[str, Any], idempotency_key: str | None = None, owner: str | None = None,
                max_active: int | None = None, max_priority: int | None = None,
-               estimate: WaitEstimate | None = None) -> tuple[JobRecord, bool]:
+               estimate: WaitEstimate | None = None, image_source: str | None = None) -> tuple[JobRecord, bool]:
         """Validate, cost and queue for `owner` (an API key's name; None with auth off); returns
         (job, created). `max_active` and `max_priority` are the key's limits (None: none).
         `estimate` is the Director's latest (None: unknown): its calibration costs the job, and
         with `admission.max_queue_wait_seconds` set, its queue budget admits it or not.
+        `image_source`: the URL the API fetched the first frame from (the request as sent names
+        it, so a retry is recognised by it without fetching again: see `earlier_job`).
         Raises SpecError, PolicyViolation, IdempotencyConflict, QuotaExceeded, PriorityNotAllowed
         or QueueFull."""
         model = request.get("model")
@@ -129,8 +131,9 @@ class VideoJobs:
                 raise QueueFull(verdict, limit)
         if image is not None and not replay:  # stored before the row: a claimed job always finds its frame
             self.artifacts.put(spec.image, image.png)
-        # A replay with the same key must bring the same frame: the request's hash covers its pixels.
-        hashable = {**request, FIELD: hashlib.sha256(image.png).hexdigest() if image is not None else None}
+        # A replay with the same key must bring the same frame: the request's hash covers its
+        # pixels, or the URL it named.
+        hashable = _hashable(request, image_source or (hashlib.sha256(image.png).hexdigest() if image else None))
         now = time.time()
         record = JobRecord(
             id=job_id, created_at=now, status=JobStatus.QUEUED, model=self.model_name, spec=spec.to_dict(),
@@ -139,6 +142,19 @@ class VideoJobs:
             request_hash=_request_hash(hashable) if idempotency_key else None, **cost_fields(cost),
         )
         return self.store.create(record)
+
+    def earlier_job(self, request: dict[str, Any], image_url: str, idempotency_key: str,
+                    owner: str | None = None) -> JobRecord | None:
+        """The job an earlier request with this Idempotency-Key made, if `request` (its first
+        frame the remote `image_url`, not fetched) is the same request; None for a new key.
+        Raises IdempotencyConflict for another request. A retry is answered without fetching
+        the frame again: a presigned URL may have expired since, and the job has its frame."""
+        earlier = self.store.get_by_idempotency_key(stored_idempotency_key(owner, idempotency_key))
+        if earlier is None:
+            return None
+        if earlier.request_hash != _request_hash(_hashable(request, image_url)):
+            raise IdempotencyConflict(idempotency_key)
+        return earlier
 
     def _first_frame(self, value) -> ReferenceImage | None:
         """The request's first frame, checked (SpecError naming input_reference): required by an
@@ -254,6 +270,12 @@ def stored_idempotency_key(owner: str | None, key: str) -> str:
     """What the job row keeps for a client's Idempotency-Key: a digest of (owner, key), so one
     tenant's keys never meet another's and any key fits the column on every database."""
     return hashlib.sha256(json.dumps([owner, key]).encode()).hexdigest()
+
+
+def _hashable(request: dict[str, Any], frame: str | None) -> dict[str, Any]:
+    """The request as its idempotency hash sees it: the first frame by `frame` (its pixels'
+    digest, or the URL it was fetched from), not its bytes."""
+    return {**request, FIELD: frame}
 
 
 def _request_hash(request: dict[str, Any]) -> str:
