@@ -12,7 +12,7 @@ from __future__ import annotations
 import difflib
 import os
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Annotated, Any, Literal, Mapping
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -195,6 +195,8 @@ class ServerConfig(_Section):
         "redirects, no proxies, the size limit counted as it downloads."))
     image_url_allowed_networks: list[str] = Field(default_factory=list, description=(
         "Networks (CIDR) an image_url may point into besides public addresses, e.g. an internal image store."))
+    image_url_ports: list[Annotated[int, Field(ge=1, le=65535)]] = Field(default_factory=lambda: [80, 443], description=(
+        "Ports an image_url may name; a literal address inside image_url_allowed_networks may use any."))
     image_fetch_timeout_seconds: float = Field(default=10.0, gt=0, le=120)
 
     @field_validator("image_url_allowed_networks")

@@ -80,10 +80,15 @@ class AddressPolicy:
     def __init__(self, allowed_networks: Iterable[str] = ()):
         self.allowed_networks = [ipaddress.ip_network(network) for network in allowed_networks]
 
+    def trusts(self, address: IPAddress) -> bool:
+        """Whether `address` (or the IPv4 address it reaches) is in a network the operator trusts."""
+        target = reached_ipv4(address) or address
+        return any(a in network for a in (address, target) for network in self.allowed_networks)
+
     def refusal(self, address: IPAddress) -> str | None:
         """None if the service may connect to `address`; otherwise why not, for a person."""
         target = reached_ipv4(address) or address
-        if any(a in network for a in (address, target) for network in self.allowed_networks):
+        if self.trusts(address):
             return None
         kind = kind_of(target)
         if kind is None:

@@ -514,6 +514,11 @@ def test_image_url_hosts_are_checked_before_any_connection():
     # A public address passes the check (nothing is fetched here), and so does a trusted network.
     assert check_image_url("https://93.184.216.34/f.png", _server()).host == "93.184.216.34"
     assert check_image_url("http://127.0.0.1:9/f.png", _server(image_url_allowed_networks=["127.0.0.0/8"]))
+    # On a public host (or a name) only the listed ports: 80 and 443 unless configured.
+    for other_port in ("https://93.184.216.34:8080/f.png", "http://images.example:22/f.png"):
+        with pytest.raises(SpecError, match="port .* is not one this server fetches from"):
+            check_image_url(other_port, _server())
+    assert check_image_url("http://93.184.216.34:8080/f.png", _server(image_url_ports=[8080]))
 
 
 @pytest.fixture()
@@ -589,7 +594,8 @@ def test_a_name_that_resolves_inside_is_refused_when_connecting(image_host):
             pass
 
     with pytest.raises(SpecError, match="resolves only to addresses this server does not call.*loopback"):
-        asyncio.run(fetch_image(f"http://images.example:{port}/frame.png", _server(), dns=Rebinding()))
+        asyncio.run(fetch_image(f"http://images.example:{port}/frame.png", _server(image_url_ports=[port]),
+                                dns=Rebinding()))
 
 
 def test_a_retry_with_its_idempotency_key_does_not_fetch_the_frame_again(tmp_path, image_host):
