@@ -265,7 +265,7 @@ def test_comparison_has_the_table_the_goal_and_the_plots(tmp_path):
 
 
 def test_autoscaling_arm_scales_the_bottleneck_up_in_the_burst_and_down_after(tmp_path):
-    """A short peak hour (10 simulated minutes at 10x) against the autoscaling arm on 6 simulated
+    """A short peak hour (10 simulated minutes at 6x) against the autoscaling arm on 6 simulated
     GPUs: the Denoiser, 90 % of each job's work, starts at the 1 replica the base load needs and
     must go above it in the 4x burst, be back at 1 after, with every accepted job completed."""
     out = tmp_path / "experiment"
@@ -273,11 +273,11 @@ def test_autoscaling_arm_scales_the_bottleneck_up_in_the_burst_and_down_after(tm
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
     process = subprocess.Popen(
         [sys.executable, "-m", "serving.cli", "loadtest", "experiment", "--simulate", PROFILE, "--gpus", "6",
-         "--nodes", "2", "--minutes", "10", "--time-scale", "10", "--seed", "3", "--arms", "autoscaling",
+         "--nodes", "2", "--minutes", "10", "--time-scale", "6", "--seed", "3", "--arms", "autoscaling",
          "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
         start_new_session=True)
     try:
-        stdout, stderr = process.communicate(timeout=420)
+        stdout, stderr = process.communicate(timeout=600)
     finally:
         try:  # nothing it started outlives the test
             os.killpg(process.pid, signal.SIGKILL)
@@ -285,10 +285,12 @@ def test_autoscaling_arm_scales_the_bottleneck_up_in_the_burst_and_down_after(tm
             pass
     assert process.returncode == 0, stderr[-4000:]
     summary = json.loads((out / "autoscaling" / "summary.json").read_text())
-    # 10x, not more: a replica's start-up is CPU work the time scale multiplies, and on a busy
+    # 6x, not more: a replica's start-up is CPU work the time scale multiplies, and on a busy
     # 2-core CI machine (the suite's own cluster alive beside it) 20x left new replicas unready
-    # until the burst had passed.
-    assert summary["simulated"] is True and summary["time_scale"] == 10.0
+    # until the burst had passed; at 10x the burst's plateau is 15 s of wall clock, and once
+    # (2026-12-04, in the full suite) no scaled-up Denoiser was seen at all (likeliest: they
+    # came and went between Ray's 10 s metric exports; alone the same test passed).
+    assert summary["simulated"] is True and summary["time_scale"] == 6.0
     assert summary["accepted"] > 5 and summary["completed"] == summary["accepted"]  # every accepted job completes
     assert summary["failed"] == 0 and summary["unfinished"] == 0
     denoiser = summary["replicas_seen"]["denoiser"]

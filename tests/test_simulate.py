@@ -298,7 +298,9 @@ def test_serve_simulate_runs_a_job_through_the_real_api(tmp_path, gang):
     try:
         wait_ready(url, timeout=300, process=process)
         ready = requests.get(f"{url}/readyz", timeout=10).json()
-        assert ready["simulated"] == {"profile": "h100-wan2.1-1.3b", "time_scale": 50.0, "gpus": gpus, "nodes": 2}
+        assert ready["simulated"] == {"profile": "h100-wan2.1-1.3b", "time_scale": 50.0, "gpus": gpus, "nodes": 2,
+                                      "node_autoscaling": False, "node_startup_seconds": None,
+                                      "node_idle_timeout_seconds": 60 / 50}  # compressed, as every time is
         if gang > 1:
             [denoiser] = ready["denoisers"]
             assert denoiser["parallel"] == {"ulysses": gang, "cfg": 1, "ranks": gang, "simulated": True,
