@@ -149,10 +149,10 @@ def _wait_for(sampler: ClusterSampler, condition, timeout_s: float, what: str) -
         latest = sampler.latest()
         return latest is not None and bool(latest.healthy) and condition(latest.healthy)
 
-    last = _wait_until(holds, timeout_s, what)
-    if not last:
+    held = _wait_until(holds, timeout_s, what)
+    if not held:
         log_line(f"  last seen: {sampler.latest().healthy if sampler.latest() else None}")
-    return last
+    return held
 
 
 def _wait_until(condition, timeout_s: float, what: str) -> bool:

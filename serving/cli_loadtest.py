@@ -112,6 +112,7 @@ def _experiment(args, argv: list[str] | None) -> int:
     from loadtests.plan import PlanError, plan
     from serving.config import SimulationConfig
     from serving.pipeline.spec import SpecError
+    from serving.simulate.node_autoscaling import node_startup_seconds
     from serving.simulate.profile import ProfileError, load_profile
 
     def usage(message: str) -> int:
@@ -129,12 +130,10 @@ def _experiment(args, argv: list[str] | None) -> int:
     if args.target_seconds is not None and not 0 < args.target_seconds <= args.slo_seconds:
         return usage(f"--target-seconds must be above 0 and at most --slo-seconds, found {args.target_seconds:g}")
     try:
-        SimulationConfig(profile=args.simulate, gpus=args.gpus, nodes=args.nodes, time_scale=args.time_scale,
-                         node_autoscaling=args.node_autoscaling)
+        simulation = SimulationConfig(profile=args.simulate, gpus=args.gpus, nodes=args.nodes,
+                                      time_scale=args.time_scale, node_autoscaling=args.node_autoscaling)
         profile = load_profile(args.simulate)
         plan(profile, args.gpus, args.slo_seconds, args.target_seconds, args.cache)
-        if args.node_autoscaling and profile.node_startup_seconds is None:
-            return usage(f"--node-autoscaling: cost profile {profile.name!r} has no node_startup_seconds")
     except SpecError as exc:
         return usage(f"--cache: {exc.message}")
     except ValidationError as exc:
@@ -142,6 +141,11 @@ def _experiment(args, argv: list[str] | None) -> int:
                                f"{str(e['msg']).removeprefix('Value error, ')}" for e in exc.errors()))
     except (ProfileError, PlanError) as exc:
         return usage(f"--simulate {args.simulate}: {exc}" if isinstance(exc, ProfileError) else f"--gpus: {exc}")
+    if args.node_autoscaling:
+        try:
+            node_startup_seconds(simulation, profile)
+        except ValueError as exc:
+            return usage(f"--node-autoscaling: {exc}")
     summaries = run_experiment(profile=args.simulate, gpus=args.gpus, nodes=args.nodes, minutes=args.minutes,
                                out=args.out, time_scale=args.time_scale, seed=args.seed, slo_s=args.slo_seconds,
                                target_s=args.target_seconds, cache=args.cache, node_autoscaling=args.node_autoscaling,

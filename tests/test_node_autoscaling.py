@@ -15,6 +15,7 @@ import requests
 import yaml
 from pydantic import ValidationError
 
+from conftest import wait_for
 from serving.config import SimulationConfig, load_config
 from serving.simulate.cluster import simulated_config
 from serving.simulate.node_autoscaling import NODE_TYPE, NodeScaling, autoscaler_config, minimum_gpus
@@ -127,10 +128,7 @@ def test_a_burst_adds_a_gpu_node_after_its_start_up_and_idle_nodes_go(tmp_path):
                 time.sleep(0.5)
             assert video["status"] == "completed", video
         # Idle: the Denoisers go back to one, and the node they left is removed after its idle timeout.
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline and nodes_of(service).get("joined") != 1:
-            time.sleep(1.0)
-        assert nodes_of(service).get("joined") == 1
+        wait_for(lambda: nodes_of(service).get("joined") == 1, timeout=180, interval=1.0)
         assert math.isclose(nodes_of(service).get("pending", 0), 0)
     finally:
         service.stop()

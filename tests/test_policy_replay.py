@@ -21,11 +21,10 @@ def peak():
     return the_plan, schedule("peak-hour", 20.0, the_plan.base_rate_per_min, 0)
 
 
-def setup_of(the_plan, **changes) -> ReplaySetup:
+def setup_of(the_plan) -> ReplaySetup:
     arm = the_plan.arms["autoscaling"]
-    return ReplaySetup(**{"job_s": the_plan.job.seconds.denoiser, "target_s": arm.target_queue_wait_s,
-                          "min_replicas": arm.replicas["denoiser"], "max_replicas": arm.max_replicas["denoiser"],
-                          **changes})
+    return ReplaySetup(job_s=the_plan.job.seconds.denoiser, target_s=arm.target_queue_wait_s,
+                       min_replicas=arm.replicas["denoiser"], max_replicas=arm.max_replicas["denoiser"])
 
 
 def test_the_denoiser_follows_the_peak_up_and_back_down(peak):

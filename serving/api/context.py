@@ -106,14 +106,15 @@ class APIContext:
         if idempotency_key is not None and not 1 <= len(idempotency_key) <= 255:
             raise APIError(400, "Idempotency-Key must be 1 to 255 characters", param="Idempotency-Key")
         url = remote_url(fields.get("input_reference")) if self.jobs.preset.takes_image else None
-        if url is not None and idempotency_key is not None:  # a retry: its job, without fetching again
-            try:
-                earlier = await asyncio.to_thread(self.jobs.earlier_job, fields, url, idempotency_key, owner_of(who))
-            except IdempotencyConflict:
-                raise _key_reused() from None
-            if earlier is not None:
-                return earlier, False
         if url is not None:  # fetched here, before admission: submit checks the bytes as any upload's
+            if idempotency_key is not None:  # a retry gets its job without fetching again
+                try:
+                    earlier = await asyncio.to_thread(self.jobs.earlier_job, fields, url, idempotency_key,
+                                                      owner_of(who))
+                except IdempotencyConflict:
+                    raise _key_reused() from None
+                if earlier is not None:
+                    return earlier, False
             try:
                 fields = {**fields, "input_reference": await fetch_image(url, self.config.server)}
             except SpecError as exc:

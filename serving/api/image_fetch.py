@@ -55,12 +55,13 @@ def check_image_url(url: str, server: ServerConfig):
     if address is None and is_loopback_name(host):
         address = IPv4Address("127.0.0.1")
     policy = AddressPolicy(server.image_url_allowed_networks)
-    reason = policy.refusal(address) if address is not None else None
+    trusted = address is not None and policy.trusts(address)
+    reason = policy.refusal(address) if address is not None and not trusted else None
     if reason is not None:
         raise SpecError(FIELD, f"image_url host {host!r} is not an address this server fetches from: {reason}")
     # Any port inside a trusted network; elsewhere only the listed ones (a public host's other
     # ports are its mail, database and admin interfaces, not its images).
-    if not (address is not None and policy.trusts(address)) and parsed.port not in server.image_url_ports:
+    if not trusted and parsed.port not in server.image_url_ports:
         raise SpecError(FIELD, f"image_url port {parsed.port} is not one this server fetches from (server."
                                f"image_url_ports: {', '.join(map(str, server.image_url_ports))})")
     return parsed

@@ -12,6 +12,8 @@ ones), then everything compressed by the time scale (serving/simulate/timescale.
 controller) and `nodes` worker nodes declaring the GPUs between them. Placement, GPU limits
 and pending replicas are Ray's, exactly as on a real cluster. Its sockets and session files
 live in a private RAY_TMPDIR, so no other `ray.init()` on this machine can find and join it.
+With `simulation.node_autoscaling` the head starts alone, with Ray's autoscaler, which adds
+and removes the GPU nodes (serving/simulate/node_autoscaling.py).
 
 Each GPU node keeps warm Python workers with a stage replica's imports already done (Ray's
 worker prestart and preload), and the cluster is handed over only once they are. On a real
@@ -32,7 +34,7 @@ import tempfile
 import time
 
 from serving.config import ServiceConfig, StorageConfig
-from serving.simulate.node_autoscaling import NodeScaling, autoscaler_config
+from serving.simulate.node_autoscaling import NodeScaling, autoscaler_config, node_startup_seconds
 from serving.simulate.profile import CostProfile
 from serving.simulate.timescale import TimeScale, scale_config
 
@@ -68,11 +70,8 @@ def simulated_config(config: ServiceConfig, profile: CostProfile) -> tuple[Servi
     })
     model = config.model.model_copy(update={"preset": profile.model, "path": None})
     simulation = config.simulation
-    if simulation is not None and simulation.node_autoscaling and simulation.node_startup_seconds is None:
-        if profile.node_startup_seconds is None:
-            raise ValueError(f"cost profile {profile.name!r} has no node_startup_seconds: give "
-                             "simulation.node_startup_seconds for node_autoscaling")
-        simulation = simulation.model_copy(update={"node_startup_seconds": profile.node_startup_seconds})
+    if simulation is not None and simulation.node_autoscaling:  # compressed below with every other time
+        simulation = simulation.model_copy(update={"node_startup_seconds": node_startup_seconds(simulation, profile)})
     unscaled = ServiceConfig.model_validate({
         **config.model_dump(), "model": model.model_dump(), "stages": stages.model_dump(),
         "storage": storage.model_dump(), "simulation": simulation.model_dump() if simulation is not None else None})

@@ -14,11 +14,23 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from serving.config import ServiceConfig
+from serving.config import ServiceConfig, SimulationConfig
 from serving.simulate.node_provider import STARTUP_KEY
+from serving.simulate.profile import CostProfile
 
 NODE_TYPE = "simulated_gpu_node"
 PROVIDER = "serving.simulate.node_provider.ProvisionedNodeProvider"
+
+
+def node_startup_seconds(simulation: SimulationConfig, profile: CostProfile) -> float:
+    """The seconds a new GPU node takes to join, uncompressed: the config's, else the cost
+    profile's; ValueError when neither gives one."""
+    if simulation.node_startup_seconds is not None:
+        return simulation.node_startup_seconds
+    if profile.node_startup_seconds is None:
+        raise ValueError(f"cost profile {profile.name!r} has no node_startup_seconds: give "
+                         "simulation.node_startup_seconds for node_autoscaling")
+    return profile.node_startup_seconds
 
 
 def minimum_gpus(config: ServiceConfig) -> float:
