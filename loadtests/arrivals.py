@@ -22,5 +22,5 @@ def schedule(shape: str, minutes: float, base_rate_per_min: float, seed: int) ->
         t += rng.expovariate(peak_per_s)
         if t >= duration:
             return offsets
-        if rng.random() * PEAK_MULTIPLIER < multiplier(t / duration):
+        if rng.random() * PEAK_MULTIPLIER < multiplier(t / duration, minutes):
             offsets.append(t)

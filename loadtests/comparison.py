@@ -18,9 +18,8 @@ from loadtests.cluster_metrics import Sample, gpu_seconds, node_autoscaled, uses
 from loadtests.plan import Arm, Plan
 from loadtests.prometheus import bucket_of
 from loadtests.report import JobLog, JobRow, outcome_counts, percentile
-from loadtests.shapes import SHAPES
+from loadtests.shapes import SHAPES, burst_phases
 
-BURST = (0.30, 0.75)  # the peak-hour shape's fractions from the start of the rise to the end of the fall
 SIMULATED = "SIMULATED accelerators (serving/simulate/): no model ran; times are the cost profile's"
 
 
@@ -38,8 +37,9 @@ def summarize_arm(arm: Arm, plan: Plan, log: JobLog, samples: list[Sample], *, p
     started = [r for r in rows if r.queue_wait_denoiser_s is not None]
     waits = [r.queue_wait_denoiser_s * x for r in started]
     duration = minutes * 60.0
+    rise, _, _, fall_ends = burst_phases(minutes)
     burst = [r.queue_wait_denoiser_s * x for r in started
-             if BURST[0] <= (r.submitted_at - log.started_at) * x / duration < BURST[1]]
+             if rise <= (r.submitted_at - log.started_at) * x / duration < fall_ends]
     latencies = [r.latency_s * x for r in rows if r.outcome == "completed" and r.latency_s is not None]
     completed = outcomes["completed"]
     held = gpu_seconds(samples, *window) * x
@@ -166,6 +166,7 @@ def write_comparison(out: Path, summaries: dict[str, dict], plan: Plan, *, comma
     first = next(iter(summaries.values()))
     x, slo = first["time_scale"], first["slo_queue_wait_s"]
     job = plan.job
+    burst = [round(f * minutes, 1) for f in burst_phases(minutes)]
     lines = [
         f"# Peak-hour experiment — SIMULATED ({first['profile']}, time scale {x:g}x)",
         "",
@@ -176,7 +177,8 @@ def write_comparison(out: Path, summaries: dict[str, dict], plan: Plan, *, comma
         f"Job: {job.body['size']}, {job.body['seconds']} s, {job.body['num_inference_steps']} steps "
         f"(profile: {job.seconds.text_encoder:.2f} s encode + {job.seconds.denoiser:.1f} s denoise + "
         f"{job.seconds.vae_decoder:.2f} s decode on one GPU). Arrivals: the seeded peak hour over {minutes:g} min "
-        f"(quiet -> 4x -> quiet), base {plan.base_rate_per_min:g} jobs/min, the same schedule for every arm. "
+        f"(quiet, then 4x from minute {burst[1]:g} to {burst[2]:g} after rising from minute {burst[0]:g}, back to "
+        f"quiet by minute {burst[3]:g}), base {plan.base_rate_per_min:g} jobs/min, the same schedule for every arm. "
         f"SLO: queue wait (submitted -> denoising starts) <= {slo:g} s. Budget: {plan.gpus} simulated GPUs.",
         *(["", f"Step caching: every job asks for `cache: {job.body['cache']}`; the stand-ins skip the share of steps "
                f"the profile's `step_cache` gives, so a job denoises in less than the profile's uncached figure above. "
@@ -267,7 +269,7 @@ def plot(out: Path, summaries: dict[str, dict], logs: dict[str, JobLog], samples
     axis.axhline(slo, color="red", linestyle="--", label=f"SLO {slo:g} s")
     load = axis.twinx()
     grid = [i / 200 for i in range(201)]
-    load.plot([g * minutes for g in grid], [SHAPES["peak-hour"](g) for g in grid], color="grey", alpha=0.5)
+    load.plot([g * minutes for g in grid], [SHAPES["peak-hour"](g, minutes) for g in grid], color="grey", alpha=0.5)
     load.set_ylabel("arrival rate (x base)", color="grey")
     load.set_ylim(0, 8)
     axis.set_yscale("symlog", linthresh=10)

@@ -27,7 +27,7 @@ from loadtests.comparison import summarize_arm, write_comparison
 from loadtests.plan import PlanError, plan
 from loadtests.prometheus import bucket_of
 from loadtests.report import JobLog
-from loadtests.shapes import peak_hour
+from loadtests.shapes import burst_phases, peak_hour
 from serving.config import ServiceConfig
 from serving.simulate.profile import load_profile
 
@@ -39,18 +39,33 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_arrivals_are_seeded_and_follow_the_peak_hour_shape():
-    one = schedule("peak-hour", 200, 3.0, seed=7)
-    assert one == schedule("peak-hour", 200, 3.0, seed=7)  # every arm replays the same jobs
-    assert one != schedule("peak-hour", 200, 3.0, seed=8)
-    assert one == sorted(one) and 0 <= one[0] and one[-1] < 200 * 60
-    duration = 200 * 60
+    one = schedule("peak-hour", 20, 30.0, seed=7)  # 10x the experiment's rate: enough arrivals to count
+    assert one == schedule("peak-hour", 20, 30.0, seed=7)  # every arm replays the same jobs
+    assert one != schedule("peak-hour", 20, 30.0, seed=8)
+    assert one == sorted(one) and 0 <= one[0] and one[-1] < 20 * 60
+    duration = 20 * 60
 
     def rate(lo: float, hi: float) -> float:  # arrivals per minute between two fractions
-        return sum(1 for t in one if lo <= t / duration < hi) / ((hi - lo) * 200)
+        return sum(1 for t in one if lo <= t / duration < hi) / ((hi - lo) * 20)
 
     quiet, peak = rate(0.0, 0.30), rate(0.40, 0.65)
-    assert 2.0 < quiet < 4.0 and 3.0 < peak / quiet < 5.0  # base 3/min, the burst 4x
+    assert 20.0 < quiet < 40.0 and 3.0 < peak / quiet < 5.0  # base 30/min, the burst 4x
     assert peak_hour(0.35) == pytest.approx(2.5)  # rising: 10 % of the run (2 min of the default 20)
+
+
+def test_a_longer_peak_hour_is_more_quiet_around_the_same_burst():
+    # The burst rises within two minutes and holds five whatever the run's length; a run of
+    # 20 minutes or less (CI's) keeps the shares it always had.
+    assert burst_phases(20) == pytest.approx((0.30, 0.40, 0.65, 0.75))
+    assert burst_phases(10) == pytest.approx((0.30, 0.40, 0.65, 0.75))
+    rise, peak, fall, end = (f * 40 for f in burst_phases(40))
+    assert (rise, peak - rise, fall - peak, end - fall) == pytest.approx((12.0, 2.0, 5.0, 2.0))
+    assert peak_hour(13 / 40, 40) == pytest.approx(2.5) and peak_hour(16 / 40, 40) == 4.0
+    assert peak_hour(30 / 40, 40) == 1.0  # quiet again long before the run ends
+    arrivals = schedule("peak-hour", 40, 3.0, seed=7)
+    in_burst = sum(1 for t in arrivals if peak * 60 <= t < fall * 60) / 5
+    quiet_after = sum(1 for t in arrivals if 25 * 60 <= t) / 15
+    assert 3.0 < in_burst / quiet_after < 5.5
 
 
 def test_arms_are_sized_for_base_and_peak_within_the_gpu_budget():
