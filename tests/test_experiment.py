@@ -333,3 +333,18 @@ def test_the_clairvoyant_bound_sizes_each_second_for_the_arrivals_around_it():
     steady = [4.0 * i for i in range(901)]
     hours = clairvoyant_gpu_hours(steady, job, minimum, span_s=3600.0)
     assert 12.0 + 0.5 + 1.0 - 0.2 < hours < 12.0 + 0.5 + 1.0
+
+
+def test_the_bound_falls_as_quiet_surrounds_the_same_burst(monkeypatch, capsys):
+    """`python -m loadtests.bound`: the bound's share of fixed-peak per run length, per seed. The
+    burst is the same 9 minutes, so the longer run, quieter around it, has the lower share."""
+    from loadtests import bound
+
+    monkeypatch.setattr(sys, "argv", ["bound", "--minutes", "20", "60", "--seeds", "0", "1"])
+    bound.main()
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 20 |") or
+            line.startswith("| 60 |")]
+    assert [row.split(" | ")[1] for row in rows] == ["45%", "15%"]  # the burst's share of each run
+    shares = [[float(cell.rstrip("% |")) for cell in row.split(" | ")[2:]] for row in rows]
+    assert all(0 < share < 100 for share in shares[0] + shares[1])
+    assert all(short > long for short, long in zip(*shares))
