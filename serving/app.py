@@ -8,6 +8,7 @@ so each scales on its own. `app_builder` is the import path for `serve run` / Ku
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from ray import serve
@@ -22,13 +23,37 @@ from serving.deployments.vae_decoder import VAEDecoder
 from serving.models.presets import PRESETS
 
 APP_NAME = "ditserve"
+SERVE_GRACEFUL_SHUTDOWN_S = 20.0  # Serve's own default (ray/serve/_private/constants.py)
+DRAIN_HEADROOM = 1.5  # over the typical job: steps run slower when the cluster is busy
 
 
-def _stage_options(name: str, stage: StageConfig, prior_seconds_per_step: float = 0.0) -> dict[str, Any]:
-    """Serve options of one model stage: its resources, and either fixed replicas or
-    `StagePolicy` (serving/autoscaling.py) on the stage's own queue-wait target."""
+def graceful_shutdown_seconds(config: ServiceConfig, name: str) -> float:
+    """How long a stopping replica of stage `name` may drain: the stage's setting, else Serve's 20 s,
+    or for the Denoiser every job it may hold (a batch runs at once, the rest queue behind it) at the
+    preset's default steps and typical step time. Serve picks which replica a scale-down stops
+    without looking at what it runs, so without this a busy one is killed after 20 s and its jobs
+    resume elsewhere, redoing up to `engine.checkpoint_every` steps each. (A replica that fails its
+    health check is killed at once: serving/cluster_env.py.)"""
+    stage = getattr(config.stages, name)
+    if stage.graceful_shutdown_timeout_s is not None:  # already compressed in a simulated run
+        return stage.graceful_shutdown_timeout_s
+    seconds = SERVE_GRACEFUL_SHUTDOWN_S
+    if name == "denoiser":
+        preset = PRESETS[config.model.preset]
+        batches = math.ceil(stage.max_ongoing_requests / config.engine.max_batch)
+        job = preset.defaults.num_inference_steps * preset.typical_step_seconds
+        seconds = max(seconds, batches * job * DRAIN_HEADROOM)
+    # A simulated run compresses every period alike (serving/simulate/timescale.py).
+    return seconds / (config.simulation.time_scale if config.simulation is not None else 1.0)
+
+
+def _stage_options(name: str, stage: StageConfig, prior_seconds_per_step: float = 0.0, *,
+                   drain_s: float = SERVE_GRACEFUL_SHUTDOWN_S) -> dict[str, Any]:
+    """Serve options of one model stage: its resources, how long a stopping replica drains, and
+    either fixed replicas or `StagePolicy` (serving/autoscaling.py) on the stage's own queue-wait target."""
     options: dict[str, Any] = {
         "max_ongoing_requests": stage.max_ongoing_requests,
+        "graceful_shutdown_timeout_s": drain_s,
         "ray_actor_options": {"num_cpus": stage.num_cpus, "num_gpus": stage.num_gpus, "resources": stage.resources},
     }
     degree = stage.parallel.degree if isinstance(stage, DenoiserStageConfig) else 1
@@ -60,9 +85,12 @@ def build_app(config: ServiceConfig) -> Application:
     stages = config.stages
     # Until a Denoiser has measured a step: the preset's, shared by a full batch's requests.
     step_prior = PRESETS[config.model.preset].typical_step_seconds / config.engine.max_batch
-    text_encoder = TextEncoder.options(**_stage_options("text_encoder", stages.text_encoder)).bind(config)
-    denoiser = Denoiser.options(**_stage_options("denoiser", stages.denoiser, step_prior)).bind(config)
-    vae_decoder = VAEDecoder.options(**_stage_options("vae_decoder", stages.vae_decoder)).bind(config)
+    text_encoder = TextEncoder.options(**_stage_options(
+        "text_encoder", stages.text_encoder, drain_s=graceful_shutdown_seconds(config, "text_encoder"))).bind(config)
+    denoiser = Denoiser.options(**_stage_options(
+        "denoiser", stages.denoiser, step_prior, drain_s=graceful_shutdown_seconds(config, "denoiser"))).bind(config)
+    vae_decoder = VAEDecoder.options(**_stage_options(
+        "vae_decoder", stages.vae_decoder, drain_s=graceful_shutdown_seconds(config, "vae_decoder"))).bind(config)
     director = Director.options(
         num_replicas=1, max_ongoing_requests=1000,
         ray_actor_options={"num_cpus": config.server.director_num_cpus, "resources": config.server.resources},

@@ -8,6 +8,7 @@ model stage waiting its cost profile's time, everything compressed by `--time-sc
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import time
@@ -76,6 +77,10 @@ def serve(args, config) -> int:
     local = args.address is None
 
     def start() -> str:
+        if local:  # the controller starts in this cluster (an existing one: set it on its head node)
+            from serving.cluster_env import SERVE_CLUSTER_ENV
+
+            os.environ.update(SERVE_CLUSTER_ENV)
         # "local" starts a fresh cluster even if another runs on this machine.
         ray.init(address=args.address or "local", include_dashboard=False, configure_logging=True,
                  logging_level="WARNING", **({"_metrics_export_port": args.metrics_port} if local else {}))

@@ -126,6 +126,13 @@ class StageConfig(_Section):
         default=None, gt=0,
         description="Longest one call may run (the Denoiser: one step, or one wait for a batch slot) before the "
         "job is retried and the replica restarted as hung. None: 10x the measured time, at least 60 s.")
+    graceful_shutdown_timeout_s: float | None = Field(
+        default=None, gt=0,
+        description="How long a replica being removed (a scale-down, an update) may finish the calls it holds "
+        "before Serve kills it. None: Serve's 20 s; for the Denoiser, enough for every job it may hold to run "
+        "its preset's default steps at the typical step time (x1.5), so a scale-down lets jobs finish rather "
+        "than resume them elsewhere from a checkpoint. A replica that fails its health check is stopped at "
+        "once regardless (serving/cluster_env.py).")
 
     @property
     def most_replicas(self) -> int:

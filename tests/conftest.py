@@ -180,6 +180,7 @@ def service(tmp_path_factory):
     from ray import serve
 
     from serving.app import run
+    from serving.cluster_env import SERVE_CLUSTER_ENV
     from serving.config import load_config
 
     data = tmp_path_factory.mktemp("service")
@@ -204,6 +205,7 @@ def service(tmp_path_factory):
         "DITSERVE_SERVER__MAX_JOB_ATTEMPTS": "4",
     })
     metrics_port = _free_port()
+    os.environ.update(SERVE_CLUSTER_ENV)  # as `ditserve serve` starts its cluster
     ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False,
              _metrics_export_port=metrics_port)
     try:

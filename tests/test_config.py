@@ -157,3 +157,31 @@ def test_a_gang_replica_asks_serve_for_one_bundle_per_rank():
     assert options["placement_group_strategy"] == "STRICT_PACK"
     assert options["ray_actor_options"]["num_gpus"] == 1  # the replica itself is rank 0, in bundle 0
     assert "placement_group_bundles" not in _stage_options("text_encoder", config.stages.text_encoder)
+
+
+def test_a_stopping_denoiser_drains_the_jobs_it_holds():
+    """Serve stops whichever replica it likes on a scale-down; a Denoiser may then finish every
+    job it holds (a batch at once, the rest behind it) at the preset's typical speed, with
+    headroom, instead of being killed after Serve's 20 s. Other stages keep Serve's 20 s."""
+    from serving.app import DRAIN_HEADROOM, SERVE_GRACEFUL_SHUTDOWN_S, graceful_shutdown_seconds
+    from serving.models.presets import PRESETS
+
+    config = load_config(None, environ={"DITSERVE_MODEL__PRESET": "wan2.1-t2v-14b",
+                                        "DITSERVE_STAGES__DENOISER": "{max_ongoing_requests: 8}",
+                                        "DITSERVE_ENGINE__MAX_BATCH": "4"})
+    preset = PRESETS["wan2.1-t2v-14b"]
+    job = preset.defaults.num_inference_steps * preset.typical_step_seconds  # 50 steps x 8 s
+    assert graceful_shutdown_seconds(config, "denoiser") == pytest.approx(2 * job * DRAIN_HEADROOM)  # 2 batches
+    assert graceful_shutdown_seconds(config, "vae_decoder") == SERVE_GRACEFUL_SHUTDOWN_S
+    # The tiny model's jobs are short: never below Serve's own default.
+    assert graceful_shutdown_seconds(load_config(None, environ={}), "denoiser") == SERVE_GRACEFUL_SHUTDOWN_S
+    # An operator's figure wins; a simulated run compresses the derived one like every period.
+    given = load_config(None, environ={"DITSERVE_STAGES__DENOISER": "{graceful_shutdown_timeout_s: 90}"})
+    assert graceful_shutdown_seconds(given, "denoiser") == 90
+    from serving.config import SimulationConfig
+
+    simulated = config.model_copy(update={"simulation": SimulationConfig(profile="h100-wan2.1-14b", time_scale=10)})
+    assert graceful_shutdown_seconds(simulated, "denoiser") == pytest.approx(2 * job * DRAIN_HEADROOM / 10)
+    from serving.app import _stage_options
+
+    assert _stage_options("denoiser", config.stages.denoiser, drain_s=600.0)["graceful_shutdown_timeout_s"] == 600.0

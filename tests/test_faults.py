@@ -102,3 +102,16 @@ def test_a_hung_decode_is_timed_out_and_the_job_finishes_on_a_new_replica(servic
     assert time.monotonic() - started >= service.config.stages.vae_decoder.timeout_seconds
     assert [v.id for v in client.videos.list(limit=100) if v.id == video.id] == [video.id]
     assert len(client.videos.download_content(video.id).read()) > 0
+
+
+def test_serve_is_told_how_long_each_stages_stopping_replica_may_drain(service):
+    """What a scale-down or an update gives a busy replica before it is killed, as Serve's
+    controller holds it (the figure itself: tests/test_config.py)."""
+    from ray.serve.context import _get_global_client
+
+    from serving.app import APP_NAME, graceful_shutdown_seconds
+
+    deployments = _get_global_client().get_serve_details()["applications"][APP_NAME]["deployments"]
+    for stage, deployment in (("text_encoder", "TextEncoder"), ("denoiser", "Denoiser"), ("vae_decoder", "VAEDecoder")):
+        drain = deployments[deployment]["deployment_config"]["graceful_shutdown_timeout_s"]
+        assert drain == graceful_shutdown_seconds(service.config, stage), stage

@@ -177,3 +177,15 @@ def test_api_keys_are_on_and_come_from_a_secret(rendered):
         example = yaml.safe_load((KUBERNETES / "overlays/prod/secret.example.yaml").read_text())
         assert example["metadata"]["name"] in secrets
         assert {"DITSERVE_AUTH__KEYS", "DITSERVE_WEBHOOKS__SECRET"} <= set(example["stringData"])
+
+
+def test_the_head_kills_unhealthy_replicas_rather_than_draining_them(rendered):
+    """The Serve controller runs on the head: its env carries serving/cluster_env.py's, as every
+    cluster `ditserve serve` starts does, so a hung Denoiser does not hold its GPU for its drain."""
+    from serving.cluster_env import SERVE_CLUSTER_ENV
+
+    _, docs = rendered
+    [service] = by_kind(docs, "RayService")
+    head = service["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    env = {item["name"]: item.get("value") for item in head.get("env", [])}
+    assert SERVE_CLUSTER_ENV.items() <= env.items()

@@ -280,6 +280,7 @@ def test_serve_simulate_runs_a_job_through_the_real_api(tmp_path):
     view and the gang's.)"""
     import requests
 
+    from serving.cluster_env import SERVE_CLUSTER_ENV
     from tests.conftest import _free_port, wait_ready
 
     gang = 2
@@ -330,13 +331,16 @@ def test_serve_simulate_runs_a_job_through_the_real_api(tmp_path):
         banner = _read_banner(process)
         address = next(line.split("Ray address: ")[1].split()[0] for line in banner if "Ray address: " in line)
         probe = subprocess.run([sys.executable, "-c", (
-            "import json, ray; ray.init(address=%r, logging_level='ERROR', log_to_driver=False); "
+            "import json, os, ray; ray.init(address=%r, logging_level='ERROR', log_to_driver=False); "
+            "env = ray.get(ray.remote(num_cpus=0)(lambda: dict(os.environ)).remote()); "
             "print(json.dumps([ray.cluster_resources().get('GPU'), ray.available_resources().get('GPU', 0.0), "
-            "len([n for n in ray.nodes() if n['Alive']])]))") % address],
+            "len([n for n in ray.nodes() if n['Alive']]), env]))") % address],
             capture_output=True, text=True, timeout=120, env={**env, "RAY_TMPDIR": str(tmp_path / "probe")})
-        total, available, nodes = json.loads(probe.stdout.strip().splitlines()[-1])
+        total, available, nodes, env_there = json.loads(probe.stdout.strip().splitlines()[-1])
         assert (total, nodes) == (float(gpus), 3)  # 2 GPU nodes + the head
         assert available == pytest.approx(gpus - gang - 1.0)
+        # The cluster's processes (Serve's controller among them) kill an unhealthy replica at once.
+        assert SERVE_CLUSTER_ENV.items() <= env_there.items()
     finally:
         process.send_signal(signal.SIGINT)  # the clean path: Serve, then the simulated cluster, shut down
         try:

@@ -33,6 +33,7 @@ import socket
 import tempfile
 import time
 
+from serving.cluster_env import SERVE_CLUSTER_ENV
 from serving.config import ServiceConfig, StorageConfig
 from serving.simulate.node_autoscaling import NodeScaling, autoscaler_config, node_startup_seconds
 from serving.simulate.profile import CostProfile
@@ -118,6 +119,7 @@ class SimulatedCluster:
         self.ray_tmp = tempfile.mkdtemp(prefix="dss-", dir="/tmp")  # short: Ray's socket paths must fit
         os.environ["RAY_TMPDIR"] = self.ray_tmp
         os.environ.update(self.env)  # inherited by every raylet and worker started below
+        os.environ.update(SERVE_CLUSTER_ENV)  # as on any cluster ditserve starts
         os.environ.update(RAY_enable_worker_prestart="1", RAY_preload_python_modules=",".join(WARM_IMPORTS),
                           RAY_worker_maximum_startup_concurrency=str(max(self.gpus, 1)),
                           # Serve's controller kills a proxy not ready within 5 s, and `serve.start`
