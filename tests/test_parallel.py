@@ -4,6 +4,7 @@ a token count that does not divide by the degree, with and without step caching.
 
 from __future__ import annotations
 
+import os
 from functools import partial
 
 import pytest
@@ -217,6 +218,14 @@ def _gang_reports(url: str) -> list[dict]:
     return [d["parallel"] for d in requests.get(f"{url}/readyz").json()["denoisers"]]
 
 
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # no signal: only whether the process exists
+    except ProcessLookupError:
+        return False
+    return True
+
+
 def _frames(mp4: bytes) -> torch.Tensor:
     import io
 
@@ -249,7 +258,6 @@ def test_a_gang_replica_serves_the_single_device_video(gang_service, tiny_pipeli
 
 
 def test_a_dead_rank_fails_over_like_a_dead_replica(gang_service):
-    import os
     import signal
 
     from conftest import wait_for
@@ -278,19 +286,22 @@ def test_a_dead_rank_fails_over_like_a_dead_replica(gang_service):
 def test_an_idle_gangs_dead_rank_is_replaced_before_any_job_needs_it(gang_service):
     """No job running: the replica's health check pings its workers, finds the dead one and
     Serve replaces the replica with a whole new gang, which then serves."""
-    import os
     import signal
 
     from conftest import wait_for
 
-    # One replica reporting (after the test above, its predecessor's report lingers a while).
-    wait_for(lambda: len(_gang_reports(gang_service.url)) == 1, timeout=120)
-    [gang] = _gang_reports(gang_service.url)
-    [pid] = gang["worker_pids"]
+    # A dead replica's report lingers for three report periods (90 s), so the live gang is the
+    # one whose worker process exists (this machine runs them), and its replacement is a report
+    # naming a worker no earlier report named.
+    def live_gang() -> list[int] | None:
+        return next((g["worker_pids"] for g in _gang_reports(gang_service.url) if _running(g["worker_pids"][0])), None)
+
+    wait_for(live_gang, timeout=120)
+    [pid] = live_gang()
+    known = {p for g in _gang_reports(gang_service.url) for p in g["worker_pids"]}
     os.kill(pid, signal.SIGKILL)
     # Serve's health checks run every 10 s; the replica's replacement then forms its gang.
-    wait_for(lambda: (reports := _gang_reports(gang_service.url)) and all(g["worker_pids"] != [pid] for g in reports),
-             timeout=150)
+    wait_for(lambda: any(known.isdisjoint(g["worker_pids"]) for g in _gang_reports(gang_service.url)), timeout=150)
     video = gang_service.client().videos.create_and_poll(prompt="a new gang", seconds="1", size="64x64",
                                                          extra_body={"num_inference_steps": 2}, poll_interval_ms=200)
     assert video.status == "completed", video.error
