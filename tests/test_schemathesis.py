@@ -11,6 +11,7 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from schemathesis import GenerationMode
+from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
 EXAMPLES_PER_OPERATION = 60
@@ -26,6 +27,11 @@ CROSS_FIELD = {("POST", "/v1/videos"), ("POST", "/v1/videos/sync"), ("POST", "/v
 # fuzzed size on this CPU): it is fuzzed with invalid requests only; tests/test_sync.py
 # covers the valid ones.
 INVALID_ONLY = {("POST", "/v1/videos/sync")}
+# /readyz answers 503 by design when a stage does not answer its ping in time (documented in
+# the schema, body checked against it): a state report, not a server failure. What it says
+# is tested in tests/test_api.py. (Once, in a full suite, the shared Denoiser's ping timed out
+# here while fuzzed creates loaded the 2 cores; see docs/reliability.md.)
+STATE_REPORTS = {("GET", "/readyz")}
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +59,8 @@ def test_operation_matches_its_schema_and_never_fails_with_5xx(api_schema, servi
     # fields (size a multiple of 16, seconds x fps a multiple of 4, the pixel budget) are not
     # expressible in JSON Schema. Every other check runs, on every operation.
     excluded = [positive_data_acceptance] if (method, path) in CROSS_FIELD else []
+    if (method, path) in STATE_REPORTS:
+        excluded.append(not_a_server_error)
 
     # Half valid requests, half invalid ones (wrong types, out-of-range values, missing fields).
     cases = st.one_of(operation.as_strategy(GenerationMode.POSITIVE), operation.as_strategy(GenerationMode.NEGATIVE))

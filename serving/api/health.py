@@ -20,7 +20,8 @@ async def healthz():
     return {"status": "ok"}
 
 
-@router.get("/readyz")
+@router.get("/readyz", responses={503: {"description": "Not ready: `checks` says which of the job store and the "
+                                                     "stages did not answer."}})
 async def readyz(ctx: APIContext = Depends(context)):
     checks: dict[str, bool] = {}
     denoisers: list[dict] = []  # per live Denoiser replica: its attention backend and why
