@@ -21,7 +21,10 @@ import math
 from serving.autoscaling import MAX_UTILIZATION
 from serving.cost_model import STAGE_NAMES, StageSeconds
 from serving.simulate.cluster import STAGE_GPUS
+from serving.simulate.profile import load_profile
 
+from loadtests.arrivals import schedule
+from loadtests.plan import plan
 from loadtests.shapes import burst_phases
 
 RATE_WINDOW_S = 60.0  # the autoscaler's own default `inflow_window_s`
@@ -48,10 +51,6 @@ def main() -> None:
     """The bound's share of fixed-peak's GPU-hours on seeded peak hours of several lengths: the
     burst is the same in each (loadtests/shapes.py), so this is what the run's quiet share alone
     does to the ratio the experiment's goal is stated in."""
-    from loadtests.arrivals import schedule
-    from loadtests.plan import plan
-    from serving.simulate.profile import load_profile
-
     parser = argparse.ArgumentParser(description=main.__doc__.splitlines()[0])
     parser.add_argument("--profile", default="h100-wan2.1-1.3b")
     parser.add_argument("--gpus", type=int, default=16)
@@ -70,7 +69,7 @@ def main() -> None:
         shares = []
         for seed in args.seeds:
             offsets = schedule("peak-hour", minutes, the_plan.base_rate_per_min, seed)
-            span = offsets[-1] - offsets[0] + job.text_encoder + job.denoiser + job.vae_decoder
+            span = offsets[-1] - offsets[0] + job.total
             bound = clairvoyant_gpu_hours(offsets, job, auto.replicas, span)
             shares.append(bound / (peak.gpus() * span / 3600.0))
         rise, _, _, end = burst_phases(minutes)

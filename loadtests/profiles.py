@@ -27,7 +27,8 @@ class ArrivalShape(LoadTestShape):
         self.duration_s = duration_s
 
     def users_at(self, seconds: float) -> int:
-        return max(1, math.ceil(BASE_USERS * self.multiplier(min(seconds / self.duration_s, 1.0), self.duration_s / 60.0)))
+        fraction = min(seconds / self.duration_s, 1.0)
+        return max(1, math.ceil(BASE_USERS * self.multiplier(fraction, self.duration_s / 60.0)))
 
     def tick(self):
         elapsed = self.get_run_time()

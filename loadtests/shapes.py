@@ -20,7 +20,7 @@ def steady(fraction: float, minutes: float = BURST_FULL_LENGTH_RUN_MIN) -> float
 
 def ramp(fraction: float, minutes: float = BURST_FULL_LENGTH_RUN_MIN) -> float:
     """From the base rate up to 4x, linearly over the whole run."""
-    return 1.0 + 3.0 * fraction
+    return 1.0 + (PEAK_MULTIPLIER - 1.0) * fraction
 
 
 def burst_phases(minutes: float) -> tuple[float, float, float, float]:
@@ -37,10 +37,10 @@ def peak_hour(fraction: float, minutes: float = BURST_FULL_LENGTH_RUN_MIN) -> fl
     if fraction < rise or fraction >= end:
         return 1.0
     if fraction < peak:
-        return 1.0 + 3.0 * (fraction - rise) / (peak - rise)
+        return 1.0 + (PEAK_MULTIPLIER - 1.0) * (fraction - rise) / (peak - rise)
     if fraction < fall:
         return PEAK_MULTIPLIER
-    return PEAK_MULTIPLIER - 3.0 * (fraction - fall) / (end - fall)
+    return PEAK_MULTIPLIER - (PEAK_MULTIPLIER - 1.0) * (fraction - fall) / (end - fall)
 
 
 SHAPES = {"steady": steady, "ramp": ramp, "peak-hour": peak_hour}

@@ -163,7 +163,8 @@ def test_a_stopping_denoiser_drains_the_jobs_it_holds():
     """Serve stops whichever replica it likes on a scale-down; a Denoiser may then finish every
     job it holds (a batch at once, the rest behind it) at the preset's typical speed, with
     headroom, instead of being killed after Serve's 20 s. Other stages keep Serve's 20 s."""
-    from serving.app import DRAIN_HEADROOM, SERVE_GRACEFUL_SHUTDOWN_S, graceful_shutdown_seconds
+    from serving.app import DRAIN_HEADROOM, SERVE_GRACEFUL_SHUTDOWN_S, _stage_options, graceful_shutdown_seconds
+    from serving.config import SimulationConfig
     from serving.models.presets import PRESETS
 
     config = load_config(None, environ={"DITSERVE_MODEL__PRESET": "wan2.1-t2v-14b",
@@ -178,10 +179,6 @@ def test_a_stopping_denoiser_drains_the_jobs_it_holds():
     # An operator's figure wins; a simulated run compresses the derived one like every period.
     given = load_config(None, environ={"DITSERVE_STAGES__DENOISER": "{graceful_shutdown_timeout_s: 90}"})
     assert graceful_shutdown_seconds(given, "denoiser") == 90
-    from serving.config import SimulationConfig
-
     simulated = config.model_copy(update={"simulation": SimulationConfig(profile="h100-wan2.1-14b", time_scale=10)})
     assert graceful_shutdown_seconds(simulated, "denoiser") == pytest.approx(2 * job * DRAIN_HEADROOM / 10)
-    from serving.app import _stage_options
-
     assert _stage_options("denoiser", config.stages.denoiser, drain_s=600.0)["graceful_shutdown_timeout_s"] == 600.0
