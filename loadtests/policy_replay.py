@@ -11,8 +11,8 @@ is run live, and a test can hold the policy to the peak's shape. It is a model, 
   `max_ongoing_requests: 1`), jobs taken first come first served by any free replica; each
   job costs the profile's denoise seconds; a replica is ready `startup_s` after it is asked
   for (the live run measured 18.8-19.5 s against the profile's 11.2 s, so that is the
-  default); replicas record their stats every 2 s and push every 10 s, and the controller
-  sees the mean over its 10 s look-back (Serve's defaults); jobs waiting are published as
+  default); replicas record their stats every 4 s and push every 10 s, and the controller
+  sees the mean over the 20 s look-back (ditserve's and Serve's defaults); jobs waiting are published as
   pending work every 3 s (the Director's 1 s period at the experiment's 3x); scale-down
   stops starting replicas first, then the newest running ones (Serve's order on one node),
   and a stopping replica holds its GPU until its job ends.
@@ -38,9 +38,15 @@ from ray.serve.autoscaling_policy import _apply_delay_logic, _apply_scaling_fact
 from ray.serve.config import AutoscalingConfig, AutoscalingContext
 
 from serving.autoscaling import StagePolicy
+from serving.cluster_env import SERVE_METRICS_PUSH_DEFAULT_S
+from serving.config import AutoscalingConfig as AutoscalingSettings
 from serving.backlog import PendingWork, StageWork
 
-RECORD_S, PUSH_S, LOOK_BACK_S = 2.0, 10.0, 10.0  # Serve's defaults (ray/serve/_private/constants.py)
+# What ditserve gives Serve: its default look-back, Serve's default push period, and Serve's
+# record interval (a fifth of the look-back: RAY_SERVE_AUTOSCALING_METRIC_RECORD_INTERVAL_FACTOR).
+LOOK_BACK_S = AutoscalingSettings().look_back_period_s
+PUSH_S = SERVE_METRICS_PUSH_DEFAULT_S
+RECORD_S = 0.2 * LOOK_BACK_S
 PENDING_PUBLISH_S = 3.0  # the Director's 1 s, uncompressed at the experiment's 3x
 
 

@@ -14,6 +14,7 @@ from typing import Any
 from ray import serve
 from ray.serve import Application
 
+from serving.cluster_env import SERVE_METRICS_PUSH_ENV, serve_metrics_push_seconds
 from serving.config import DenoiserStageConfig, ServiceConfig, StageConfig
 from serving.deployments.denoiser import Denoiser
 from serving.deployments.director import Director
@@ -68,10 +69,20 @@ def _stage_options(name: str, stage: StageConfig, prior_seconds_per_step: float 
     if scaling is None:
         options["num_replicas"] = stage.num_replicas
         return options
+    push_s = serve_metrics_push_seconds()
+    if scaling.look_back_period_s <= push_s:
+        # Serve averages the metrics its replicas pushed within the look-back: a window shorter
+        # than one push may hold none (Serve warns, and says a later release will refuse it).
+        raise ValueError(
+            f"stages.{name}.autoscaling.look_back_period_s ({scaling.look_back_period_s:g} s) must be longer than "
+            f"the period Serve's replicas push autoscaling metrics at ({push_s:g} s, {SERVE_METRICS_PUSH_ENV})")
     options["autoscaling_config"] = {
         "min_replicas": scaling.min_replicas, "max_replicas": scaling.max_replicas,
         "upscale_delay_s": scaling.upscale_delay_s, "downscale_delay_s": scaling.downscale_delay_s,
         "look_back_period_s": scaling.look_back_period_s,
+        # What Serve checks the look-back against, and the handles' push period (Ray 2.60 reads
+        # it there, not from the environment): the replicas' period keeps them in step.
+        "metrics_interval_s": push_s,
         "policy": {"policy_function": "serving.autoscaling:StagePolicy",
                    "policy_kwargs": {"stage": name, "target_queue_wait_s": scaling.target_queue_wait_seconds,
                                      "startup_seconds": scaling.startup_seconds,

@@ -99,7 +99,9 @@ class AutoscalingConfig(_Section):
         "longest start-up this stage's replicas measured (a simulated replica's comes from its profile).")
     upscale_delay_s: float = Field(default=5.0, ge=0)
     downscale_delay_s: float = Field(default=60.0, ge=0)
-    look_back_period_s: float = Field(default=10.0, gt=0, description="Window the replicas' metrics average over.")
+    look_back_period_s: float = Field(
+        default=20.0, gt=0, description="Window the replicas' metrics average over; longer than Serve's metric push "
+        "period (10 s, RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S), so each window holds a push.")
     inflow_window_s: float = Field(
         default=60.0, gt=0, description="Window the arrival rate of work is measured over; the stage keeps "
         "replicas for that rate at most 85 % busy. Longer is steadier, shorter follows a burst sooner.")

@@ -14,6 +14,9 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests must pass with no network at all
+# The tests' autoscaled apps look back 2-3 s, so their replicas push metrics every second
+# (serving/app.py passes the period to Serve; it must be shorter than the look-back).
+os.environ.setdefault("RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 torch.set_num_threads(min(2, os.cpu_count() or 1))

@@ -285,6 +285,19 @@ def denoiser_replicas() -> int:
     return states.get("STARTING", 0) + states.get("RUNNING", 0)
 
 
+def test_serve_holds_the_metric_push_period_the_app_was_built_with(busy):
+    """The Denoiser's replicas push their backlog at the cluster's period (conftest: 1 s), not
+    Serve's 10 s default, which would be five times the test's 2 s look-back."""
+    from ray.serve.context import _get_global_client
+
+    from serving.cluster_env import serve_metrics_push_seconds
+
+    deployment = _get_global_client().get_serve_details()["applications"][APP]["deployments"]["Denoiser"]
+    scaling = deployment["deployment_config"]["autoscaling_config"]
+    assert scaling["metrics_interval_s"] == serve_metrics_push_seconds() == 1.0
+    assert scaling["look_back_period_s"] == 2.0
+
+
 def test_denoiser_scales_up_in_a_burst_and_down_after(busy):
     client = busy.client()
     assert denoiser_replicas() == 1

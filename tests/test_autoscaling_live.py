@@ -52,6 +52,7 @@ def test_bottleneck_stage_scales_up_in_a_burst_and_down_after(tmp_path):
     server = start_serve(
         tmp_path, port, metrics_port,
         DITSERVE_SERVER__DIRECTOR_POLL_SECONDS="0.2",
+        RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S="1",  # within the 3 s look-back below
         DITSERVE_SERVER__GATEWAY_NUM_CPUS="0.05", DITSERVE_SERVER__DIRECTOR_NUM_CPUS="0.05",
         DITSERVE_STAGES__TEXT_ENCODER=small, DITSERVE_STAGES__DENOISER=small,
         # Start-up 0: on a loaded 2-core machine a replica may measure a start-up longer than the

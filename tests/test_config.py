@@ -182,3 +182,24 @@ def test_a_stopping_denoiser_drains_the_jobs_it_holds():
     simulated = config.model_copy(update={"simulation": SimulationConfig(profile="h100-wan2.1-14b", time_scale=10)})
     assert graceful_shutdown_seconds(simulated, "denoiser") == pytest.approx(2 * job * DRAIN_HEADROOM / 10)
     assert _stage_options("denoiser", config.stages.denoiser, drain_s=600.0)["graceful_shutdown_timeout_s"] == 600.0
+
+
+def test_serve_pushes_autoscaling_metrics_at_the_clusters_period_within_the_look_back(monkeypatch):
+    """Ray 2.60's replicas and handles push autoscaling metrics at the deployment's
+    `metrics_interval_s` (the environment variables that will replace it are not read yet),
+    and Serve warns, and says it will refuse, a look-back no longer than that period."""
+    from serving.app import _stage_options
+    from serving.cluster_env import SERVE_METRICS_PUSH_ENV
+
+    auto = "{autoscaling: {look_back_period_s: 4}}"
+    config = load_config(None, environ={"DITSERVE_STAGES__VAE_DECODER": auto})
+    monkeypatch.delenv(SERVE_METRICS_PUSH_ENV, raising=False)
+    # Serve's own 10 s push: the default look-back holds two pushes; 4 s would hold none.
+    default = load_config(None, environ={"DITSERVE_STAGES__VAE_DECODER": "{autoscaling: {}}"})
+    scaling = _stage_options("vae_decoder", default.stages.vae_decoder)["autoscaling_config"]
+    assert (scaling["metrics_interval_s"], scaling["look_back_period_s"]) == (10.0, 20.0)
+    with pytest.raises(ValueError, match=r"stages\.vae_decoder\.autoscaling\.look_back_period_s \(4 s\).*10 s"):
+        _stage_options("vae_decoder", config.stages.vae_decoder)
+    # A cluster that pushes faster (a simulated run compresses the period) is told so.
+    monkeypatch.setenv(SERVE_METRICS_PUSH_ENV, "2")
+    assert _stage_options("vae_decoder", config.stages.vae_decoder)["autoscaling_config"]["metrics_interval_s"] == 2.0

@@ -227,7 +227,7 @@ def test_time_scale_compresses_every_period_and_target_alike():
     scaled, scale = simulated_config(config, load_profile("h100-wan2.1-1.3b"))
     auto = scaled.stages.denoiser.autoscaling
     assert (auto.target_queue_wait_seconds, auto.upscale_delay_s, auto.downscale_delay_s, auto.look_back_period_s) \
-        == (30 / 20, 5 / 20, 60 / 20, 10 / 20)
+        == (30 / 20, 5 / 20, 60 / 20, 20 / 20)
     assert scaled.stages.vae_decoder.timeout_seconds == 10
     assert scaled.admission.max_queue_wait_seconds == 30
     assert scaled.auth.requests_per_minute == 600 * 20

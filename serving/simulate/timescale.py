@@ -14,7 +14,9 @@ added to the config later is compressed too:
   floored field is reported as such.
 
 Ray Serve's own autoscaling-metric push periods (10 s) are environment variables, returned
-in `ray_env` for the cluster's processes. The returned `TimeScale` lists every change, so a
+in `ray_env` for the cluster's processes. Ray 2.60 does not read them yet (its replicas and
+handles push at the deployment's `metrics_interval_s`), so `build_app` passes the compressed
+period there too (serving/app.py); before that, simulated runs pushed every 10 s of wall time. The returned `TimeScale` lists every change, so a
 report can state the factor and convert any measured time back to uncompressed seconds.
 """
 
