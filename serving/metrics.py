@@ -17,6 +17,7 @@ from functools import lru_cache
 SECONDS_BUCKETS = [0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1200, 1800, 3600]
 STEP_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30]
 BATCH_BUCKETS = [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64]
+PING_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5]
 
 STAGES = ("text_encoder", "denoiser", "vae_decoder")
 JOB_STATES = ("queued", "in_progress", "completed", "failed", "cancelled")
@@ -65,6 +66,11 @@ class Metrics:
         self.usage_video_seconds = Counter(
             "ditserve_usage_video_seconds", "Seconds of video delivered (completed jobs), by API key.",
             tag_keys=("key",))
+        self.readiness_ping = Histogram(
+            "ditserve_readiness_ping_seconds",
+            "Seconds a stage took to answer /readyz's ping from the Director, by stage and outcome: ok, false (it "
+            "answered not ready), timeout (no answer in 5 s: the stage counts as down), error.",
+            boundaries=PING_BUCKETS, tag_keys=("stage", "outcome"))
         self.simulated = Gauge(
             "ditserve_simulated_time_scale",
             "Set only on replicas whose compute is SIMULATED (serving/simulate/): the time scale their waits are "

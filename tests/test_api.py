@@ -205,6 +205,17 @@ def test_readyz_and_metrics_say_which_attention_each_denoiser_runs(service):
     while not reported(requests.get(service.metrics_url, timeout=10).text):
         assert time.monotonic() < deadline, "ray_ditserve_attention_backend never reached the metrics endpoint"
         time.sleep(1)
+    # Every /readyz ping is timed per stage and outcome (a stage called down can be traced).
+    def pinged(text: str) -> set[str]:
+        return {stage for stage in ("text_encoder", "denoiser", "vae_decoder") for line in text.splitlines()
+                if line.startswith("ray_ditserve_readiness_ping_seconds_count{") and f'stage="{stage}"' in line
+                and 'outcome="ok"' in line}
+
+    deadline = time.monotonic() + 120
+    while pinged(requests.get(service.metrics_url, timeout=10).text) != {"text_encoder", "denoiser", "vae_decoder"}:
+        assert time.monotonic() < deadline, "ray_ditserve_readiness_ping_seconds never reached the metrics endpoint"
+        requests.get(f"{service.url}/readyz", timeout=10)
+        time.sleep(1)
 
 
 def test_held_out_prompts_over_http_show_what_the_model_makes(service):

@@ -43,6 +43,7 @@ logger = logging.getLogger("ray.serve")
 RETENTION_SWEEP_SECONDS = 60.0
 JOB_GAUGE_SECONDS = 2.0
 WEBHOOK_POLL_SECONDS = 0.5
+READINESS_PING_SECONDS = 5.0  # a stage slower than this to answer /readyz's ping counts as down
 WEBHOOK_EVENTS_KEPT_SECONDS = 7 * 24 * 3600.0  # settled events stay this long, for inspection
 
 
@@ -96,6 +97,10 @@ class Director(JobDriving):
         `DENOISER_REPORT_SECONDS`, so a report not renewed in three periods is a gone replica's."""
         self.denoiser_reports[replica] = (time.monotonic(), report)
 
+    async def forget_denoiser(self, replica: str) -> None:
+        """A Denoiser replica stops (Serve called its `__del__`)."""
+        self.denoiser_reports.pop(replica, None)
+
     async def ready(self) -> dict:
         """Whether every stage answers, and what each live Denoiser replica runs (the
         Gateway's /readyz)."""
@@ -106,13 +111,24 @@ class Director(JobDriving):
         denoisers = [{"replica": name, **report} for name, (_, report) in sorted(self.denoiser_reports.items())]
         names = {"text_encoder": self.text_encoder, "denoiser": self.denoiser, "vae_decoder": self.vae_decoder}
 
-        async def ping(handle) -> bool:
+        async def ping(stage: str, handle) -> bool:
+            # Timed and told apart, so a stage that /readyz calls down can be traced to a slow
+            # answer or an error (ditserve_readiness_ping_seconds; docs/reliability.md).
+            started, answer, outcome = time.monotonic(), False, "error"
             try:
-                return bool(await asyncio.wait_for(handle.ping.remote(), timeout=5))
-            except Exception:
-                return False
+                answer = bool(await asyncio.wait_for(handle.ping.remote(), timeout=READINESS_PING_SECONDS))
+                outcome = "ok" if answer else "false"
+            except asyncio.TimeoutError:
+                outcome = "timeout"
+            except Exception as exc:
+                logger.warning("readiness ping to %s failed: %r", stage, exc)
+            seconds = time.monotonic() - started
+            self.metrics.readiness_ping.observe(seconds, tags={"stage": stage, "outcome": outcome})
+            if outcome == "timeout":
+                logger.warning("readiness ping to %s had no answer in %.0f s", stage, READINESS_PING_SECONDS)
+            return answer
 
-        results = await asyncio.gather(*(ping(h) for h in names.values()))
+        results = await asyncio.gather(*(ping(stage, h) for stage, h in names.items()))
         return {"checks": dict(zip(names, results)), "denoisers": denoisers}
 
     async def estimate(self) -> dict:
