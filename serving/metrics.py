@@ -69,7 +69,8 @@ class Metrics:
         self.readiness_ping = Histogram(
             "ditserve_readiness_ping_seconds",
             "Seconds a stage took to answer /readyz's ping from the Director, by stage and outcome: ok, false (it "
-            "answered not ready), timeout (no answer in 5 s: the stage counts as down), error.",
+            "answered not ready), busy (no answer in 5 s, queued behind full replicas, but Serve runs healthy "
+            "ones: ready), timeout (no answer and no healthy replica: down), error.",
             boundaries=PING_BUCKETS, tag_keys=("stage", "outcome"))
         self.simulated = Gauge(
             "ditserve_simulated_time_scale",

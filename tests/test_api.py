@@ -218,6 +218,36 @@ def test_readyz_and_metrics_say_which_attention_each_denoiser_runs(service):
         time.sleep(1)
 
 
+def test_readyz_counts_a_denoiser_with_every_slot_taken_as_ready(service):
+    """A readiness ping waits in Serve's router like any call: once every Denoiser slot
+    (max_ongoing_requests) holds a job and more wait, it cannot answer within its 5 s. That
+    is a busy stage, not a down one: Serve's health checks say its replica works."""
+    slots = service.config.stages.denoiser.max_ongoing_requests * service.config.stages.denoiser.num_replicas
+    ids = []
+    try:
+        for i in range(slots + 2):  # each ~1 min here: the Denoiser is full while the test looks
+            created = requests.post(f"{service.url}/v1/videos", timeout=30, json={
+                "prompt": f"a busy denoiser {i}", "seconds": "1", "size": "256x256", "num_inference_steps": 100})
+            assert created.status_code == 200, created.text
+            ids.append(created.json()["id"])
+
+        def busy_pings() -> float:
+            return sum(float(line.rsplit(" ", 1)[1]) for line in requests.get(service.metrics_url, timeout=10).text
+                       .splitlines() if line.startswith("ray_ditserve_readiness_ping_seconds_count{")
+                       and 'stage="denoiser"' in line and 'outcome="busy"' in line)
+
+        before, deadline = busy_pings(), time.monotonic() + 150
+        while True:
+            ready = requests.get(f"{service.url}/readyz", timeout=30)
+            assert ready.status_code == 200 and ready.json()["checks"]["denoiser"] is True, ready.text
+            if busy_pings() > before:  # the ping did time out behind the jobs, and was answered by Serve's view
+                break
+            assert time.monotonic() < deadline, "the Denoiser's slots never filled: the test proved nothing"
+    finally:
+        for video_id in ids:
+            requests.delete(f"{service.url}/v1/videos/{video_id}", timeout=30)
+
+
 def test_held_out_prompts_over_http_show_what_the_model_makes(service):
     """The semantic check once end to end: the MP4s the service returns for held-out prompts
     meet issue #10's 80 % and are judged as the same model's frames are in-process

@@ -68,8 +68,8 @@ def test_unreadable_checkpoint_makes_the_denoiser_start_over(service):
                       seconds=1, num_inference_steps=3, guidance_scale=1.0, seed=1)
     job_id = "video_damagedcheckpoint0001"
     ArtifactStore(config.storage.artifacts_url).put(checkpoint_key(job_id), b"\x80\x02truncated")
-    embeddings = serve.get_deployment_handle("TextEncoder", "ditserve").encode.remote(
-        [spec.prompt], spec.max_sequence_length).result()["embeddings"]
+    encoder = serve.get_deployment_handle("TextEncoder", "ditserve").options(stream=True)
+    embeddings = list(encoder.encode.remote([spec.prompt], spec.max_sequence_length))[-1]["embeddings"]
     denoiser = serve.get_deployment_handle("Denoiser", "ditserve")
     events = list(denoiser.options(stream=True).denoise.remote(job_id, dataclasses.asdict(spec), embeddings, 0, True))
     assert events[:2] == [{"accepted": True}, {"started": True, "step": 0}]

@@ -87,6 +87,28 @@ def test_a_storage_outage_fails_the_job_only_after_its_retries_and_says_nothing_
     assert again.status == "completed"  # the same request succeeds once the store is back
 
 
+def test_decodes_queued_behind_slow_ones_are_not_taken_for_hung(service):
+    """One VAE decoder, decodes one at a time, each made 8 s slower; three jobs finish
+    denoising together. The third's decode waits ~16 s behind the others, so from its request
+    to its result ~24 s pass, past the 20 s decode timeout, while its own work takes ~8 s: only
+    the work is timed, so no attempt is retried."""
+    folder = os.environ[failpoints.ENV]
+    assert service.config.stages.vae_decoder.num_replicas == 1
+    timeout = service.config.stages.vae_decoder.timeout_seconds
+    slow = 0.4 * timeout
+    client = service.client()
+    videos = [client.videos.create(prompt=f"a decode in a queue {i}", seconds="1", size="64x64",
+                                   extra_body={"num_inference_steps": 10, "seed": 40 + i}) for i in range(3)]
+    failpoints.arm(folder, "vae_decoder.decode", f"slow:{slow:g}:3")
+    started = time.monotonic()
+    finals = [client.videos.poll(v.id, poll_interval_ms=250) for v in videos]
+    assert not os.path.exists(os.path.join(folder, "vae_decoder.decode"))  # all three decodes were slow
+    assert time.monotonic() - started > timeout  # the last one waited past the timeout
+    for final in finals:
+        assert final.status == "completed", final.error
+        assert final.model_extra["resumed_from_step"] is None, "an attempt was retried: a queued decode timed out"
+
+
 def test_a_hung_decode_is_timed_out_and_the_job_finishes_on_a_new_replica(service):
     folder = os.environ[failpoints.ENV]
     failpoints.arm(folder, "vae_decoder.decode", "hang")  # the next decode anywhere blocks for a day

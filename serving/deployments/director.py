@@ -43,8 +43,19 @@ logger = logging.getLogger("ray.serve")
 RETENTION_SWEEP_SECONDS = 60.0
 JOB_GAUGE_SECONDS = 2.0
 WEBHOOK_POLL_SECONDS = 0.5
-READINESS_PING_SECONDS = 5.0  # a stage slower than this to answer /readyz's ping counts as down
+READINESS_PING_SECONDS = 5.0  # longest /readyz waits for a stage's ping before asking Serve about it
 WEBHOOK_EVENTS_KEPT_SECONDS = 7 * 24 * 3600.0  # settled events stay this long, for inspection
+
+
+def _serve_runs_healthy_replicas(deployment: str) -> bool:
+    """Whether Serve's controller runs a replica of this app's `deployment` that passes its
+    health checks (RUNNING), whatever its load."""
+    try:
+        status = serve.status().applications[serve.get_replica_context().app_name]
+        return status.deployments[deployment].replica_states.get("RUNNING", 0) > 0
+    except Exception as exc:  # the controller unreachable: not proof of a working stage
+        logger.warning("could not ask Serve about %s's replicas: %r", deployment, exc)
+        return False
 
 
 @serve.deployment(name="Director")
@@ -120,6 +131,11 @@ class Director(JobDriving):
                 outcome = "ok" if answer else "false"
             except asyncio.TimeoutError:
                 outcome = "timeout"
+                # A ping waits in Serve's router like any call: behind a stage whose replicas
+                # all hold max_ongoing_requests (every Denoiser slot taken at peak), it times
+                # out. Busy is ready: Serve's own health checks say whether its replicas work.
+                if await asyncio.to_thread(_serve_runs_healthy_replicas, handle.deployment_name):
+                    answer, outcome = True, "busy"
             except Exception as exc:
                 logger.warning("readiness ping to %s failed: %r", stage, exc)
             seconds = time.monotonic() - started

@@ -153,7 +153,7 @@ class JobDriving:
                                 stage=Stage.TEXT_ENCODER, progress=PROGRESS_SPAN[Stage.TEXT_ENCODER][0], step=0)
         self._check_cancel(job)
         prompts = [spec["prompt"], spec["negative_prompt"]] if with_negative else [spec["prompt"]]
-        encoded = await self._call(Stage.TEXT_ENCODER, self.text_encoder.encode.remote(
+        encoded = await self._call(Stage.TEXT_ENCODER, self.text_encoder.options(stream=True).encode.remote(
             prompts, spec["max_sequence_length"]))
         embeddings = encoded["embeddings"]
         if encoded["device_seconds"] > 0:  # cached prompts cost nothing and teach nothing
@@ -173,8 +173,8 @@ class JobDriving:
                                 computed_steps=computed_steps)
         self._check_cancel(job)
         units = decode_units(spec["num_frames"], spec["width"], spec["height"])
-        result = await self._call(Stage.VAE_DECODER, self.vae_decoder.decode.remote(latents, spec["fps"], units),
-                                  units)
+        result = await self._call(
+            Stage.VAE_DECODER, self.vae_decoder.options(stream=True).decode.remote(latents, spec["fps"], units), units)
         self._measured(job.id, Stage.VAE_DECODER, result["device_seconds"],
                        lambda s: self.cost.observe_decode(spec["num_frames"], spec["width"], spec["height"], s))
         self.in_flight.decoded(job.id)
@@ -200,8 +200,9 @@ class JobDriving:
             raise RetryLater("artifact_store_unavailable") from exc
         units = decode_units(spec["num_frames"], spec["width"], spec["height"])
         tokens, condition = await asyncio.gather(
-            self._call(Stage.TEXT_ENCODER, self.text_encoder.encode_image.remote(png)),
-            self._call(Stage.VAE_DECODER, self.vae_decoder.encode_first_frame.remote(png, spec, self.geometry), units))
+            self._call(Stage.TEXT_ENCODER, self.text_encoder.options(stream=True).encode_image.remote(png)),
+            self._call(Stage.VAE_DECODER, self.vae_decoder.options(stream=True).encode_first_frame.remote(
+                png, spec, self.geometry), units))
         self._measured(job.id, Stage.TEXT_ENCODER, tokens["device_seconds"], lambda s: None)
         self._measured(job.id, Stage.VAE_DECODER, condition["device_seconds"], lambda s: None)
         return {"image_embeds": tokens["image_embeds"], "condition": condition["condition"]}
@@ -271,16 +272,25 @@ class JobDriving:
         if usage is not None:
             usage.add(stage.value, seconds)
 
-    async def _call(self, stage: Stage, response, units: float = 1.0):
-        """Await one stage call within its timeout; a call past it is cancelled and the job retried."""
+    async def _call(self, stage: Stage, stream, units: float = 1.0):
+        """One streamed stage call (`STARTED`, then its result, see watchdog.py); a call whose
+        work runs past its timeout is cancelled and the job retried. Before the replica starts
+        the work, the call waits in Serve's router and behind the replica's other calls: that is
+        load (a busy VAE decoder at peak), bounded by Serve's health checks and by the replica's
+        own watchdog on the work ahead of it, and was once mistaken for a hang."""
         clock = self.clocks[stage]
         timeout = clock.timeout(units)
-        started = time.monotonic()
+        result = None
         try:
-            result = await asyncio.wait_for(response, timeout)
-        except asyncio.TimeoutError:
-            response.cancel()
-            raise RetryLater("stage_timeout") from StageTimeout(stage.value, timeout)
+            await anext(stream)  # STARTED
+            started = time.monotonic()
+            try:
+                result = await asyncio.wait_for(anext(stream), timeout)
+            except asyncio.TimeoutError:
+                raise RetryLater("stage_timeout") from StageTimeout(stage.value, timeout)
+        finally:
+            if result is None:
+                stream.cancel()
         clock.observe(time.monotonic() - started, units)
         return result
 

@@ -13,7 +13,7 @@ from ray import serve
 from serving.config import ServiceConfig
 from serving.deployments._replica import prepare_replica
 from serving.deployments.stage_load import ReplicaLoad
-from serving.deployments.watchdog import PRIOR_ENCODE_SECONDS, StageClock
+from serving.deployments.watchdog import PRIOR_ENCODE_SECONDS, STARTED, StageClock
 from serving.metrics import mark_simulated, metrics
 
 
@@ -40,24 +40,28 @@ class TextEncoder:
         if hung is not None:
             raise RuntimeError(hung)
 
-    async def encode(self, prompts: list[str], max_sequence_length: int) -> dict:
-        """{"embeddings": a (len(prompts), max_sequence_length, dim) CPU tensor, "device_seconds":
-        the encoder time this call used (its share of batched forwards; 0 when cached)}, so the
-        Director learns the cost without the time the call waited in front of the replica."""
+    async def encode(self, prompts: list[str], max_sequence_length: int):
+        """A stream: `STARTED` (the replica has the call), then {"embeddings": a (len(prompts),
+        max_sequence_length, dim) CPU tensor, "device_seconds": the encoder time this call used
+        (its share of batched forwards; 0 when cached)}, so the Director learns the cost
+        without the time the call waited in front of the replica."""
+        yield STARTED
         call = self.clock.start()
         # Waiting until it ends: its prompts share batched forwards, whose share it is charged.
         work = self.load.arrive()
         try:
-            return await self._encode(prompts, max_sequence_length, work)
+            encoded = await self._encode(prompts, max_sequence_length, work)
         finally:
             self.clock.finish(call)
             self.load.finish(work)
+        yield encoded
 
-    async def encode_image(self, png: bytes) -> dict:
-        """{"image_embeds": the first frame's CLIP tokens (1, tokens, dim) on the CPU,
-        "device_seconds"}: once per job, image-to-video presets only."""
+    async def encode_image(self, png: bytes):
+        """A stream: `STARTED`, then {"image_embeds": the first frame's CLIP tokens (1, tokens,
+        dim) on the CPU, "device_seconds"}: once per job, image-to-video presets only."""
         if self.image_encoder is None:
             raise ValueError("this model takes no image")
+        yield STARTED
         call, work = self.clock.start(), self.load.arrive()
         try:
             started = time.perf_counter()
@@ -65,10 +69,10 @@ class TextEncoder:
             seconds = time.perf_counter() - started
             metrics().accelerator_seconds.observe(seconds, tags={"stage": "text_encoder"})
             self.load.charge(work, seconds)
-            return {"image_embeds": tokens, "device_seconds": seconds}
         finally:
             self.clock.finish(call)
             self.load.finish(work)
+        yield {"image_embeds": tokens, "device_seconds": seconds}
 
     def _encode_image(self, png: bytes):
         import io

@@ -14,7 +14,7 @@ from serving import failpoints
 from serving.config import ServiceConfig
 from serving.deployments._replica import prepare_replica
 from serving.deployments.stage_load import ReplicaLoad
-from serving.deployments.watchdog import PRIOR_DECODE_SECONDS_PER_MEGAPIXEL_FRAME, StageClock
+from serving.deployments.watchdog import PRIOR_DECODE_SECONDS_PER_MEGAPIXEL_FRAME, STARTED, StageClock
 
 
 @serve.deployment(name="VAEDecoder")
@@ -36,14 +36,17 @@ class VAEDecoder:
         self.clock = StageClock("vae_decoder", config.stages.vae_decoder.timeout_seconds,
                                 PRIOR_DECODE_SECONDS_PER_MEGAPIXEL_FRAME)
 
-    async def decode(self, latents, fps: int, units: float = 1.0) -> dict:
-        """`units`: the decode's megapixel-frames (see watchdog.decode_units), for its timeout."""
+    async def decode(self, latents, fps: int, units: float = 1.0):
+        """A stream: `STARTED` once the decode has the VAE (decodes on a replica run one at a
+        time), then {"mp4", "thumbnail", "frames", "device_seconds"}. `units`: the decode's
+        megapixel-frames (see watchdog.decode_units), for its timeout."""
         from serving.metrics import metrics
 
         work = self.load.arrive()
         try:
             async with self.decode_lock:
                 self.load.start(work)
+                yield STARTED
                 started = time.perf_counter()
                 call = self.clock.start(units)
                 try:
@@ -55,25 +58,27 @@ class VAEDecoder:
         finally:
             self.load.finish(work)
         # The decode's own time, without its wait for the replica: the Director learns the cost from it.
-        return {**await asyncio.to_thread(self._package, frames, fps, self.simulated_by),
-                "device_seconds": device_seconds}
+        yield {**await asyncio.to_thread(self._package, frames, fps, self.simulated_by),
+               "device_seconds": device_seconds}
 
-    async def encode_first_frame(self, png: bytes, spec: dict, geometry) -> dict:
-        """{"condition": the first-frame mask and latents (1, 4 + z, ...) on the CPU,
-        "device_seconds"}: once per job, image-to-video presets only."""
+    async def encode_first_frame(self, png: bytes, spec: dict, geometry):
+        """A stream: `STARTED` once it has the VAE, then {"condition": the first-frame mask and
+        latents (1, 4 + z, ...) on the CPU, "device_seconds"}: once per job, image-to-video
+        presets only."""
         from serving.metrics import metrics
 
         work = self.load.arrive()
         try:
             async with self.decode_lock:  # the same module (and its causal cache) as decode
                 self.load.start(work)
+                yield STARTED
                 started = time.perf_counter()
                 condition = await asyncio.to_thread(self._encode_first_frame, png, spec, geometry)
                 device_seconds = time.perf_counter() - started
                 metrics().accelerator_seconds.observe(device_seconds, tags={"stage": "vae_decoder"})
         finally:
             self.load.finish(work)
-        return {"condition": condition, "device_seconds": device_seconds}
+        yield {"condition": condition, "device_seconds": device_seconds}
 
     def _encode_first_frame(self, png: bytes, spec: dict, geometry):
         from PIL import Image

@@ -1,8 +1,9 @@
 """Hang detection for stage calls: how long one call may take before it counts as hung.
 
-The same `StageClock` serves both sides of a call. The Director gives up waiting on a call
-past its timeout and hands the job back for another attempt (it resumes from its last
-checkpoint); the replica's `check_health` fails while one of its own calls is past the same
+The same `StageClock` serves both sides of a call. The Director gives up on a call whose
+work (from the replica's `STARTED`, not from the request: waiting in front of a busy stage
+is not hanging) runs past its timeout and hands the job back for another attempt (it resumes
+from its last checkpoint); the replica's `check_health` fails while one of its own calls is past the same
 bound, so Ray Serve replaces a replica that is alive but stuck (a hung kernel, a deadlock)
 and the retry runs elsewhere. Without this a hung call kept its job in progress forever,
 since the Director's heartbeat went on renewing the job's lease.
@@ -21,6 +22,12 @@ MIN_TIMEOUT_SECONDS = 60.0
 # Before a stage has measured anything: generous guesses (a Wan2.1-14B replica on one GPU).
 PRIOR_ENCODE_SECONDS = 30.0  # one text-encoder call
 PRIOR_DECODE_SECONDS_PER_MEGAPIXEL_FRAME = 1.0  # VAE decode, per frame x megapixel
+
+
+# The first thing a streamed stage call yields: the replica has begun the work. The Director
+# times a call from here, so its wait in Serve's router and behind the replica's other calls
+# (load, not a hang) never counts against the timeout; then the call yields its result.
+STARTED = {"started": True}
 
 
 def decode_units(num_frames: int, width: int, height: int) -> float:
