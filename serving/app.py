@@ -15,7 +15,7 @@ from ray import serve
 from ray.serve import Application
 
 from serving.cluster_env import SERVE_METRICS_PUSH_ENV, serve_metrics_push_seconds
-from serving.config import DenoiserStageConfig, ServiceConfig, StageConfig
+from serving.config import ConfigError, DenoiserStageConfig, ServiceConfig, StageConfig
 from serving.deployments.denoiser import Denoiser
 from serving.deployments.director import Director
 from serving.deployments.gateway import Gateway
@@ -73,9 +73,9 @@ def _stage_options(name: str, stage: StageConfig, prior_seconds_per_step: float 
     if scaling.look_back_period_s <= push_s:
         # Serve averages the metrics its replicas pushed within the look-back: a window shorter
         # than one push may hold none (Serve warns, and says a later release will refuse it).
-        raise ValueError(
+        raise ConfigError([
             f"stages.{name}.autoscaling.look_back_period_s ({scaling.look_back_period_s:g} s) must be longer than "
-            f"the period Serve's replicas push autoscaling metrics at ({push_s:g} s, {SERVE_METRICS_PUSH_ENV})")
+            f"the period Serve's replicas push autoscaling metrics at ({push_s:g} s, {SERVE_METRICS_PUSH_ENV})"])
     options["autoscaling_config"] = {
         "min_replicas": scaling.min_replicas, "max_replicas": scaling.max_replicas,
         "upscale_delay_s": scaling.upscale_delay_s, "downscale_delay_s": scaling.downscale_delay_s,

@@ -128,13 +128,19 @@ def _run(config, start, stop, make_banner) -> int:
     from ray import serve
 
     from serving.app import run
+    from serving.config import ConfigError
 
     try:
         metrics = start()
         # After ray.init, which installs its own handler: SIGTERM (docker stop, kill, systemd)
         # takes the same clean path as Ctrl-C.
         signal.signal(signal.SIGTERM, _raise_interrupt)
-        run(config)
+        try:
+            run(config)
+        except ConfigError as exc:  # a setting that only the cluster can judge (serving/app.py)
+            for problem in exc.problems:
+                print(f"ditserve serve: error: {problem}", file=sys.stderr)
+            return EXIT_USAGE
         print(make_banner(metrics), flush=True)
         while True:
             time.sleep(3600)

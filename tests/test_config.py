@@ -198,7 +198,7 @@ def test_serve_pushes_autoscaling_metrics_at_the_clusters_period_within_the_look
     default = load_config(None, environ={"DITSERVE_STAGES__VAE_DECODER": "{autoscaling: {}}"})
     scaling = _stage_options("vae_decoder", default.stages.vae_decoder)["autoscaling_config"]
     assert (scaling["metrics_interval_s"], scaling["look_back_period_s"]) == (10.0, 20.0)
-    with pytest.raises(ValueError, match=r"stages\.vae_decoder\.autoscaling\.look_back_period_s \(4 s\).*10 s"):
+    with pytest.raises(ConfigError, match=r"stages\.vae_decoder\.autoscaling\.look_back_period_s \(4 s\).*10 s"):
         _stage_options("vae_decoder", config.stages.vae_decoder)
     # A cluster that pushes faster (a simulated run compresses the period) is told so.
     monkeypatch.setenv(SERVE_METRICS_PUSH_ENV, "2")

@@ -56,3 +56,21 @@ def test_the_banners_examples_send_a_first_frame_to_an_image_to_video_model():
     assert "-F input_reference=@frame.png" in i2v and 'input_reference=open("frame.png", "rb")' in i2v
     t2v = banner(load_config(None, environ={}), "http://127.0.0.1:8001/metrics")
     assert "input_reference" not in t2v and "Content-Type: application/json" in t2v
+
+
+def test_a_look_back_shorter_than_serves_metric_push_is_refused_in_one_line(tmp_path):
+    """Serve averages pushed metrics over the look-back; one shorter than the push period may
+    hold none (Serve warns today and will refuse). `serve` says which field, and exits 2."""
+    import os
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(DITSERVE_STORAGE__JOB_STORE_URL=f"sqlite:///{tmp_path}/jobs.db",
+               DITSERVE_STORAGE__ARTIFACTS_URL=str(tmp_path / "artifacts"),
+               DITSERVE_STAGES__DENOISER="{num_cpus: 0.1, autoscaling: {look_back_period_s: 5}}")
+    done = subprocess.run([sys.executable, "-m", "serving.cli", "serve", "--port", str(_free_port()),
+                           "--metrics-port", str(_free_port())], env=env, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert ("ditserve serve: error: stages.denoiser.autoscaling.look_back_period_s (5 s) must be longer than the "
+            "period Serve's replicas push autoscaling metrics at (10 s") in done.stderr
+    assert "Traceback" not in done.stderr
