@@ -46,7 +46,7 @@ from serving.backlog import PendingWork, StageWork
 # record interval (a fifth of the look-back: RAY_SERVE_AUTOSCALING_METRIC_RECORD_INTERVAL_FACTOR).
 LOOK_BACK_S = AutoscalingSettings().look_back_period_s
 PUSH_S = SERVE_METRICS_PUSH_DEFAULT_S
-RECORD_S = 0.2 * LOOK_BACK_S
+RECORD_S = min(0.2 * LOOK_BACK_S, PUSH_S)
 PENDING_PUBLISH_S = 3.0  # the Director's 1 s, uncompressed at the experiment's 3x
 
 

@@ -48,6 +48,18 @@ def graceful_shutdown_seconds(config: ServiceConfig, name: str) -> float:
     return seconds / (config.simulation.time_scale if config.simulation is not None else 1.0)
 
 
+def check_look_backs(stages: dict[str, StageConfig], push_s: float) -> None:
+    """Serve averages the metrics its replicas pushed within a stage's look-back: a window no
+    longer than one push may hold none (Serve warns, and says a later release will refuse it).
+    `ditserve serve` checks this before it starts a cluster; `build_app` again, where it runs."""
+    problems = [f"stages.{name}.autoscaling.look_back_period_s ({stage.autoscaling.look_back_period_s:g} s) must be "
+                f"longer than the period Serve's replicas push autoscaling metrics at ({push_s:g} s, "
+                f"{SERVE_METRICS_PUSH_ENV})" for name, stage in stages.items()
+                if stage.autoscaling is not None and stage.autoscaling.look_back_period_s <= push_s]
+    if problems:
+        raise ConfigError(problems)
+
+
 def _stage_options(name: str, stage: StageConfig, prior_seconds_per_step: float = 0.0, *,
                    drain_s: float = SERVE_GRACEFUL_SHUTDOWN_S) -> dict[str, Any]:
     """Serve options of one model stage: its resources, how long a stopping replica drains, and
@@ -70,12 +82,7 @@ def _stage_options(name: str, stage: StageConfig, prior_seconds_per_step: float 
         options["num_replicas"] = stage.num_replicas
         return options
     push_s = serve_metrics_push_seconds()
-    if scaling.look_back_period_s <= push_s:
-        # Serve averages the metrics its replicas pushed within the look-back: a window shorter
-        # than one push may hold none (Serve warns, and says a later release will refuse it).
-        raise ConfigError([
-            f"stages.{name}.autoscaling.look_back_period_s ({scaling.look_back_period_s:g} s) must be longer than "
-            f"the period Serve's replicas push autoscaling metrics at ({push_s:g} s, {SERVE_METRICS_PUSH_ENV})"])
+    check_look_backs({name: stage}, push_s)
     options["autoscaling_config"] = {
         "min_replicas": scaling.min_replicas, "max_replicas": scaling.max_replicas,
         "upscale_delay_s": scaling.upscale_delay_s, "downscale_delay_s": scaling.downscale_delay_s,

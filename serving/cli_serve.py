@@ -71,6 +71,10 @@ def serve(args, config) -> int:
     except ModelFolderError as exc:
         print(f"ditserve serve: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    from serving.cluster_env import serve_metrics_push_seconds
+
+    if not _check_look_backs(config, serve_metrics_push_seconds()):
+        return EXIT_USAGE
     _quiet_libraries()
     import ray
 
@@ -112,6 +116,10 @@ def _serve_simulated(args, config) -> int:
     except ValueError as exc:
         print(f"ditserve serve: error: --simulate: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    from serving.cluster_env import SERVE_METRICS_PUSH_ENV
+
+    if not _check_look_backs(config, float(scale.ray_env[SERVE_METRICS_PUSH_ENV])):
+        return EXIT_USAGE
     _quiet_libraries()
     simulation = config.simulation
     cluster = SimulatedCluster(simulation.gpus, simulation.nodes, args.metrics_port, scale.ray_env,
@@ -124,23 +132,32 @@ def _serve_simulated(args, config) -> int:
     return _run(config, start, cluster.stop, lambda metrics: banner(config, metrics, profile, scale, cluster))
 
 
+def _check_look_backs(config, push_s: float) -> bool:
+    """The look-backs against the metric push period the cluster will have, before it starts."""
+    from serving.app import check_look_backs
+    from serving.config import ConfigError
+
+    stages = config.stages
+    try:
+        check_look_backs({name: getattr(stages, name) for name in ("text_encoder", "denoiser", "vae_decoder")}, push_s)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"ditserve serve: error: {problem}", file=sys.stderr)
+        return False
+    return True
+
+
 def _run(config, start, stop, make_banner) -> int:
     from ray import serve
 
     from serving.app import run
-    from serving.config import ConfigError
 
     try:
         metrics = start()
         # After ray.init, which installs its own handler: SIGTERM (docker stop, kill, systemd)
         # takes the same clean path as Ctrl-C.
         signal.signal(signal.SIGTERM, _raise_interrupt)
-        try:
-            run(config)
-        except ConfigError as exc:  # a setting that only the cluster can judge (serving/app.py)
-            for problem in exc.problems:
-                print(f"ditserve serve: error: {problem}", file=sys.stderr)
-            return EXIT_USAGE
+        run(config)
         print(make_banner(metrics), flush=True)
         while True:
             time.sleep(3600)

@@ -243,6 +243,7 @@ def test_readyz_counts_a_denoiser_with_every_slot_taken_as_ready(service):
             if busy_pings() > before:  # the ping did time out behind the jobs, and was answered by Serve's view
                 break
             assert time.monotonic() < deadline, "the Denoiser's slots never filled: the test proved nothing"
+            time.sleep(0.5)
     finally:
         for video_id in ids:
             requests.delete(f"{service.url}/v1/videos/{video_id}", timeout=30)

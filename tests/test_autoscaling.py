@@ -317,11 +317,11 @@ def test_denoiser_scales_up_in_a_burst_and_down_after(busy):
         assert time.monotonic() < deadline, "the Denoiser did not scale back down after the burst"
         time.sleep(1)
     # The stopped replica tells the Director on its way out: /readyz lists one Denoiser within
-    # a report period, while its last report would lapse only 2-3 periods after the stop.
+    # 1.5 report periods, while its last report would lapse only 2-3 periods after the stop.
     from serving.deployments.denoiser import DENOISER_REPORT_SECONDS
 
     stopped, listed = time.monotonic(), None
-    while time.monotonic() - stopped < DENOISER_REPORT_SECONDS:
+    while time.monotonic() - stopped < 1.5 * DENOISER_REPORT_SECONDS:
         listed = requests.get(f"{busy.url}/readyz", timeout=30).json()["denoisers"]
         if len(listed) == 1:
             break

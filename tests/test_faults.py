@@ -97,10 +97,10 @@ def test_decodes_queued_behind_slow_ones_are_not_taken_for_hung(service):
     timeout = service.config.stages.vae_decoder.timeout_seconds
     slow = 0.4 * timeout
     client = service.client()
+    failpoints.arm(folder, "vae_decoder.decode", f"slow:{slow:g}:3")  # armed first: no decode slips past it
+    started = time.monotonic()
     videos = [client.videos.create(prompt=f"a decode in a queue {i}", seconds="1", size="64x64",
                                    extra_body={"num_inference_steps": 10, "seed": 40 + i}) for i in range(3)]
-    failpoints.arm(folder, "vae_decoder.decode", f"slow:{slow:g}:3")
-    started = time.monotonic()
     finals = [client.videos.poll(v.id, poll_interval_ms=250) for v in videos]
     assert not os.path.exists(os.path.join(folder, "vae_decoder.decode"))  # all three decodes were slow
     assert time.monotonic() - started > timeout  # the last one waited past the timeout

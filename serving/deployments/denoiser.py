@@ -125,9 +125,13 @@ class Denoiser:
 
     async def __del__(self) -> None:
         """Serve calls this when it stops the replica, after draining (a scale-down, an update):
-        /readyz forgets it now, not three report periods later (only a crash waits that long)."""
-        self.report_loop.cancel()
+        /readyz forgets it now, not three report periods later (only a crash waits that long).
+        Serve also calls it after a constructor that failed, so nothing here may be assumed set.
+        (Were the object merely garbage-collected, Python would not await it: nothing runs.)"""
         try:
+            report_loop = getattr(self, "report_loop", None)
+            if report_loop is not None:
+                report_loop.cancel()
             director = serve.get_deployment_handle("Director", serve.get_replica_context().app_name)
             await asyncio.wait_for(director.forget_denoiser.remote(self.replica), timeout=5)
         except Exception as exc:  # the Director gone too (the app is being deleted): nothing to tell

@@ -25,8 +25,8 @@ from serving.backlog import PendingWork
 from serving.backlog import publish as publish_pending_work
 from serving.config import ServiceConfig, StageConfig
 from serving.cost_model import STAGE_NAMES
-from serving.deployments.denoiser import DENOISER_REPORT_SECONDS
 from serving.deployments.driving import JobDriving
+from serving.deployments.readiness import Readiness
 from serving.deployments.watchdog import PRIOR_DECODE_SECONDS_PER_MEGAPIXEL_FRAME, PRIOR_ENCODE_SECONDS, StageClock
 from serving.jobs.records import Stage
 from serving.jobs.retention import StorageSweeper
@@ -43,19 +43,7 @@ logger = logging.getLogger("ray.serve")
 RETENTION_SWEEP_SECONDS = 60.0
 JOB_GAUGE_SECONDS = 2.0
 WEBHOOK_POLL_SECONDS = 0.5
-READINESS_PING_SECONDS = 5.0  # longest /readyz waits for a stage's ping before asking Serve about it
 WEBHOOK_EVENTS_KEPT_SECONDS = 7 * 24 * 3600.0  # settled events stay this long, for inspection
-
-
-def _serve_runs_healthy_replicas(deployment: str) -> bool:
-    """Whether Serve's controller runs a replica of this app's `deployment` that passes its
-    health checks (RUNNING), whatever its load."""
-    try:
-        status = serve.status().applications[serve.get_replica_context().app_name]
-        return status.deployments[deployment].replica_states.get("RUNNING", 0) > 0
-    except Exception as exc:  # the controller unreachable: not proof of a working stage
-        logger.warning("could not ask Serve about %s's replicas: %r", deployment, exc)
-        return False
 
 
 @serve.deployment(name="Director")
@@ -87,7 +75,8 @@ class Director(JobDriving):
         }
         self.retry_reasons: dict[str, str] = {}  # job id -> why its last attempt here was handed back
         self.usage: dict[str, AttemptUsage] = {}  # job id -> what its running attempt has used so far
-        self.denoiser_reports: dict[str, tuple[float, dict]] = {}  # replica -> (monotonic, what it runs)
+        self.readiness = Readiness(serve.get_replica_context().app_name, {
+            "text_encoder": text_encoder, "denoiser": denoiser, "vae_decoder": vae_decoder}, self.metrics)
         self.wakeup = asyncio.Event()
         self.claim_loop = asyncio.create_task(self._claim_forever())
         self.heartbeat_loop = asyncio.create_task(self._heartbeat_forever())
@@ -104,48 +93,18 @@ class Director(JobDriving):
         self.wakeup.set()
 
     async def note_denoiser(self, replica: str, report: dict) -> None:
-        """A Denoiser replica says what it runs (its attention backend); it repeats this every
-        `DENOISER_REPORT_SECONDS`, so a report not renewed in three periods is a gone replica's."""
-        self.denoiser_reports[replica] = (time.monotonic(), report)
+        """A Denoiser replica says what it runs (its attention backend), every
+        `DENOISER_REPORT_SECONDS` (serving/deployments/readiness.py)."""
+        self.readiness.note_denoiser(replica, report)
 
     async def forget_denoiser(self, replica: str) -> None:
         """A Denoiser replica stops (Serve called its `__del__`)."""
-        self.denoiser_reports.pop(replica, None)
+        self.readiness.forget_denoiser(replica)
 
     async def ready(self) -> dict:
-        """Whether every stage answers, and what each live Denoiser replica runs (the
+        """Whether every stage can take work, and what each live Denoiser replica runs (the
         Gateway's /readyz)."""
-        now = time.monotonic()
-        for name, (seen, _) in list(self.denoiser_reports.items()):
-            if now - seen > 3 * DENOISER_REPORT_SECONDS:
-                del self.denoiser_reports[name]
-        denoisers = [{"replica": name, **report} for name, (_, report) in sorted(self.denoiser_reports.items())]
-        names = {"text_encoder": self.text_encoder, "denoiser": self.denoiser, "vae_decoder": self.vae_decoder}
-
-        async def ping(stage: str, handle) -> bool:
-            # Timed and told apart, so a stage that /readyz calls down can be traced to a slow
-            # answer or an error (ditserve_readiness_ping_seconds; docs/reliability.md).
-            started, answer, outcome = time.monotonic(), False, "error"
-            try:
-                answer = bool(await asyncio.wait_for(handle.ping.remote(), timeout=READINESS_PING_SECONDS))
-                outcome = "ok" if answer else "false"
-            except asyncio.TimeoutError:
-                outcome = "timeout"
-                # A ping waits in Serve's router like any call: behind a stage whose replicas
-                # all hold max_ongoing_requests (every Denoiser slot taken at peak), it times
-                # out. Busy is ready: Serve's own health checks say whether its replicas work.
-                if await asyncio.to_thread(_serve_runs_healthy_replicas, handle.deployment_name):
-                    answer, outcome = True, "busy"
-            except Exception as exc:
-                logger.warning("readiness ping to %s failed: %r", stage, exc)
-            seconds = time.monotonic() - started
-            self.metrics.readiness_ping.observe(seconds, tags={"stage": stage, "outcome": outcome})
-            if outcome == "timeout":
-                logger.warning("readiness ping to %s had no answer in %.0f s", stage, READINESS_PING_SECONDS)
-            return answer
-
-        results = await asyncio.gather(*(ping(stage, h) for stage, h in names.items()))
-        return {"checks": dict(zip(names, results)), "denoisers": denoisers}
+        return await self.readiness.ready()
 
     async def estimate(self) -> dict:
         """The live wait estimate (see serving/admission.py) for the Gateway."""

@@ -13,7 +13,7 @@ import time
 
 from ray.exceptions import ActorUnavailableError, RayActorError
 
-from serving.deployments.watchdog import StageTimeout, decode_units
+from serving.deployments.watchdog import STARTED, StageTimeout, decode_units
 from serving.jobs.records import PROGRESS_SPAN, JobRecord, JobStatus, Stage
 from serving.jobs.retention import expiry, tidy_after_run
 from serving.jobs.store import LeaseLost, is_transient
@@ -202,7 +202,7 @@ class JobDriving:
         tokens, condition = await asyncio.gather(
             self._call(Stage.TEXT_ENCODER, self.text_encoder.options(stream=True).encode_image.remote(png)),
             self._call(Stage.VAE_DECODER, self.vae_decoder.options(stream=True).encode_first_frame.remote(
-                png, spec, self.geometry), units))
+                png, spec, self.geometry, units), units))
         self._measured(job.id, Stage.TEXT_ENCODER, tokens["device_seconds"], lambda s: None)
         self._measured(job.id, Stage.VAE_DECODER, condition["device_seconds"], lambda s: None)
         return {"image_embeds": tokens["image_embeds"], "condition": condition["condition"]}
@@ -263,6 +263,12 @@ class JobDriving:
             raise RuntimeError("the Denoiser finished without returning latents")
         return latents, computed_steps
 
+    def _longest_wait(self, timeout: float) -> float:
+        """How long a stage call may wait to be started: the queue budget admission holds every
+        job to (a busy stage at peak is within it; none when admission never refuses), or ten
+        calls' timeouts if that is longer."""
+        return max(self.config.admission.max_queue_wait_seconds or 0.0, 10 * timeout)
+
     def _measured(self, job_id: str, stage: Stage, seconds: float, observe) -> None:
         """A stage finished `seconds` of device work for a job: teach the cost model, credit the
         capacity, and count it in the job's usage."""
@@ -277,12 +283,18 @@ class JobDriving:
         work runs past its timeout is cancelled and the job retried. Before the replica starts
         the work, the call waits in Serve's router and behind the replica's other calls: that is
         load (a busy VAE decoder at peak), bounded by Serve's health checks and by the replica's
-        own watchdog on the work ahead of it, and was once mistaken for a hang."""
+        own watchdog on the work ahead of it, and was once mistaken for a hang. A stage that
+        never starts it at all (no replica can start) ends the attempt after `_longest_wait`."""
         clock = self.clocks[stage]
         timeout = clock.timeout(units)
         result = None
         try:
-            await anext(stream)  # STARTED
+            try:
+                first = await asyncio.wait_for(anext(stream), self._longest_wait(timeout))
+            except asyncio.TimeoutError:
+                raise RetryLater("stage_timeout") from StageTimeout(stage.value, self._longest_wait(timeout))
+            if first != STARTED:
+                raise RuntimeError(f"{stage.value} answered {sorted(first)} before starting the work")
             started = time.monotonic()
             try:
                 result = await asyncio.wait_for(anext(stream), timeout)

@@ -61,10 +61,10 @@ class VAEDecoder:
         yield {**await asyncio.to_thread(self._package, frames, fps, self.simulated_by),
                "device_seconds": device_seconds}
 
-    async def encode_first_frame(self, png: bytes, spec: dict, geometry):
+    async def encode_first_frame(self, png: bytes, spec: dict, geometry, units: float = 1.0):
         """A stream: `STARTED` once it has the VAE, then {"condition": the first-frame mask and
         latents (1, 4 + z, ...) on the CPU, "device_seconds"}: once per job, image-to-video
-        presets only."""
+        presets only. `units`: as for `decode`, for its timeout."""
         from serving.metrics import metrics
 
         work = self.load.arrive()
@@ -73,7 +73,11 @@ class VAEDecoder:
                 self.load.start(work)
                 yield STARTED
                 started = time.perf_counter()
-                condition = await asyncio.to_thread(self._encode_first_frame, png, spec, geometry)
+                call = self.clock.start(units)  # a hung encode holds the VAE: check_health must see it
+                try:
+                    condition = await asyncio.to_thread(self._encode_first_frame, png, spec, geometry)
+                finally:
+                    self.clock.finish(call)
                 device_seconds = time.perf_counter() - started
                 metrics().accelerator_seconds.observe(device_seconds, tags={"stage": "vae_decoder"})
         finally:

@@ -46,6 +46,9 @@ RAY_SERVE_PERIODS = {
     "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S": 10.0,
 }
 RAY_SERVE_FLOOR_S = 0.25
+# A look-back must hold one of those pushes (serving/app.py refuses it otherwise), floored or not.
+FLOORS.update({f"stages.{stage}.autoscaling.look_back_period_s": 2 * RAY_SERVE_FLOOR_S
+               for stage in ("text_encoder", "denoiser", "vae_decoder")})
 
 
 @dataclass(frozen=True)
