@@ -136,10 +136,10 @@ def _check_look_backs(config, push_s: float) -> bool:
     """The look-backs against the metric push period the cluster will have, before it starts."""
     from serving.app import check_look_backs
     from serving.config import ConfigError
+    from serving.cost_model import STAGE_NAMES
 
-    stages = config.stages
     try:
-        check_look_backs({name: getattr(stages, name) for name in ("text_encoder", "denoiser", "vae_decoder")}, push_s)
+        check_look_backs({name: getattr(config.stages, name) for name in STAGE_NAMES}, push_s)
     except ConfigError as exc:
         for problem in exc.problems:
             print(f"ditserve serve: error: {problem}", file=sys.stderr)

@@ -287,12 +287,13 @@ class JobDriving:
         never starts it at all (no replica can start) ends the attempt after `_longest_wait`."""
         clock = self.clocks[stage]
         timeout = clock.timeout(units)
+        longest_wait = self._longest_wait(timeout)
         result = None
         try:
             try:
-                first = await asyncio.wait_for(anext(stream), self._longest_wait(timeout))
+                first = await asyncio.wait_for(anext(stream), longest_wait)
             except asyncio.TimeoutError:
-                raise RetryLater("stage_timeout") from StageTimeout(stage.value, self._longest_wait(timeout))
+                raise RetryLater("stage_timeout") from StageTimeout(stage.value, longest_wait)
             if first != STARTED:
                 raise RuntimeError(f"{stage.value} answered {sorted(first)} before starting the work")
             started = time.monotonic()

@@ -58,10 +58,8 @@ class Readiness:
 
     async def ready(self) -> dict:
         now = time.monotonic()
-        for table in (self.reports, self.stopped):
-            for name, entry in list(table.items()):
-                if now - (entry[0] if isinstance(entry, tuple) else entry) > REPORT_LAPSE_SECONDS:
-                    del table[name]
+        self.reports = {name: entry for name, entry in self.reports.items() if now - entry[0] <= REPORT_LAPSE_SECONDS}
+        self.stopped = {name: at for name, at in self.stopped.items() if now - at <= REPORT_LAPSE_SECONDS}
         denoisers = [{"replica": name, **report} for name, (_, report) in sorted(self.reports.items())]
         results = await asyncio.gather(*(self._ping(stage, handle) for stage, handle in self.stages.items()))
         return {"checks": dict(zip(self.stages, results)), "denoisers": denoisers}

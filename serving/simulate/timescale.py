@@ -25,6 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from serving.config import ServiceConfig
+from serving.cost_model import STAGE_NAMES
 
 DURATION_SUFFIXES = ("_seconds", "_s", "_ms")
 RATE_SUFFIX = "_per_minute"
@@ -47,8 +48,7 @@ RAY_SERVE_PERIODS = {
 }
 RAY_SERVE_FLOOR_S = 0.25
 # A look-back must hold one of those pushes (serving/app.py refuses it otherwise), floored or not.
-FLOORS.update({f"stages.{stage}.autoscaling.look_back_period_s": 2 * RAY_SERVE_FLOOR_S
-               for stage in ("text_encoder", "denoiser", "vae_decoder")})
+FLOORS.update({f"stages.{stage}.autoscaling.look_back_period_s": 2 * RAY_SERVE_FLOOR_S for stage in STAGE_NAMES})
 
 
 @dataclass(frozen=True)
